@@ -1,0 +1,61 @@
+"""Read and write memprobe's text format: JSONL, one `{"id": str, "text": str, ...}` object per line.
+
+Why validate on read: a bad line found late (after an hour of capture) costs the hour; every error
+names the file and line so the user can fix it in an editor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from memprobe.errors import MemprobeError
+from memprobe.results import _plain
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Documents from `path`; blank lines are skipped, ids must be unique strings, texts non-empty."""
+    path = Path(path)
+    if not path.exists():
+        raise MemprobeError(f"{path} does not exist: give a JSONL file with one {{'id', 'text'}} object per line")
+    docs: list[dict[str, Any]] = []
+    first_line: dict[str, int] = {}
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise MemprobeError(f"{path}:{n}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
+            if not isinstance(doc, dict):
+                raise MemprobeError(f"{path}:{n}: expected a JSON object with 'id' and 'text', got {type(doc).__name__}")
+            for key in ("id", "text"):
+                if not isinstance(doc.get(key), str):
+                    raise MemprobeError(f"{path}:{n}: missing string field {key!r}")
+            if not doc["id"]:
+                raise MemprobeError(f"{path}:{n}: 'id' is empty")
+            if not doc["text"].strip():
+                raise MemprobeError(f"{path}:{n}: document {doc['id']!r} has empty text")
+            if doc["id"] in first_line:
+                raise MemprobeError(
+                    f"{path}:{n}: duplicate id {doc['id']!r} (first on line {first_line[doc['id']]}): ids must be unique"
+                )
+            first_line[doc["id"]] = n
+            docs.append(doc)
+    return docs
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:
+    """Write one JSON object per line atomically (temp file + rename); NaN becomes null."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(_plain(record), ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path

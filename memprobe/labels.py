@@ -1,0 +1,354 @@
+"""Memorization ground truth: which tokens and sequences a causal LM reproduces from its training data.
+
+Why several labels: papers disagree on what "memorized" means, and detectors are judged against
+whichever definition the user picks. Token level (teacher-forced): is the model's greedy choice the
+true next token, and with what probability. Sequence level (free-running greedy decoding from a
+k-token prefix): k-extractability (Carlini et al. 2022), the fraction of the m suffix tokens matched
+position-wise (the "32/32" score, Biderman et al. 2023), tokens matched before the first mismatch
+(Stoehr et al. 2024), and the token-level edit distance of the continuation.
+
+Token ids come from `LoadedModel.encode` (BOS included iff the tokenizer adds one); position 0 has no
+prediction, so its per-token values are NaN / False.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import Levenshtein
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from memprobe.errors import MemprobeError
+
+
+@dataclass(frozen=True)
+class TokenLabels:
+    """Teacher-forced per-token values for one document; arrays have the document's length T.
+
+    Index t describes token t as predicted from tokens < t, so index 0 is undefined (NaN / False).
+    """
+
+    token_ids: np.ndarray  # int64 (T,)
+    target_prob: np.ndarray  # float64: p(token t | tokens < t)
+    correct: np.ndarray  # bool: greedy argmax == token t
+    loss: np.ndarray  # float64: -log target_prob
+    entropy: np.ndarray  # float64: entropy (nats) of the predictive distribution for t
+    top_prob: np.ndarray  # float64: probability of the argmax (the model's confidence)
+    memorized: np.ndarray  # bool: correct and target_prob >= min_prob
+
+    @property
+    def memorized_fraction(self) -> float:
+        """Share of predicted positions (1..T-1) that are memorized; NaN for a one-token document."""
+        return float(self.memorized[1:].mean()) if len(self.memorized) > 1 else math.nan
+
+
+@dataclass(frozen=True)
+class SequenceLabels:
+    """Greedy continuation of tokens[offset : offset+k] compared with tokens[offset+k : offset+k+m].
+
+    A document with fewer than offset+k+m tokens is not scored (it would make "32/32" mean something
+    else): `skipped` then says why and every score is None.
+    """
+
+    doc_index: int
+    offset: int
+    prefix_len: int
+    suffix_len: int
+    continuation: np.ndarray | None = None  # int64 (m,) greedy token ids
+    k_extractable: bool | None = None  # the whole suffix reproduced exactly
+    memorization_score: float | None = None  # fraction of suffix positions matched
+    exact_match_len: int | None = None  # suffix tokens matched before the first mismatch
+    levenshtein: int | None = None  # token-level edit distance, continuation vs suffix
+    skipped: str | None = None
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _check_docs(docs_token_ids: Sequence[Sequence[int]]) -> None:
+    for i, ids in enumerate(docs_token_ids):
+        if len(ids) == 0:
+            raise MemprobeError(f"document {i} has no tokens: drop empty documents before labelling")
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise MemprobeError(f"batch_size must be >= 1, not {batch_size}")
+
+
+@torch.inference_mode()
+def token_labels(
+    model: torch.nn.Module,
+    docs_token_ids: Sequence[Sequence[int]],
+    *,
+    min_prob: float = 0.5,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> list[TokenLabels]:
+    """Teacher-forced labels: one forward per batch (right-padded, sorted by length to pad little)."""
+    if not 0.0 < min_prob <= 1.0:
+        raise MemprobeError(f"min_prob must be in (0, 1], not {min_prob}: it is a probability threshold")
+    _check_batch_size(batch_size)
+    _check_docs(docs_token_ids)
+    device = _device(model)
+    order = sorted(range(len(docs_token_ids)), key=lambda i: -len(docs_token_ids[i]))
+    results: list[TokenLabels | None] = [None] * len(docs_token_ids)
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc="token labels", disable=not progress):
+        width = len(docs_token_ids[batch[0]])
+        ids = torch.zeros((len(batch), width), dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            doc = docs_token_ids[i]
+            ids[row, : len(doc)] = torch.as_tensor(doc, dtype=torch.long)
+            mask[row, : len(doc)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        for row, i in enumerate(batch):
+            results[i] = _labels_from_logits(logits[row, : len(docs_token_ids[i])], ids[row], min_prob)
+    return results  # type: ignore[return-value]
+
+
+def _labels_from_logits(logits: torch.Tensor, ids: torch.Tensor, min_prob: float) -> TokenLabels:
+    n = logits.shape[0]
+    logp = torch.log_softmax(logits[:-1].double(), dim=-1)  # row t predicts token t+1
+    targets = ids[1:n].to(logp.device)
+    target_logp = logp.gather(-1, targets[:, None])[:, 0]
+    top_logp, argmax = logp.max(-1)
+    entropy = -(logp.exp() * logp).nansum(-1)
+
+    def padded(values: torch.Tensor, fill: float | bool) -> np.ndarray:
+        head = np.array([fill], dtype=np.bool_ if isinstance(fill, bool) else np.float64)
+        return np.concatenate([head, values.cpu().numpy()])
+
+    target_prob = padded(target_logp.exp(), math.nan)
+    correct = padded(argmax == targets, False)
+    return TokenLabels(
+        token_ids=ids[:n].cpu().numpy().astype(np.int64),
+        target_prob=target_prob,
+        correct=correct,
+        loss=padded(-target_logp, math.nan),
+        entropy=padded(entropy, math.nan),
+        top_prob=padded(top_logp.exp(), math.nan),
+        memorized=correct & (np.nan_to_num(target_prob, nan=0.0) >= min_prob),
+    )
+
+
+@torch.inference_mode()
+def continue_tokens(
+    model: torch.nn.Module,
+    prefixes: torch.Tensor,
+    steps: int,
+    *,
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Extend equal-length prefixes (B, k) by `steps` tokens with a KV cache; no EOS stopping.
+
+    temperature 0 is greedy (ties go to the lowest id); above 0, sampling uses `generator` so a
+    seeded generator gives the same samples every run.
+    """
+    if temperature < 0:
+        raise MemprobeError(f"temperature must be >= 0, not {temperature}")
+    device = _device(model)
+    inputs, past, chosen = prefixes.to(device), None, []
+    for _ in range(steps):
+        out = model(input_ids=inputs, past_key_values=past, use_cache=True)
+        past, last = out.past_key_values, out.logits[:, -1].double()
+        if temperature == 0:
+            nxt = last.argmax(-1)
+        else:
+            probs = torch.softmax(last / temperature, dim=-1).cpu()
+            nxt = torch.multinomial(probs, 1, generator=generator)[:, 0].to(device)
+        chosen.append(nxt)
+        inputs = nxt[:, None]
+    return torch.stack(chosen, dim=1).cpu() if chosen else torch.zeros((len(prefixes), 0), dtype=torch.long)
+
+
+def _window_offsets(n_tokens: int, k: int, m: int, offsets: Sequence[int] | None, stride: int | None) -> list[int]:
+    if stride is not None:
+        return list(range(0, max(n_tokens - k - m, 0) + 1, stride))
+    return list(offsets) if offsets is not None else [0]
+
+
+def sequence_labels(
+    model: torch.nn.Module,
+    docs_token_ids: Sequence[Sequence[int]],
+    *,
+    prefix_len: int = 32,
+    suffix_len: int = 32,
+    offsets: Sequence[int] | None = None,
+    stride: int | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> list[SequenceLabels]:
+    """Greedy-extraction labels for windows of each document, in document then offset order.
+
+    Windows start at `offsets` (default [0]) or, with `stride`, at 0, stride, 2*stride, ... as long
+    as prefix and suffix fit. Windows that do not fit come back with `skipped` set.
+    """
+    k, m = prefix_len, suffix_len
+    if k < 1 or m < 1:
+        raise MemprobeError(f"prefix_len and suffix_len must be >= 1, not {k} and {m}")
+    if offsets is not None and stride is not None:
+        raise MemprobeError("give either offsets or stride, not both")
+    if stride is not None and stride < 1:
+        raise MemprobeError(f"stride must be >= 1, not {stride}")
+    if offsets is not None and any(o < 0 for o in offsets):
+        raise MemprobeError(f"offsets must be >= 0, got {list(offsets)}")
+    _check_batch_size(batch_size)
+    _check_docs(docs_token_ids)
+    results: list[SequenceLabels] = []
+    runnable: list[int] = []  # indices into results of windows that fit
+    for d, ids in enumerate(docs_token_ids):
+        for off in _window_offsets(len(ids), k, m, offsets, stride):
+            if off + k + m > len(ids):
+                reason = f"document has {len(ids)} tokens; offset {off} + prefix {k} + suffix {m} needs {off + k + m}"
+                results.append(SequenceLabels(d, off, k, m, skipped=reason))
+            else:
+                runnable.append(len(results))
+                results.append(SequenceLabels(d, off, k, m))
+    batches = [runnable[s : s + batch_size] for s in range(0, len(runnable), batch_size)]
+    for batch in tqdm(batches, desc="greedy extraction", disable=not progress):
+        windows = [np.asarray(docs_token_ids[results[j].doc_index], dtype=np.int64)[results[j].offset :] for j in batch]
+        prefixes = torch.as_tensor(np.stack([w[:k] for w in windows]))
+        conts = continue_tokens(model, prefixes, m).numpy()
+        for j, w, cont in zip(batch, windows, conts, strict=True):
+            results[j] = _score(results[j], cont, w[k : k + m])
+    return results
+
+
+def _score(window: SequenceLabels, continuation: np.ndarray, suffix: np.ndarray) -> SequenceLabels:
+    match = continuation == suffix
+    first_miss = int(np.argmin(match)) if not match.all() else len(match)
+    return SequenceLabels(
+        window.doc_index, window.offset, window.prefix_len, window.suffix_len,
+        continuation=continuation.astype(np.int64),
+        k_extractable=bool(match.all()),
+        memorization_score=float(match.mean()),
+        exact_match_len=first_miss,
+        levenshtein=int(Levenshtein.distance(continuation.tolist(), suffix.tolist())),
+    )
+
+
+def _as_list(values: np.ndarray) -> list[Any]:
+    """JSON-ready list: NaN becomes None (undefined), numpy scalars become Python ones."""
+    if values.dtype == np.bool_:
+        return [bool(v) for v in values]
+    return [None if math.isnan(v) else float(v) for v in values]
+
+
+def _check_documents(loaded: Any, docs: Sequence[dict[str, Any]]) -> list[list[int]]:
+    seen: set[str] = set()
+    encoded = []
+    for n, doc in enumerate(docs):
+        doc_id, text = doc.get("id"), doc.get("text")
+        if not isinstance(doc_id, str) or not doc_id:
+            raise MemprobeError(f"document {n} has no string 'id': every document needs a unique id")
+        if doc_id in seen:
+            raise MemprobeError(f"document id {doc_id!r} appears twice: ids must be unique")
+        seen.add(doc_id)
+        if not isinstance(text, str) or not text.strip():
+            raise MemprobeError(f"document {doc_id!r} has empty text: remove it or give it text")
+        ids = loaded.encode(text)
+        if len(ids) > loaded.context_length:
+            raise MemprobeError(
+                f"document {doc_id!r} is {len(ids)} tokens, longer than {loaded.name}'s context of "
+                f"{loaded.context_length}: refused; split it into shorter documents (e.g. at paragraphs)"
+            )
+        encoded.append(ids)
+    return encoded
+
+
+def _span_tokens(loaded: Any, text: str, span: Sequence[int]) -> list[int]:
+    """Character span -> token range, by counting the tokens of the text before each end."""
+    return [len(loaded.encode(text[: int(span[0])])), len(loaded.encode(text[: int(span[1])]))]
+
+
+def label_documents(
+    loaded: Any,
+    docs: Sequence[dict[str, Any]],
+    *,
+    min_prob: float = 0.5,
+    prefix_len: int = 32,
+    suffix_len: int = 32,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Label `{"id", "text", ...}` documents with `loaded` (a LoadedModel); JSONL-ready records.
+
+    Each record keeps the document's fields and adds token ids, per-token arrays (null where
+    undefined), the sequence labels of the window at offset 0, and the labeller's settings. A
+    document with a character `span` (e.g. the second copy in a repetition document) also gets the
+    span's token range and its memorized fraction.
+    """
+    encoded = _check_documents(loaded, docs)
+    tokens = token_labels(loaded.model, encoded, min_prob=min_prob, batch_size=batch_size, progress=progress)
+    seqs = sequence_labels(
+        loaded.model, encoded, prefix_len=prefix_len, suffix_len=suffix_len, batch_size=batch_size, progress=progress
+    )
+    settings = {"model": loaded.name, "min_prob": min_prob, "prefix_len": prefix_len, "suffix_len": suffix_len}
+    records = []
+    for doc, tok, seq in zip(docs, tokens, seqs, strict=True):
+        frac = tok.memorized_fraction
+        record = {
+            **doc,
+            "n_tokens": len(tok.token_ids),
+            "token_ids": tok.token_ids.tolist(),
+            "target_prob": _as_list(tok.target_prob),
+            "correct": _as_list(tok.correct),
+            "memorized": _as_list(tok.memorized),
+            "loss": _as_list(tok.loss),
+            "entropy": _as_list(tok.entropy),
+            "top_prob": _as_list(tok.top_prob),
+            "memorized_fraction": None if math.isnan(frac) else frac,
+            "k_extractable": seq.k_extractable,
+            "memorization_score": seq.memorization_score,
+            "exact_match_len": seq.exact_match_len,
+            "levenshtein": seq.levenshtein,
+            "continuation_ids": None if seq.continuation is None else seq.continuation.tolist(),
+            "continuation_text": None if seq.continuation is None else loaded.decode(seq.continuation.tolist()),
+            "sequence_skipped": seq.skipped,
+            "labeler": settings,
+        }
+        if doc.get("span") is not None:
+            lo, hi = _span_tokens(loaded, doc["text"], doc["span"])
+            record["span_tokens"] = [lo, hi]
+            inside = tok.memorized[max(lo, 1) : hi]
+            record["span_memorized_fraction"] = float(inside.mean()) if len(inside) else None
+        records.append(record)
+    return records
+
+
+def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per kind (sorted), then "all": docs, predicted tokens, memorized-token rate,
+    k-extractable rate and mean 32/32 score over the documents long enough to score."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        groups[str(r.get("kind") or "unknown")].append(r)
+        groups["all"].append(r)
+
+    def row(kind: str, rs: list[dict[str, Any]]) -> dict[str, Any]:
+        predicted = [m for r in rs for m in r["memorized"][1:]]
+        scored = [r for r in rs if r["k_extractable"] is not None]
+        return {
+            "kind": kind,
+            "docs": len(rs),
+            "tokens": len(predicted),
+            "memorized_token_rate": float(np.mean(predicted)) if predicted else None,
+            "k_extractable_rate": float(np.mean([r["k_extractable"] for r in scored])) if scored else None,
+            "mean_memorization_score": float(np.mean([r["memorization_score"] for r in scored])) if scored else None,
+            "sequence_scored": len(scored),
+        }
+
+    kinds = sorted(k for k in groups if k != "all")
+    return [row(k, groups[k]) for k in [*kinds, "all"]]

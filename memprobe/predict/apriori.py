@@ -1,0 +1,44 @@
+"""A priori memorization prediction: score samples from an early checkpoint, judge against final labels.
+
+Dentan et al.'s protocol: capture hidden representations early in training (the first checkpoint where
+the median training loss is <= 5% of its initial value), compute PSMI per layer, and see how well a low
+PSMI flags the samples that end up memorized, next to two cheap baselines read at the same checkpoint:
+the per-sample loss (high = suspicious) and the logit margin (low = suspicious).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from memprobe.backends.torch_hooks import capture_modules
+from memprobe.metrics import detection_summary
+from memprobe.predict.smi import pointwise_smi
+
+
+@torch.no_grad()
+def capture_layers(model: nn.Module, inputs: torch.Tensor, modules: Sequence[str], *,
+                   batch_size: int = 1024) -> dict[str, np.ndarray]:
+    """Outputs of `modules` for every input row, flattened to (n, features), via memprobe's forward hooks."""
+    model.eval()
+    parts: dict[str, list[torch.Tensor]] = {m: [] for m in modules}
+    for i in range(0, len(inputs), batch_size):
+        out = capture_modules(model, inputs[i:i + batch_size], modules)
+        for m in modules:
+            parts[m].append(out[m].flatten(1))
+    return {m: torch.cat(v).numpy() for m, v in parts.items()}
+
+
+def psmi_per_layer(features: dict[str, np.ndarray], labels: np.ndarray, *, n_directions: int = 2000,
+                   seed: int = 0) -> dict[str, np.ndarray]:
+    """PSMI of every sample at every layer, the same seed (hence directions per width) for each layer."""
+    return {name: pointwise_smi(x, labels, n_directions=n_directions, seed=seed) for name, x in features.items()}
+
+
+def evaluate_predictors(predictors: dict[str, np.ndarray], memorized: np.ndarray, *, n_boot: int = 0,
+                        seed: int = 0) -> dict[str, dict]:
+    """detection_summary of each predictor (scores where higher = more likely memorized)."""
+    return {name: detection_summary(s, memorized, n_boot=n_boot, seed=seed) for name, s in predictors.items()}
