@@ -140,21 +140,31 @@ def _normalised(value: Any, what: str) -> Any:
     try:
         return json.loads(json.dumps(value))
     except (TypeError, ValueError) as exc:
-        raise MemprobeError(f"{what} must be JSON-serialisable (plain dicts, lists, str, numbers): {exc}") from exc
+        raise MemprobeError(
+            f"{what} must be JSON-serialisable (plain dicts, lists, str, numbers): {exc}"
+        ) from exc
 
 
 def _load_manifest(path: Path) -> dict[str, Any]:
     file = path / MANIFEST
     if not path.is_dir():
-        raise MemprobeError(f"activation store {path} does not exist (or is not a directory); run `memprobe capture --out {path}` first")
+        raise MemprobeError(
+            f"activation store {path} does not exist (or is not a directory); run `memprobe capture --out {path}` first"
+        )
     if not file.is_file():
-        raise MemprobeError(f"no {MANIFEST} in {path}: not a memprobe activation store; run `memprobe capture --out {path}` to make one")
+        raise MemprobeError(
+            f"no {MANIFEST} in {path}: not a memprobe activation store; run `memprobe capture --out {path}` to make one"
+        )
     try:
         manifest = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MemprobeError(f"{file} is unreadable or corrupt ({exc}); re-run the capture with --overwrite") from exc
+        raise MemprobeError(
+            f"{file} is unreadable or corrupt ({exc}); re-run the capture with --overwrite"
+        ) from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise MemprobeError(f"{file} is not a memprobe activation-store manifest; choose another directory")
+        raise MemprobeError(
+            f"{file} is not a memprobe activation-store manifest; choose another directory"
+        )
     if manifest.get("format_version", 0) > FORMAT_VERSION:
         raise MemprobeError(
             f"{path} was written by a newer memprobe (store format {manifest['format_version']}, "
@@ -224,13 +234,19 @@ class StoreWriter:
         self.path = Path(path)
         planned = _planned_manifest(config, sites, widths, dtype, documents)
         if self.path.exists() and not self.path.is_dir():
-            raise MemprobeError(f"--out {self.path} is a file, not a directory; choose another --out")
+            raise MemprobeError(
+                f"--out {self.path} is a file, not a directory; choose another --out"
+            )
         if overwrite:
             _remove_store_files(self.path)
         if (self.path / MANIFEST).exists():
             self._manifest = self._resume(planned)
         else:
-            leftovers = [p.name for p in self.path.glob("*") if not p.name.endswith(".tmp")] if self.path.is_dir() else []
+            leftovers = (
+                [p.name for p in self.path.glob("*") if not p.name.endswith(".tmp")]
+                if self.path.is_dir()
+                else []
+            )
             if leftovers and not overwrite:
                 raise MemprobeError(
                     f"--out {self.path} is not empty and holds no activation store "
@@ -292,7 +308,12 @@ class StoreWriter:
         tensors = self._check_activations(activations, n_rows)
         label_columns = self._check_columns(columns, n_rows)
         tensors.update({_COLUMN_PREFIX + k: v for k, v in label_columns.items()})
-        tensors.update({_ROW_PREFIX + k: v.long().cpu() for k, v in zip(ROW_FIELDS, (doc_index, position, token_id), strict=True)})
+        tensors.update(
+            {
+                _ROW_PREFIX + k: v.long().cpu()
+                for k, v in zip(ROW_FIELDS, (doc_index, position, token_id), strict=True)
+            }
+        )
         if order is not None:
             tensors = {k: v.index_select(0, order) for k, v in tensors.items()}
         tensors = {k: v.contiguous() for k, v in tensors.items()}
@@ -300,7 +321,12 @@ class StoreWriter:
         number = max((_shard_number(s["file"]) for s in self._manifest["shards"]), default=-1) + 1
         file = f"shard-{number:05d}.safetensors"
         ids = [self._manifest["documents"][i]["id"] for i in doc_indices]
-        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "dtype": self.dtype, "documents": ids}
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "dtype": self.dtype,
+            "documents": ids,
+        }
         data = safetensors_save(tensors, metadata={"memprobe": json.dumps(meta, sort_keys=True)})
         entry = {
             "file": file,
@@ -311,7 +337,9 @@ class StoreWriter:
             "documents": doc_indices,
             "tensors": _tensor_checksums(data),
         }
-        manifest = dict(self._manifest, shards=[*self._manifest["shards"], entry], n_rows=self.n_rows + n_rows)
+        manifest = dict(
+            self._manifest, shards=[*self._manifest["shards"], entry], n_rows=self.n_rows + n_rows
+        )
         manifest.setdefault("columns", _column_kinds(label_columns))  # the first shard fixes them
         try:
             _durable_write(self.path / file, data)
@@ -336,7 +364,9 @@ class StoreWriter:
         missing = self.pending()
         if missing:
             first = self._manifest["documents"][missing[0]]["id"]
-            raise MemprobeError(f"cannot finish {self.path}: {len(missing)} documents not written yet (first: {first!r})")
+            raise MemprobeError(
+                f"cannot finish {self.path}: {len(missing)} documents not written yet (first: {first!r})"
+            )
         if not self._manifest["complete"]:
             self._manifest = dict(self._manifest, complete=True)
             _durable_write(self.path / MANIFEST, _json_bytes(self._manifest))
@@ -347,7 +377,9 @@ class StoreWriter:
         try:
             manifest = _load_manifest(self.path)
         except MemprobeError as exc:
-            raise MemprobeError(f"{exc}; or choose another --out, or pass --overwrite to replace it") from exc
+            raise MemprobeError(
+                f"{exc}; or choose another --out, or pass --overwrite to replace it"
+            ) from exc
         differences = _differences(manifest, planned)
         if differences:
             raise MemprobeError(
@@ -367,8 +399,15 @@ class StoreWriter:
         kept, row = [], 0
         for shard in manifest["shards"]:
             file = self.path / shard["file"]
-            if not file.is_file() or file.stat().st_size != shard["bytes"] or _sha256_file(file) != shard["sha256"]:
-                warnings.warn(f"{file} is missing or damaged; its documents will be captured again", stacklevel=3)
+            if (
+                not file.is_file()
+                or file.stat().st_size != shard["bytes"]
+                or _sha256_file(file) != shard["sha256"]
+            ):
+                warnings.warn(
+                    f"{file} is missing or damaged; its documents will be captured again",
+                    stacklevel=3,
+                )
                 file.unlink(missing_ok=True)
                 continue
             n = shard["row_stop"] - shard["row_start"]
@@ -390,13 +429,19 @@ class StoreWriter:
             raise MemprobeError(f"write_shard got a document twice in doc_indices: {indices}")
         for i in indices:
             if not 0 <= i < len(documents):
-                raise MemprobeError(f"document index {i} is out of range (the capture plans {len(documents)} documents)")
+                raise MemprobeError(
+                    f"document index {i} is out of range (the capture plans {len(documents)} documents)"
+                )
             if i in self._done:
-                raise MemprobeError(f"document {documents[i]['id']!r} is already in a committed shard; write each document once (see pending())")
+                raise MemprobeError(
+                    f"document {documents[i]['id']!r} is already in a committed shard; write each document once (see pending())"
+                )
         return indices
 
     @staticmethod
-    def _check_row_fields(doc_index: torch.Tensor, position: torch.Tensor, token_id: torch.Tensor) -> int:
+    def _check_row_fields(
+        doc_index: torch.Tensor, position: torch.Tensor, token_id: torch.Tensor
+    ) -> int:
         n_rows = doc_index.shape[0] if doc_index.dim() == 1 else -1
         for name, tensor in zip(ROW_FIELDS, (doc_index, position, token_id), strict=True):
             if tensor.dim() != 1 or tensor.shape[0] != n_rows or tensor.is_floating_point():
@@ -406,56 +451,95 @@ class StoreWriter:
                 )
         return n_rows
 
-    def _canonical_order(self, doc_indices: list[int], doc_index: torch.Tensor, position: torch.Tensor) -> torch.Tensor | None:
+    def _canonical_order(
+        self, doc_indices: list[int], doc_index: torch.Tensor, position: torch.Tensor
+    ) -> torch.Tensor | None:
         """Check rows are exactly positions 0..n_tokens-1 of each document; the sort to apply, if any."""
         documents = self._manifest["documents"]
         lengths = [documents[i]["n_tokens"] for i in doc_indices]
         rank = torch.full((len(documents),), -1, dtype=torch.long)
         rank[torch.tensor(doc_indices)] = torch.arange(len(doc_indices))
-        if doc_index.numel() and (doc_index.min() < 0 or doc_index.max() >= len(documents) or (rank[doc_index] < 0).any()):
+        if doc_index.numel() and (
+            doc_index.min() < 0 or doc_index.max() >= len(documents) or (rank[doc_index] < 0).any()
+        ):
             stray = sorted(set(doc_index.tolist()) - set(doc_indices))[:3]
-            raise MemprobeError(f"write_shard: rows belong to documents {stray} that are not in doc_indices {doc_indices[:5]}")
+            raise MemprobeError(
+                f"write_shard: rows belong to documents {stray} that are not in doc_indices {doc_indices[:5]}"
+            )
         stride = max(lengths, default=0) + 1
         key = rank[doc_index] * stride + position if doc_index.numel() else doc_index
-        expected = torch.cat([r * stride + torch.arange(n) for r, n in enumerate(lengths)]) if lengths else key
+        expected = (
+            torch.cat([r * stride + torch.arange(n) for r, n in enumerate(lengths)])
+            if lengths
+            else key
+        )
         sorted_key, order = torch.sort(key, stable=True)
         if sorted_key.shape != expected.shape or not torch.equal(sorted_key, expected):
-            counts = torch.bincount(rank[doc_index], minlength=len(doc_indices)).tolist() if doc_index.numel() else [0] * len(lengths)
+            counts = (
+                torch.bincount(rank[doc_index], minlength=len(doc_indices)).tolist()
+                if doc_index.numel()
+                else [0] * len(lengths)
+            )
             for i, count, n in zip(doc_indices, counts, lengths, strict=True):
                 if count != n:
-                    raise MemprobeError(f"write_shard: document {documents[i]['id']!r} has {count} rows but n_tokens={n}; pass every token of a document in one shard")
-            raise MemprobeError("write_shard: positions of a document must be exactly 0..n_tokens-1, each once")
+                    raise MemprobeError(
+                        f"write_shard: document {documents[i]['id']!r} has {count} rows but n_tokens={n}; pass every token of a document in one shard"
+                    )
+            raise MemprobeError(
+                "write_shard: positions of a document must be exactly 0..n_tokens-1, each once"
+            )
         if torch.equal(order, torch.arange(len(order))):
             return None
         return order
 
-    def _check_activations(self, activations: dict[str, torch.Tensor], n_rows: int) -> dict[str, torch.Tensor]:
+    def _check_activations(
+        self, activations: dict[str, torch.Tensor], n_rows: int
+    ) -> dict[str, torch.Tensor]:
         sites = self._manifest["sites"]
         if set(activations) != set(sites):
-            missing, extra = sorted(set(sites) - set(activations)), sorted(set(activations) - set(sites))
-            raise MemprobeError(f"write_shard: activations must hold exactly the store's sites (missing {missing}, unexpected {extra})")
+            missing, extra = (
+                sorted(set(sites) - set(activations)),
+                sorted(set(activations) - set(sites)),
+            )
+            raise MemprobeError(
+                f"write_shard: activations must hold exactly the store's sites (missing {missing}, unexpected {extra})"
+            )
         out = {}
         dtype = _torch_dtype(self.dtype)
         for site in sites:
             tensor = activations[site]
             width = self._manifest["widths"][site]
             if tuple(tensor.shape) != (n_rows, width):
-                raise MemprobeError(f"write_shard: site {site!r} has shape {tuple(tensor.shape)}, expected ({n_rows}, {width}) (rows, width)")
+                raise MemprobeError(
+                    f"write_shard: site {site!r} has shape {tuple(tensor.shape)}, expected ({n_rows}, {width}) (rows, width)"
+                )
             out[site] = tensor.detach().to("cpu", dtype)
         return out
 
-    def _check_columns(self, columns: dict[str, torch.Tensor] | None, n_rows: int) -> dict[str, torch.Tensor]:
+    def _check_columns(
+        self, columns: dict[str, torch.Tensor] | None, n_rows: int
+    ) -> dict[str, torch.Tensor]:
         out = {}
         for name, tensor in (columns or {}).items():
             if not name or tensor.dim() != 1 or tensor.shape[0] != n_rows:
-                raise MemprobeError(f"write_shard: column {name!r} must be a 1-D tensor with {n_rows} entries, got shape {tuple(tensor.shape)}")
-            kind = torch.bool if tensor.dtype == torch.bool else torch.float32 if tensor.is_floating_point() else torch.int64
+                raise MemprobeError(
+                    f"write_shard: column {name!r} must be a 1-D tensor with {n_rows} entries, got shape {tuple(tensor.shape)}"
+                )
+            kind = (
+                torch.bool
+                if tensor.dtype == torch.bool
+                else torch.float32
+                if tensor.is_floating_point()
+                else torch.int64
+            )
             out[name] = tensor.detach().to("cpu", kind)
         expected = self._manifest.get("columns")
         if expected is not None:
             got = _column_kinds(out)
             if got != expected:
-                raise MemprobeError(f"write_shard: label columns {got} differ from the earlier shards' {expected}; pass the same columns to every shard")
+                raise MemprobeError(
+                    f"write_shard: label columns {got} differ from the earlier shards' {expected}; pass the same columns to every shard"
+                )
         return out
 
 
@@ -468,27 +552,47 @@ def _shard_number(file: str) -> int:
     return int(match.group(1)) if match else -1
 
 
-def _planned_manifest(config: dict[str, Any], sites: list[str], widths: dict[str, int], dtype: str, documents: list[dict[str, Any]]) -> dict[str, Any]:
+def _planned_manifest(
+    config: dict[str, Any],
+    sites: list[str],
+    widths: dict[str, int],
+    dtype: str,
+    documents: list[dict[str, Any]],
+) -> dict[str, Any]:
     from memprobe import __version__
 
     _torch_dtype(dtype)
     sites = list(sites)
-    if not sites or len(set(sites)) != len(sites) or not all(isinstance(s, str) and s for s in sites):
+    if (
+        not sites
+        or len(set(sites)) != len(sites)
+        or not all(isinstance(s, str) and s for s in sites)
+    ):
         raise MemprobeError(f"sites must be a non-empty list of distinct names, got {sites}")
     reserved = [s for s in sites if s.startswith("__")]
     if reserved:
-        raise MemprobeError(f"site names may not start with '__' (reserved for row data): {reserved}")
-    if set(widths) != set(sites) or not all(isinstance(widths[s], int) and widths[s] > 0 for s in sites):
-        raise MemprobeError(f"widths must give a positive int for each site and nothing else; sites {sites}, widths {widths}")
+        raise MemprobeError(
+            f"site names may not start with '__' (reserved for row data): {reserved}"
+        )
+    if set(widths) != set(sites) or not all(
+        isinstance(widths[s], int) and widths[s] > 0 for s in sites
+    ):
+        raise MemprobeError(
+            f"widths must give a positive int for each site and nothing else; sites {sites}, widths {widths}"
+        )
     seen: set[str] = set()
     for i, doc in enumerate(documents):
         if not isinstance(doc, dict) or not isinstance(doc.get("id"), str):
             raise MemprobeError(f"document {i} needs a string 'id'")
         n = doc.get("n_tokens")
         if not isinstance(n, int) or n < 0:
-            raise MemprobeError(f"document {doc['id']!r} needs 'n_tokens', a non-negative int, got {n!r}")
+            raise MemprobeError(
+                f"document {doc['id']!r} needs 'n_tokens', a non-negative int, got {n!r}"
+            )
         if doc["id"] in seen:
-            raise MemprobeError(f"duplicate document id {doc['id']!r}; ids must be unique in the input")
+            raise MemprobeError(
+                f"duplicate document id {doc['id']!r}; ids must be unique in the input"
+            )
         seen.add(doc["id"])
     return {
         "format": FORMAT,
@@ -516,8 +620,13 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             for key in sorted(set(a) | set(b)):
                 walk(a.get(key), b.get(key), f"{where}.{key}")
         elif where == "documents" and isinstance(a, list) and isinstance(b, list):
-            first = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-            found.append(f"documents differ from #{first} ({len(a)} in the store, {len(b)} asked for)")
+            first = next(
+                (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                min(len(a), len(b)),
+            )
+            found.append(
+                f"documents differ from #{first} ({len(a)} in the store, {len(b)} asked for)"
+            )
         else:
             found.append(f"{where}: {_short(a)} in the store, {_short(b)} asked for")
 
@@ -547,7 +656,13 @@ def _remove_store_files(path: Path) -> None:
 class RowTable:
     """What each row is: columnar tensors plus `rows[i] -> Row(doc_id, position, token_id)`."""
 
-    def __init__(self, doc_ids: list[str], doc_index: torch.Tensor, position: torch.Tensor, token_id: torch.Tensor) -> None:
+    def __init__(
+        self,
+        doc_ids: list[str],
+        doc_index: torch.Tensor,
+        position: torch.Tensor,
+        token_id: torch.Tensor,
+    ) -> None:
         self._doc_ids = doc_ids
         self.doc_index = doc_index
         self.position = position
@@ -558,10 +673,14 @@ class RowTable:
 
     def __getitem__(self, i: int) -> Row:
         i = range(len(self))[i]
-        return Row(self._doc_ids[int(self.doc_index[i])], int(self.position[i]), int(self.token_id[i]))
+        return Row(
+            self._doc_ids[int(self.doc_index[i])], int(self.position[i]), int(self.token_id[i])
+        )
 
     def __iter__(self) -> Iterator[Row]:
-        for d, p, t in zip(self.doc_index.tolist(), self.position.tolist(), self.token_id.tolist(), strict=True):
+        for d, p, t in zip(
+            self.doc_index.tolist(), self.position.tolist(), self.token_id.tolist(), strict=True
+        ):
             yield Row(self._doc_ids[d], p, t)
 
     @cached_property
@@ -586,8 +705,14 @@ class ActivationStore:
             file = path / shard["file"]
             size = file.stat().st_size if file.is_file() else None
             if size != shard["bytes"]:
-                state = "is missing" if size is None else f"is truncated or damaged ({size} of {shard['bytes']} bytes)"
-                raise MemprobeError(f"shard {file} {state}; re-run the capture with the same arguments: it resumes and rewrites the shard")
+                state = (
+                    "is missing"
+                    if size is None
+                    else f"is truncated or damaged ({size} of {shard['bytes']} bytes)"
+                )
+                raise MemprobeError(
+                    f"shard {file} {state}; re-run the capture with the same arguments: it resumes and rewrites the shard"
+                )
         store = cls(path, manifest)
         if not store.complete:
             warnings.warn(
@@ -631,7 +756,13 @@ class ActivationStore:
     def columns(self) -> list[str]:
         return list(self.manifest.get("columns", {}))
 
-    def read(self, site: str, start: int = 0, stop: int | None = None, dtype: str | torch.dtype | None = None) -> torch.Tensor:
+    def read(
+        self,
+        site: str,
+        start: int = 0,
+        stop: int | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> torch.Tensor:
         """Rows `start:stop` of `site` as a (rows, width) tensor, reading only overlapping shards."""
         if site not in self.manifest["sites"]:
             raise MemprobeError(
@@ -641,7 +772,9 @@ class ActivationStore:
         out = self._read(site, start, stop, (self.widths[site],), _torch_dtype(self.dtype))
         return out if dtype is None else out.to(_torch_dtype(dtype))
 
-    def iter_batches(self, sites: str | Sequence[str] | None = None, batch_rows: int = 4096) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    def iter_batches(
+        self, sites: str | Sequence[str] | None = None, batch_rows: int = 4096
+    ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         """Yield (row_start, {site: rows}) over the whole store; memory is bounded by one batch."""
         sites = self.sites if sites is None else [sites] if isinstance(sites, str) else list(sites)
         if batch_rows < 1:
@@ -660,7 +793,9 @@ class ActivationStore:
         """A per-row label column written by the capture (e.g. `target_prob`, `memorized`)."""
         kinds = self.manifest.get("columns", {})
         if name not in kinds:
-            raise MemprobeError(f"no label column {name!r} in store {self.path}; it has: {', '.join(kinds) or 'none'}")
+            raise MemprobeError(
+                f"no label column {name!r} in store {self.path}; it has: {', '.join(kinds) or 'none'}"
+            )
         return self._read(_COLUMN_PREFIX + name, 0, None, (), getattr(torch, kinds[name]))
 
     def doc_rows(self, doc_id: str) -> slice:
@@ -668,8 +803,12 @@ class ActivationStore:
         if doc_id not in self._doc_slices:
             ids = [d["id"] for d in self.documents]
             if doc_id in ids:
-                raise MemprobeError(f"document {doc_id!r} is not captured yet in {self.path}; re-run the capture to finish it")
-            raise MemprobeError(f"unknown document id {doc_id!r} in store {self.path}; closest: {_closest(doc_id, ids)}")
+                raise MemprobeError(
+                    f"document {doc_id!r} is not captured yet in {self.path}; re-run the capture to finish it"
+                )
+            raise MemprobeError(
+                f"unknown document id {doc_id!r} in store {self.path}; closest: {_closest(doc_id, ids)}"
+            )
         return self._doc_slices[doc_id]
 
     def verify(self) -> None:
@@ -692,7 +831,9 @@ class ActivationStore:
                 row += n
         return slices
 
-    def _read(self, name: str, start: int, stop: int | None, tail: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def _read(
+        self, name: str, start: int, stop: int | None, tail: tuple[int, ...], dtype: torch.dtype
+    ) -> torch.Tensor:
         """Rows `start:stop` of tensor `name` across shards; `tail` and `dtype` shape an empty result."""
         start, stop, _ = slice(start, stop).indices(len(self))
         shards = self.manifest["shards"]
@@ -708,7 +849,9 @@ class ActivationStore:
             self._verify_part(file, shard, name)
             try:
                 with safe_open(file, framework="pt") as handle:
-                    parts.append(handle.get_slice(name)[a - shard["row_start"] : b - shard["row_start"]])
+                    parts.append(
+                        handle.get_slice(name)[a - shard["row_start"] : b - shard["row_start"]]
+                    )
             except Exception as exc:  # safetensors raises its own error types on malformed files
                 raise _corrupt(file) from exc
         if not parts:

@@ -347,3 +347,73 @@ class ClassMemAccumulator:
         keys = sorted(self._sums)
         class_means = torch.stack([self._sums[k] / self._counts[k] for k in keys])
         return _index_over_rows(class_means, reduce)[0]
+
+
+def channel_mean(t: torch.Tensor) -> torch.Tensor:
+    """Conv units: (B, C, H, W) -> (B, C), averaging each channel over space (identity for (B, C))."""
+    return t.mean(dim=tuple(range(2, t.ndim))) if t.ndim > 2 else t
+
+
+def token_mean(t: torch.Tensor) -> torch.Tensor:
+    """Transformer units: (B, T, D) -> (B, D), averaging each neuron over the tokens."""
+    return t.mean(dim=1) if t.ndim == 3 else t
+
+
+@torch.no_grad()
+def stream_unitmem(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    sites,
+    *,
+    augment,
+    n_aug: int = 10,
+    batch_size: int = 128,
+    seed: int = 0,
+    negatives: Negatives = "error",
+    labels=None,
+    keep_means: bool = False,
+    preprocess=None,
+) -> dict[str, UnitMemAccumulator] | tuple[dict[str, UnitMemAccumulator], dict[str, ClassMemAccumulator]]:
+    """UnitMem at many sites of `model` in one streaming pass over `images` and their augmentations.
+
+    For each batch of points, the `n_aug` augmented views of every point (`augment(x, generator)`,
+    applied to the raw images before `preprocess`) go through the model in one forward with hooks
+    on all sites (the forward stops after the last site); each site's value is reduced to one
+    value per unit (`channel_mean` unless the site is a HookPoint with its own transform) and fed
+    to a `UnitMemAccumulator`. Memory is O(units) per site, whatever the number of points.
+    `sites`: module paths, or {name: HookPoint}. With `labels` (one class per image), ClassMem
+    accumulators are returned too.
+    """
+    from memprobe.backends.torch_hooks import HookPoint, run_with_hooks
+
+    if isinstance(sites, dict):
+        points = {k: (v if v.transform is not None else HookPoint(v.module, v.io, channel_mean)) for k, v in sites.items()}
+    else:
+        points = {s: HookPoint(s, "output", channel_mean) for s in sites}
+    if not points:
+        raise MemprobeError("no sites given")
+    if n_aug < 1:
+        raise MemprobeError(f"n_aug must be >= 1, got {n_aug}")
+    n = images.shape[0]
+    if n < 2:
+        raise MemprobeError(f"UnitMem needs at least 2 points (got {n})")
+    if labels is not None and len(labels) != n:
+        raise MemprobeError(f"{len(labels)} labels for {n} images")
+    model.eval()
+    dev = next(iter(model.parameters()), torch.empty(0)).device
+    gen = torch.Generator().manual_seed(seed)
+    accs = {s: UnitMemAccumulator(negatives=negatives, keep_means=keep_means) for s in points}
+    caccs = {s: ClassMemAccumulator(negatives=negatives) for s in points} if labels is not None else None
+    for start in range(0, n, batch_size):
+        x = images[start : start + batch_size]
+        b = x.shape[0]
+        views = torch.cat([augment(x, gen) for _ in range(n_aug)])  # (A*b, ...): aug-major
+        if preprocess is not None:
+            views = preprocess(views)
+        vals = run_with_hooks(model, points, views.to(dev))
+        for s, v in vals.items():
+            v = v.reshape(n_aug, b, -1).transpose(0, 1)  # (b, A, units)
+            accs[s].update(v)
+            if caccs is not None:
+                caccs[s].update(v, labels[start : start + b])
+    return (accs, caccs) if caccs is not None else accs

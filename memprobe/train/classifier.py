@@ -9,6 +9,7 @@ optimiser/RNG file read with torch.load(weights_only=True), so an interrupted ru
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,19 +24,19 @@ from memprobe.errors import MemprobeError
 
 def mlp(in_dim: int, hidden: Sequence[int], n_classes: int) -> nn.Sequential:
     """Flatten -> [Linear -> ReLU] per hidden width -> Linear. Hidden activations are modules `act{i}`."""
-    layers: dict[str, nn.Module] = {"flatten": nn.Flatten()}
+    layers: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
     prev = in_dim
     for i, width in enumerate(hidden):
         layers[f"fc{i}"] = nn.Linear(prev, width)
         layers[f"act{i}"] = nn.ReLU()
         prev = width
     layers["out"] = nn.Linear(prev, n_classes)
-    return nn.Sequential(layers)  # type: ignore[arg-type]
+    return nn.Sequential(layers)
 
 
 def small_cnn(in_channels: int, n_classes: int, width: int = 32) -> nn.Sequential:
     """Two conv blocks, global average pool, a hidden dense layer `act2` and the output layer."""
-    return nn.Sequential(dict(  # type: ignore[arg-type]
+    return nn.Sequential(OrderedDict(
         conv0=nn.Conv2d(in_channels, width, 3, padding=1), act0=nn.ReLU(), pool0=nn.MaxPool2d(2),
         conv1=nn.Conv2d(width, 2 * width, 3, padding=1), act1=nn.ReLU(),
         gap=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(),

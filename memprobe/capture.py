@@ -1,0 +1,179 @@
+"""Stream activations of chosen sites into an ActivationStore, batch by batch.
+
+Why streaming: a capture of every site of even a 135M model is ~250 KB per token, so the corpus
+never sits in memory; each batch becomes one committed shard, and a killed capture resumes from
+the last one. Texts are tokenised once here and every backend gets the same token ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from memprobe.backends import make_backend
+from memprobe.errors import MemprobeError
+from memprobe.models import LoadedModel
+from memprobe.sites import resolve
+from memprobe.store import ActivationStore, StoreWriter
+
+
+@dataclass(frozen=True)
+class TokenizedDoc:
+    """One document as the model sees it: its id, token ids and the fields it came with."""
+
+    id: str
+    token_ids: list[int]
+    fields: dict[str, Any]
+
+
+def tokenize_documents(loaded: LoadedModel, docs: Sequence[dict[str, Any]], *, truncate: bool = False) -> list[TokenizedDoc]:
+    """Tokenise with the model's one tokenisation; empty or over-long texts fail by id.
+
+    Over-long texts are refused (not chunked: positions would restart mid-document) unless
+    `truncate`, which keeps the first `context_length` tokens and records it.
+    """
+    limit = loaded.context_length
+    out = []
+    for doc in docs:
+        text = doc.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise MemprobeError(f"document {doc.get('id')!r} has an empty text: remove it or give it text")
+        ids = loaded.encode(text)
+        fields = {k: v for k, v in doc.items() if k not in ("id", "text")}
+        if len(ids) > limit:
+            if not truncate:
+                raise MemprobeError(
+                    f"document {doc['id']!r} has {len(ids)} tokens, more than the context of {loaded.name} "
+                    f"({limit}); memprobe refuses rather than chunk silently: split the text, or pass "
+                    "--truncate to keep its first tokens"
+                )
+            ids, fields = ids[:limit], {**fields, "truncated_from": len(ids)}
+        out.append(TokenizedDoc(str(doc["id"]), ids, fields))
+    return out
+
+
+def input_digest(docs: Sequence[TokenizedDoc]) -> str:
+    """A hash of the exact token ids of the inputs: a store is reused only for the same inputs."""
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(json.dumps([d.id, d.token_ids]).encode())
+    return h.hexdigest()
+
+
+def batches(lengths: Sequence[int], pending: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Group pending documents (longest first) so each padded batch holds <= batch_tokens tokens."""
+    order = sorted(pending, key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and lengths[groups[-1][0]] * (len(groups[-1]) + 1) <= batch_tokens:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists into (ids, attention_mask)."""
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+def pad_id(loaded: LoadedModel) -> int:
+    tok = loaded.tokenizer
+    for candidate in (tok.pad_token_id, tok.eos_token_id, 0):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def capture(
+    loaded: LoadedModel,
+    docs: Sequence[dict[str, Any]],
+    sites: str | list[str],
+    out: str | Path,
+    *,
+    backend: str = "hooks",
+    dtype: str = "float32",
+    batch_tokens: int = 2048,
+    token_columns: dict[str, dict[str, Sequence[float]]] | None = None,
+    truncate: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ActivationStore:
+    """Capture `sites` of `loaded` over `docs` ({"id", "text", ...}) into a store at `out`.
+
+    `token_columns` optionally attaches per-token label columns: {column: {doc_id: values}} with
+    one value per token (e.g. `memorized`, `target_prob` from memprobe.labels). Re-running with the
+    same arguments resumes an interrupted capture; different arguments are refused.
+    """
+    tokenized = tokenize_documents(loaded, docs, truncate=truncate)
+    sites = resolve(loaded.model, sites)
+    runner = make_backend(backend, loaded)
+    lengths = [len(d.token_ids) for d in tokenized]
+    widths = _widths(runner, sites, loaded)
+    config = {
+        "model": loaded.info,
+        "backend": backend,
+        "tokenization": "memprobe LoadedModel.encode (add_special_tokens=True)",
+        "inputs_sha256": input_digest(tokenized),
+        "truncate": truncate,
+        "token_columns": sorted(token_columns or {}),
+    }
+    documents = [{"id": d.id, "n_tokens": len(d.token_ids), **d.fields} for d in tokenized]
+    writer = StoreWriter(out, config=config, sites=sites, widths=widths, dtype=dtype, documents=documents,
+                         overwrite=overwrite)
+    pending = writer.pending()
+    pad = pad_id(loaded)
+    device = loaded.device
+    bar = tqdm(total=sum(lengths[i] for i in pending), unit="tok", desc="capture", disable=not progress)
+    for group in batches(lengths, pending, batch_tokens):
+        ids, mask = pad_batch([tokenized[i].token_ids for i in group], pad)
+        acts = runner.run(ids.to(device), mask.to(device), sites)
+        keep = mask.bool()
+        rows = {s: acts[s][keep.to(acts[s].device)].cpu() for s in sites}  # row-major: doc by doc
+        doc_index = torch.cat([torch.full((lengths[i],), i, dtype=torch.long) for i in group])
+        position = torch.cat([torch.arange(lengths[i]) for i in group])
+        token_id = ids[keep]
+        columns = _columns(token_columns, [tokenized[i] for i in group])
+        writer.write_shard(group, rows, doc_index, position, token_id, columns)
+        bar.update(int(keep.sum()))
+    bar.close()
+    writer.finish()
+    return ActivationStore.open(out)
+
+
+def _widths(runner, sites: list[str], loaded: LoadedModel) -> dict[str, int]:
+    """Width of each site, from a one-token forward (cheap, and true for any module path)."""
+    one = torch.tensor([loaded.encode("a")[:1]], device=loaded.device)
+    acts = runner.run(one, torch.ones_like(one), sites)
+    return {s: int(acts[s].shape[-1]) for s in sites}
+
+
+def _columns(token_columns: dict[str, dict[str, Sequence[float]]] | None, docs: list[TokenizedDoc]) -> dict[str, torch.Tensor] | None:
+    if not token_columns:
+        return None
+    out = {}
+    for name, per_doc in token_columns.items():
+        parts = []
+        for d in docs:
+            values = per_doc.get(d.id)
+            if values is None or len(values) != len(d.token_ids):
+                raise MemprobeError(
+                    f"label column '{name}' has {None if values is None else len(values)} values for "
+                    f"document {d.id!r}, which has {len(d.token_ids)} tokens: label the same texts with the same model"
+                )
+            parts.append(torch.tensor([float("nan") if v is None else float(v) for v in values], dtype=torch.float32))
+        out[name] = torch.cat(parts)
+    return out
