@@ -40,7 +40,8 @@ def corpus_docs(loaded, n_tokens: int) -> list[dict]:
 
 
 def batches(loaded, docs):
-    from memprobe.capture import batches as group, pad_batch, pad_id, tokenize_documents
+    from memprobe.capture import batches as group
+    from memprobe.capture import pad_batch, pad_id, tokenize_documents
 
     tok = tokenize_documents(loaded, docs, truncate=True)
     lengths = [len(d.token_ids) for d in tok]
@@ -98,7 +99,6 @@ def run_peers(n_tokens: int) -> dict:
                 _ = [cache[s][keep] for s in sites]
 
     results["transformerlens_run_with_cache_tok_s"] = timed(tl_cache, real)
-    del bridge, lens
 
     sight = load_model("smollm2-135m")
     from nnsight.modeling.transformers import TransformersModel

@@ -56,8 +56,8 @@ from memprobe.train.simclr import (  # noqa: E402
 SCALES = {
     # shared/candidates/independent: the split; epochs: per encoder (all four the same);
     # unit_extra: shared points added to the candidates for UnitMem; top/random: LayerMem point sets
-    "full": dict(shared=2000, candidates=300, independent=300, epochs=30, vit_epochs=30, n_aug=10,
-                 unit_extra=700, top=30, random=30, test=2000, batch_size=256),
+    "full": dict(shared=1200, candidates=200, independent=200, epochs=25, vit_epochs=20, n_aug=10,
+                 unit_extra=600, top=20, random=20, test=2000, batch_size=128),
     "quick": dict(shared=192, candidates=32, independent=32, epochs=1, vit_epochs=1, n_aug=3,
                   unit_extra=32, top=8, random=8, test=200, batch_size=64),
 }
@@ -369,9 +369,9 @@ def findings(res: dict) -> dict:
         "mean_unitmem": {"ssl": float(ssl_u.mean()), "sl": float(sl_u.mean())},
         "fraction_above": thr,
         "mean_classmem": {"ssl": float(ssl_c.mean()), "sl": float(sl_c.mean())},
-        "per_layer_mean_unitmem": {s: {"ssl": us["resnet_ssl_f"][s]["unitmem_mean_variant"]["mean"],
-                                       "sl": us["resnet_sl_f"][s]["unitmem_mean_variant"]["mean"]}
-                                   for s in us["resnet_ssl_f"]},
+        "per_layer_mean_unitmem": {s: {"ssl": us["resnet_ssl_f"]["sites"][s]["unitmem_mean_variant"]["mean"],
+                                       "sl": us["resnet_sl_f"]["sites"][s]["unitmem_mean_variant"]["mean"]}
+                                   for s in us["resnet_ssl_f"]["sites"]},
         "reproduced_unitmem": bool(ssl_u.mean() > sl_u.mean()),
         "reproduced_classmem_sl_higher": bool(sl_c.mean() > ssl_c.mean()),
     }
@@ -502,9 +502,7 @@ def main(argv: list[str] | None = None) -> dict:
         log(f"{name}: UnitMem over {len(unit_x)} points x {sc['n_aug']} augmentations")
         u = unit_analysis(m, unit_x, unit_y, sites, sc, args.seed, augment, negatives=neg)
         res["_units"][name] = u
-        res["units"][name] = summarize_units(u)
-        res["units"][name]["_seconds"] = u["seconds"]
-        res["units"][name]["_negatives"] = neg
+        res["units"][name] = {"seconds": u["seconds"], "negatives": neg, "sites": summarize_units(u)}
         res["where_high_units"][name] = where_high_units(u, is_cand, atyp_pct)
 
     res["findings"] = findings(res)
@@ -512,8 +510,9 @@ def main(argv: list[str] | None = None) -> dict:
     out = {
         "scale": {
             "name": scale, "dataset": ds.name, **sc,
-            "note": ("scaled to a 2-core CPU: f and g each train on shared + 300 points "
-                     f"({sc['shared'] + sc['candidates']} images) for {sc['epochs']} epochs; the paper uses "
+            "note": (f"scaled to a shared 2-core CPU: f and g each train on {sc['shared']} shared + "
+                     f"{sc['candidates']} candidate/independent images for {sc['epochs']} epochs (batch "
+                     f"{sc['batch_size']}); the paper uses "
                      "CIFAR-10/SVHN/STL-10 with 50k points and hundreds of epochs on GPUs")
             if scale == "full" else "smoke test: numbers are noise",
             "architecture": "SmallResNet: stem 16ch@28x28, 4 BasicBlocks 16/32/64/128ch, "

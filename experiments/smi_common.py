@@ -77,6 +77,9 @@ def run_study(
     final_logits = predict_logits(target, x).numpy()
     early = history.early_index(0.05)
     timings["target_train_s"] = time.perf_counter() - t0
+    fit = final_logits[members].argmax(1) == y[members]
+    print(f"target: early step {history.steps[early]}/{history.steps[-1]}, train accuracy {fit.mean():.3f}, "
+          f"flipped labels fitted {fit[noisy[members]].mean():.3f}", flush=True)
 
     early_model = make_model()
     early_model.load_state_dict(history.weights[early])

@@ -1,6 +1,6 @@
 """Does early pointwise SMI flag the samples an MLP will memorize on Fashion-MNIST with 3% label noise?
 
-Scale (2-core CPU): a random subset of the Fashion-MNIST training set, an MLP 784-128-128-10 (PSMI on its
+Scale (2-core CPU): a random subset of the Fashion-MNIST training set, an MLP 784-256-256-10 (PSMI on its
 two hidden ReLU layers, and on the raw pixels as a training-independent reference), one target on a random
 half and >= 32 shadows on balanced halves. Everything about the scale goes into the results JSON.
 
@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--n-samples", type=int, default=4000)
     ap.add_argument("--shadows", type=int, default=32)
-    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--epochs", type=int, default=80)
     ap.add_argument("--directions", type=int, default=2000)
     ap.add_argument("--noise", type=float, default=0.03)
     ap.add_argument("--memorized-fraction", type=float, default=0.10)
@@ -49,12 +49,12 @@ def main() -> None:
     in_dim = int(np.prod(x.shape[1:]))
     tag = f"n{args.n_samples}_s{args.shadows}_e{args.epochs}_seed{args.seed}{'_quick' if args.quick else ''}"
     results, arrays = run_study(
-        x=x, y=y, noisy=noisy, make_model=lambda: mlp(in_dim, (128, 128), len(data.classes)),
+        x=x, y=y, noisy=noisy, make_model=lambda: mlp(in_dim, (256, 256), len(data.classes)),
         hidden_modules=["act0", "act1"], config=config, n_shadows=args.shadows, n_directions=args.directions,
         memorized_fraction=args.memorized_fraction, seed=args.seed, cache_dir=args.cache / tag,
         frozen_features={"pixels": x.flatten(1).numpy()}, n_boot=50 if args.quick else 200,
     )
-    results["scale"].update(dataset=data.name, model="MLP 784-128-128-10 (ReLU), Adam",
+    results["scale"].update(dataset=data.name, model="MLP 784-256-256-10 (ReLU), Adam",
                             representations="head:act0/act1 = the MLP's hidden ReLU outputs at the early "
                             "checkpoint; frozen:pixels = raw inputs (training-independent reference)")
     name = "smi_fashion_quick" if args.quick else "smi_fashion"

@@ -89,7 +89,7 @@ def main() -> None:
     ap.add_argument("--per-play", type=int, default=500)
     ap.add_argument("--min-words", type=int, default=6)
     ap.add_argument("--shadows", type=int, default=32)
-    ap.add_argument("--epochs", type=int, default=60)
+    ap.add_argument("--epochs", type=int, default=80)
     ap.add_argument("--directions", type=int, default=2000)
     ap.add_argument("--noise", type=float, default=0.03)
     ap.add_argument("--memorized-fraction", type=float, default=0.10)
@@ -105,10 +105,11 @@ def main() -> None:
     texts, clean, classes = play_dataset(args.per_play, args.min_words, args.seed)
     frozen, model_info = encode(texts, args.cache)
     head_in = frozen[f"layer{len(frozen) - 2}"]
-    head_in = (head_in - head_in.mean(0)) / head_in.std(0)  # standardised sentence representation
+    std = head_in.std(0)  # MiniLM's last layer has a few dimensions that are ~0 for every input: keep them 0
+    head_in = (head_in - head_in.mean(0)) / np.where(std > 1e-6, std, 1.0)  # standardised sentence representation
     x = torch.from_numpy(head_in).float()
     y, noisy = add_label_noise(clean, args.noise, len(classes), args.seed)
-    config = TrainConfig(epochs=args.epochs, batch_size=64, lr=1e-3, eval_every=5, seed=args.seed)
+    config = TrainConfig(epochs=args.epochs, batch_size=128, lr=2e-3, eval_every=5, seed=args.seed)
     tag = f"n{len(texts)}_s{args.shadows}_e{args.epochs}_seed{args.seed}{'_quick' if args.quick else ''}"
     results, arrays = run_study(
         x=x, y=y, noisy=noisy, make_model=lambda: mlp(x.shape[1], (256, 256), len(classes)),

@@ -138,7 +138,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Subcommands that analysis modules add (each module exposes `register_cli(subparsers)`); a module
+# is imported only when its command runs (or for --help), so `memprobe capture` starts fast.
+EXTENSIONS = {"audit": "memprobe.audit", "probe": "memprobe.probes", "patch": "memprobe.intervene.export"}
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="memprobe", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -177,30 +182,18 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("store")
     info.add_argument("--verify", action="store_true", help="check every shard's checksum")
 
-    for register in _extensions():
-        register(sub)
+    import importlib
+
+    words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+    wanted = [words[0]] if words and words[0] in EXTENSIONS else list(EXTENSIONS)
+    for command_name in wanted:
+        module = importlib.import_module(EXTENSIONS[command_name])
+        module.register_cli(sub)
     return p
 
 
-def _extensions() -> list[Callable]:
-    """Subcommands that analyses add (each module exposes `register_cli(subparsers)`)."""
-    import importlib
-
-    found = []
-    for name in ("memprobe.audit", "memprobe.probes", "memprobe.intervene.export"):
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        if hasattr(module, "register_cli"):
-            found.append(module.register_cli)
-    return found
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     handler = getattr(args, "handler", None) or COMMANDS[args.command]
     try:
         return handler(args)

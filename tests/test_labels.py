@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from memprobe.errors import MemprobeError
-from memprobe.labels import continue_tokens, label_documents, sequence_labels, summarize, token_labels
+from memprobe.labels import (
+    continue_tokens,
+    label_documents,
+    sequence_labels,
+    summarize,
+    token_labels,
+)
 from memprobe.models import tiny_model
 
 V = 10

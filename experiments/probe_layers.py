@@ -1,0 +1,307 @@
+"""Neuron-level memorization probes on a real LM, every layer: which sites separate memorized tokens
+from equally confident non-memorized ones, how few neurons it takes, whether it transfers across
+genres, and whether in-context repetition looks like memorization (after Slonski 2024).
+
+Pipeline (each step cached under --cache, so a rerun resumes): bundled corpus -> labels (the model's
+own greedy/confidence labels) -> token set (memorized vs confident controls vs repetition,
+memprobe.memdata) -> capture of resid_post and mlp.hook_post at all layers (bfloat16) -> one batched
+probe sweep with document-grouped cross-validation -> metrics with document-bootstrap intervals and
+output-only baselines beside every number.
+
+    .venv/bin/python experiments/probe_layers.py                  # smollm2-135m, full
+    .venv/bin/python experiments/probe_layers.py --model gemma3-270m
+    .venv/bin/python experiments/probe_layers.py --quick --out /tmp/q --figures /tmp/q
+
+--quick runs the pipeline on a random tiny model; a random model is confident about nothing, so quick
+mode counts every token as confident-correct: it checks the plumbing, not the science.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from memprobe.capture import capture
+from memprobe.corpora import bundled_corpus
+from memprobe.jsonl import read_jsonl, write_jsonl
+from memprobe.labels import label_documents
+from memprobe.memdata import (
+    CONTROL,
+    MEMORIZED,
+    REPETITION,
+    TokenSet,
+    build_token_set,
+    genre_split,
+    group_folds,
+)
+from memprobe.metrics import roc_auc, roc_curve
+from memprobe.models import load_model
+from memprobe.plots import heatmap, roc_curves, save_figure
+from memprobe.probes import LogisticProbe, ProbeSweep, detection, read_rows, save_probe
+from memprobe.probes.artefact import FEATURE_OFFSET, default_probe_dir
+from memprobe.probes.sweep import balanced_weights
+from memprobe.results import save_results
+from memprobe.sites import layer_of, site_kind
+
+ROOT = Path(__file__).resolve().parent.parent
+SITES = "blocks.*.hook_resid_post,blocks.*.mlp.hook_post"
+TRAIN_GENRES = ("legal", "technical", "filler")  # licences, notices, Python's texts, lorem ipsum: cross-genre train side
+K_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+N_FOLDS, ALPHA, MAX_ITER = 5, 1e-2, 150
+
+
+def _digest(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare(model: str, cache: Path, *, quick: bool, seed: int, max_words: int) -> tuple[Any, list[dict], TokenSet, Any]:
+    """Corpus, labels, token set and activation store, each cached (keyed by its inputs)."""
+    loaded = load_model(model)
+    cache.mkdir(parents=True, exist_ok=True)
+    docs_file = cache / f"docs-seed{seed}.jsonl"
+    if docs_file.exists():
+        docs = read_jsonl(docs_file)
+    else:
+        docs = bundled_corpus(loaded, seed=seed)
+        if quick:
+            docs = [d for d in docs if d["kind"] in ("licence", "speech", "literature", "model-sample", "formulaic",
+                                                     "repetition")][::3]
+        docs = [_shorten(d, max_words) for d in docs]
+        write_jsonl(docs_file, docs)
+    labels_file = cache / f"labels-{_digest([loaded.info.get('sha256'), [(d['id'], d['text']) for d in docs]])}.jsonl"
+    if labels_file.exists():
+        records = read_jsonl(labels_file)
+    else:
+        records = label_documents(loaded, docs, progress=True)
+        write_jsonl(labels_file, records)
+    if quick:  # a random model is confident about nothing: treat every token as confident-correct
+        records = [{**r, "memorized": [False] + [True] * (r["n_tokens"] - 1), "memorized_fraction": 1.0}
+                   for r in records]
+    tokens = build_token_set(records)
+    used = set(tokens.doc_id.tolist())
+    store = capture(loaded, [d for d in docs if d["id"] in used], SITES, cache / "store", dtype="bfloat16",
+                    batch_tokens=1024)
+    return loaded, records, tokens, store
+
+
+def _shorten(doc: dict, max_words: int) -> dict:
+    """Keep the first `max_words` words (at a line or word end); documents with a span stay whole."""
+    if doc.get("span") is not None or len(doc["text"].split()) <= max_words:
+        return doc
+    cut, words = 0, 0
+    for i, ch in enumerate(doc["text"]):
+        if ch.isspace() and i and not doc["text"][i - 1].isspace():
+            words += 1
+            if words == max_words:
+                cut = i
+                break
+    return {**doc, "text": doc["text"][:cut], "shortened_to_words": max_words}
+
+
+def site_table(sites: list[str], values: dict[str, float]) -> tuple[list[str], list[int], np.ndarray]:
+    kinds = sorted({site_kind(s) for s in sites}, reverse=True)
+    layers = sorted({layer_of(s) for s in sites})
+    grid = np.full((len(kinds), len(layers)), np.nan)
+    for s in sites:
+        grid[kinds.index(site_kind(s)), layers.index(layer_of(s))] = values[s]
+    return kinds, layers, grid
+
+
+def baselines_block(tokens: TokenSet, mask: np.ndarray, labels: np.ndarray, n_boot: int, seed: int) -> dict:
+    return {name: detection(score[mask], labels[mask], tokens.doc_id[mask], n_boot=n_boot, seed=seed)
+            for name, score in tokens.baselines().items()}
+
+
+def sparse_curve(store: Any, site: str, rows: np.ndarray, y: np.ndarray, folds: np.ndarray, train_ok: np.ndarray,
+                 eval_mask: np.ndarray, fold_coef: np.ndarray) -> dict[int, float]:
+    """Out-of-fold AUC of top-k probes: each fold ranks neurons by its own dense probe, then refits."""
+    X = read_rows(store, site, rows).double().numpy()
+    out = {}
+    for k in (k for k in K_GRID if k <= X.shape[1]):
+        scores = np.empty(len(y))
+        for i, f in enumerate(np.unique(folds)):
+            top = np.argsort(-np.abs(fold_coef[i]))[:k]
+            train = (folds != f) & train_ok
+            probe = LogisticProbe(alpha=ALPHA, max_iter=MAX_ITER, class_weight="balanced").fit(X[train][:, top], y[train])
+            scores[folds == f] = probe.decision_function(X[folds == f][:, top])
+        out[k] = roc_auc(scores[eval_mask], y[eval_mask])
+    return out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    torch.manual_seed(args.seed)
+    t0 = time.time()
+    loaded, records, tokens, store = prepare(args.model, args.cache, quick=args.quick, seed=args.seed,
+                                             max_words=args.max_words)
+    n_boot = 50 if args.quick else args.n_boot
+    rows = tokens.store_rows(store, FEATURE_OFFSET)
+    y = tokens.label
+    is_rep = tokens.category == REPETITION
+    main_mask = ~is_rep  # memorized vs confident controls
+    folds = group_folds(tokens.group, y, n_folds=N_FOLDS, seed=args.seed)
+    sweep = ProbeSweep(alpha=ALPHA, max_iter=MAX_ITER, progress=True)
+    oof, shuffled, fit = sweep.cross_validate(store, rows, y, folds, n_shuffled=1, seed=args.seed, trainable=main_mask)
+    sites = fit.sites
+    per_site = {}
+    for s in sites:
+        per_site[s] = {
+            "probe": detection(oof[s][main_mask], y[main_mask], tokens.doc_id[main_mask], n_boot=n_boot, seed=args.seed),
+            "shuffled_labels_probe": detection(shuffled[s][main_mask], y[main_mask], tokens.doc_id[main_mask], n_boot=0),
+        }
+    best = max(sites, key=lambda s: per_site[s]["probe"]["roc_auc"])
+    baselines = baselines_block(tokens, main_mask, y, n_boot, args.seed)
+
+    # negatives by kind at the best site: which controls look memorized?
+    by_kind = {}
+    for kind in sorted(set(tokens.kind[tokens.category == CONTROL].tolist())):
+        m = (tokens.category == MEMORIZED) | ((tokens.category == CONTROL) & (tokens.kind == kind))
+        by_kind[kind] = {"probe_auc": roc_auc(oof[best][m], y[m]), "target_prob_auc": roc_auc(tokens.target_prob[m], y[m]),
+                         "control_tokens": int(((tokens.category == CONTROL) & (tokens.kind == kind)).sum())}
+
+    # in-context repetition, scored by probes that never saw it
+    repetition = {}
+    if is_rep.any():
+        rep_mask = (tokens.category == MEMORIZED) | is_rep
+        ctrl = tokens.category == CONTROL
+        threshold = {s: np.quantile(oof[s][ctrl], 0.99) for s in sites}
+        repetition = {
+            "tokens": int(is_rep.sum()),
+            "memorized_vs_repetition_auc": {s: roc_auc(oof[s][rep_mask], y[rep_mask]) for s in sites},
+            "repetition_flagged_at_1pct_control_fpr": {s: float((oof[s][is_rep] > threshold[s]).mean()) for s in sites},
+            "baselines_memorized_vs_repetition_auc": {n: roc_auc(v[rep_mask], y[rep_mask]) for n, v in tokens.baselines().items()},
+        }
+        # can a probe tell them apart when trained to? memorized (1) vs repetition (0), same folds
+        rep_oof, _, _ = sweep.cross_validate(store, rows, y, folds, n_shuffled=0, seed=args.seed, trainable=rep_mask)
+        repetition["trained_memorized_vs_repetition_auc"] = {s: roc_auc(rep_oof[s][rep_mask], y[rep_mask]) for s in sites}
+
+    # cross-genre: train on legal/technical/filler memorized texts, test on literature/speech/scripture
+    train_g, test_g = genre_split(tokens.subset(main_mask), TRAIN_GENRES, seed=args.seed)
+    cross_genre = {}
+    if (y[main_mask][train_g] == 1).any() and (y[main_mask][test_g] == 1).any():
+        sub_rows, sub_y, sub_docs = rows[main_mask], y[main_mask], tokens.doc_id[main_mask]
+        cg = sweep.run(store, sub_rows, sub_y[None].astype(float), balanced_weights(sub_y, train_g)[None], sites)
+        cg_oof = {s: cg.scores[s][0] for s in sites}
+        cg_auc = {s: roc_auc(cg_oof[s][test_g], sub_y[test_g]) for s in sites}
+        best_cg = max(sites, key=cg_auc.__getitem__)
+        test_tokens = tokens.subset(main_mask)
+        cross_genre = {
+            "train_genres": list(TRAIN_GENRES),
+            "test_positive_genres": sorted(set(test_tokens.genre[test_g & (sub_y == 1)].tolist())),
+            "train_tokens": {"memorized": int((sub_y[train_g] == 1).sum()), "control": int((sub_y[train_g] == 0).sum())},
+            "test_tokens": {"memorized": int((sub_y[test_g] == 1).sum()), "control": int((sub_y[test_g] == 0).sum())},
+            "auc_per_site": cg_auc,
+            "at_best_cv_site": {"site": best, **detection(cg_oof[best][test_g], sub_y[test_g], sub_docs[test_g],
+                                                          n_boot=n_boot, seed=args.seed)},
+            "at_best_cross_genre_site": {"site": best_cg, **detection(cg_oof[best_cg][test_g], sub_y[test_g],
+                                                                     sub_docs[test_g], n_boot=n_boot, seed=args.seed)},
+            "baselines": baselines_block(test_tokens, test_g, sub_y, n_boot, args.seed),
+        }
+
+    # sparse probes at the best site
+    n_f = len(np.unique(folds))
+    curve = sparse_curve(store, best, rows, y, folds, main_mask, main_mask, fit.standardized_coef[best][:n_f])
+    dense = per_site[best]["probe"]["roc_auc"]
+    target = 0.95 * dense
+    needed = next((k for k, v in curve.items() if v >= target), None)
+
+    # the final probe at the best site, on all (non-repetition) tokens: top neurons and the shipped artefact
+    final = sweep.fit(store, rows[main_mask], y[main_mask], sites=[best])[best]
+    order = np.argsort(-np.abs(final.standardized_coef_))[:20]
+    X_best = read_rows(store, best, rows[main_mask]).numpy()
+    ym = y[main_mask]
+    top_neurons = [{"neuron": int(i), "name": f"{best}[{int(i)}]", "standardized_weight": float(final.standardized_coef_[i]),
+                    "mean_memorized": float(X_best[ym == 1, i].mean()), "mean_control": float(X_best[ym == 0, i].mean())}
+                   for i in order]
+    if not args.quick and args.write_default_probe:
+        training = {"documents": len(set(tokens.doc_id[main_mask].tolist())), "tokens": tokens.counts(),
+                    "min_doc_fraction": 0.5, "labeler": records[0]["labeler"], "data": "bundled corpus (seed "
+                    f"{args.seed}), texts cut to {args.max_words} words", "site_selection": f"best of {len(sites)} sites "
+                    f"by {N_FOLDS}-fold document-grouped CV AUC ({dense:.3f})",
+                    "made_by": "experiments/probe_layers.py"}
+        save_probe(default_probe_dir(loaded.name), final, site=best, model_info=loaded.info, training=training)
+
+    results = {
+        "model": loaded.info, "sites": SITES, "n_folds": N_FOLDS, "alpha": ALPHA, "max_iter": MAX_ITER,
+        "feature_position": "activation at t-1 scores token t", "n_boot": n_boot, "quick": args.quick,
+        "token_counts": tokens.counts(), "documents": len(set(tokens.doc_id.tolist())),
+        "best_site": best, "best": per_site[best], "baselines": baselines, "per_site": per_site,
+        "negatives_by_kind_at_best_site": by_kind, "repetition": repetition, "cross_genre": cross_genre,
+        "sparse": {"site": best, "dense_auc": dense, "auc_by_k": curve, "neurons_for_95pct_of_dense": needed},
+        "top_neurons": top_neurons, "seconds": time.time() - t0,
+    }
+    figures(args, results, sites, oof, tokens, main_mask, y)
+    return results
+
+
+def figures(args: argparse.Namespace, results: dict, sites: list[str], oof: dict, tokens: TokenSet,
+            main_mask: np.ndarray, y: np.ndarray) -> None:
+    name, fig_dir = args.name, args.figures
+    auc = {s: results["per_site"][s]["probe"]["roc_auc"] for s in sites}
+    kinds, layers, grid = site_table(sites, auc)
+    base = results["baselines"]["target_prob"]["roc_auc"]
+    fig = heatmap(grid, row_labels=kinds, col_labels=[str(i) for i in layers], vmin=0.5, vmax=1.0,
+                  title=f"{results['model']['name']}: probe ROC-AUC, memorized vs confident controls "
+                        f"(target-prob baseline {base:.3f})", cbar_label="held-out ROC-AUC")
+    save_figure(fig, fig_dir / f"{name}_auc_heatmap.png")
+    if results["repetition"]:
+        _, _, grid = site_table(sites, results["repetition"]["memorized_vs_repetition_auc"])
+        fig = heatmap(grid, row_labels=kinds, col_labels=[str(i) for i in layers], vmin=0.0, vmax=1.0, cmap="coolwarm",
+                      title="memorization probe: memorized vs in-context repetition (0.5 = cannot tell)",
+                      cbar_label="ROC-AUC")
+        save_figure(fig, fig_dir / f"{name}_repetition_heatmap.png")
+    best = results["best_site"]
+    curves = {f"probe {best}": roc_curve(oof[best][main_mask], y[main_mask])[:2]}
+    for n, v in tokens.baselines().items():
+        curves[n] = roc_curve(v[main_mask], y[main_mask])[:2]
+    save_figure(roc_curves(curves, title="memorized vs confident controls"), fig_dir / f"{name}_roc.png")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ks = list(results["sparse"]["auc_by_k"])
+    ax.plot(ks, list(results["sparse"]["auc_by_k"].values()), marker="o", label="top-k probe")
+    ax.axhline(results["sparse"]["dense_auc"], ls="--", c="k", lw=1, label="dense probe")
+    ax.axhline(0.95 * results["sparse"]["dense_auc"], ls=":", c="0.5", lw=1, label="95% of dense")
+    ax.axhline(base, ls="-.", c="C3", lw=1, label="target probability")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("neurons used (k)")
+    ax.set_ylabel("held-out ROC-AUC")
+    ax.set_title(f"sparse probes at {best}")
+    ax.legend(fontsize=7)
+    save_figure(fig, fig_dir / f"{name}_sparse.png")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--quick", action="store_true", help="tiny random model, plumbing only (< 60 s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-boot", type=int, default=200, help="document-bootstrap draws per interval")
+    p.add_argument("--max-words", type=int, default=80, help="cut corpus texts to this many words (CPU budget)")
+    p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results")
+    p.add_argument("--figures", type=Path, default=ROOT / "figures")
+    p.add_argument("--cache", type=Path, help="default: cache/probe_layers/<model>")
+    p.add_argument("--no-default-probe", dest="write_default_probe", action="store_false",
+                   help="do not rewrite the shipped default probe of the model")
+    args = p.parse_args()
+    if args.quick:
+        args.model = "tiny-llama"
+    args.cache = args.cache or ROOT / "cache" / "probe_layers" / (args.model + ("-quick" if args.quick else ""))
+    args.name = "probe_layers" if args.model == "smollm2-135m" else f"probe_layers_{args.model.replace('-', '_')}"
+    torch.set_num_threads(2)
+    results = run(args)
+    path = save_results(args.out / f"{args.name}.json", results, seed=args.seed)
+    best = results["best"]["probe"]
+    print(f"best site {results['best_site']}: AUC {best['roc_auc']:.3f} {best.get('roc_auc_ci95')}, "
+          f"TPR@1%FPR {best['tpr_at_fpr_0.01']:.3f}; target-prob AUC {results['baselines']['target_prob']['roc_auc']:.3f}; "
+          f"wrote {path} in {results['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""General memorization suppression on smollm2-135m: one edit, held-out memorized texts, Pareto figure.
+
+Builds each edit from half the memorized texts (split by `split_group`, so a held-out text never has
+a passage of its own source in the build half) and measures, with `memprobe.labels.token_labels`,
+the memorized-token rate on the other half and perplexity / top-1 accuracy on held-out non-memorized
+text, as the edit's strength (neuron share or direction strength) varies. Random-neuron and
+random-direction edits of the same size sit beside it. The best edit within the +5% perplexity budget
+is saved, exported as a HF directory, and re-measured through plain transformers.
+
+    .venv/bin/python experiments/suppress.py            # full (smollm2-135m), ~20 min on a busy 2-core CPU
+    .venv/bin/python experiments/suppress.py --quick    # tiny trained LM, < 60 s
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from memprobe.corpora import bundled_corpus
+from memprobe.intervene.ablation import save_edit
+from memprobe.intervene.export import export_patched
+from memprobe.intervene.localizers import top_neurons
+from memprobe.intervene.suppress import (
+    contrast_scores,
+    evaluate,
+    make_edit,
+    split_memorized,
+    targets_from_labels,
+)
+from memprobe.labels import token_labels
+from memprobe.models import load_model
+from memprobe.plots import save_figure
+from memprobe.results import save_results, write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "cache" / "intervene"
+FRACTIONS = (0.001, 0.0025, 0.005, 0.01, 0.02)
+DIRECTION_STRENGTHS = (0.5, 1.0)
+PPL_BUDGET = 0.05
+
+
+def labelled_records(loaded, docs, max_tokens: int, cache: Path | None) -> list[dict]:
+    """Token labels of each document's first `max_tokens` tokens (cached by model and ids)."""
+    ids = [loaded.encode(d["text"])[:max_tokens] for d in docs]
+    if cache is not None and cache.exists():
+        stored = {r["id"]: r for r in json.loads(cache.read_text())}
+        if all(d["id"] in stored and stored[d["id"]]["token_ids"] == i for d, i in zip(docs, ids, strict=True)):
+            return [stored[d["id"]] for d in docs]
+    labels = token_labels(loaded.model, ids, batch_size=8)
+    records = [{"id": d["id"], "kind": d.get("kind"), "role": d.get("role"), "split_group": d.get("split_group", d["id"]),
+                "token_ids": i, "memorized": lab.memorized.tolist(), "memorized_fraction": lab.memorized_fraction}
+               for d, i, lab in zip(docs, ids, labels, strict=True)]
+    if cache is not None:
+        write_json(cache, records)  # type: ignore[arg-type]
+    return records
+
+
+def _quick_setup(seed: int):
+    from memprobe.train.tiny_lm import train_tiny_lm
+
+    famous = [d for d in bundled_corpus(None, seed=seed, include_model_samples=False) if d["kind"] == "shakespeare"][:6]
+    controls = [d for d in bundled_corpus(None, seed=seed, include_model_samples=False) if d["kind"] == "novel"][:4]
+    docs = [{**d, "role": "candidate", "text": d["text"][:300]} for d in famous]
+    docs += [{**d, "role": "control", "text": d["text"][:300]} for d in controls]
+    loaded = train_tiny_lm([d["text"] for d in docs[:6]], steps=250, seq_len=64, batch=16, seed=seed)
+    return loaded, docs, 300
+
+
+def _full_setup(seed: int):
+    loaded = load_model("smollm2-135m")
+    docs = [d for d in bundled_corpus(None, seed=seed, include_model_samples=False)
+            if d["role"] == "candidate" or d["kind"] in ("novel", "pii", "formulaic", "code")]
+    return loaded, docs, 64
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-docs", type=int, default=10, help="documents per split part (CPU budget)")
+    args = ap.parse_args(argv)
+    torch.manual_seed(args.seed)
+    t0 = time.time()
+    loaded, docs, max_tokens = _quick_setup(args.seed) if args.quick else _full_setup(args.seed)
+    tag = "quick" if args.quick else "smollm2"
+    cache = None if args.quick else CACHE / f"labels_{tag}.json"
+    records = labelled_records(loaded, docs, max_tokens, cache)
+    parts = split_memorized(records, seed=args.seed, threshold=0.5 if not args.quick else 0.3)
+    rng = np.random.default_rng(args.seed)
+    for name in parts:
+        if len(parts[name]) > args.max_docs:
+            keep = sorted(rng.choice(len(parts[name]), args.max_docs, replace=False))
+            parts[name] = [parts[name][i] for i in keep]
+    if not parts["heldout_memorized"] or not parts["build_memorized"]:
+        raise SystemExit(f"too few memorized documents to split: {[len(v) for v in parts.values()]}")
+    ids = {k: [r["token_ids"] for r in v] for k, v in parts.items()}
+    mem_targets = targets_from_labels(ids["build_memorized"], [r["memorized"] for r in parts["build_memorized"]])
+    ctrl_targets = targets_from_labels(ids["build_control"])
+
+    points_path = CACHE / f"suppress_points_{tag}.json"
+    points: dict[str, dict] = json.loads(points_path.read_text()) if points_path.exists() and not args.quick else {}
+
+    def measure(key: str, edit) -> dict:
+        if key not in points:
+            t = time.time()
+            heldout = evaluate(loaded.model, ids["heldout_memorized"], ids["heldout_control"], edit)
+            built = evaluate(loaded.model, ids["build_memorized"], ids["heldout_control"][:1], edit)
+            points[key] = {**heldout, "build_memorized_token_rate": built["memorized_token_rate"],
+                           "size": 0 if edit is None else edit.size, "seconds": time.time() - t}
+            if not args.quick:
+                write_json(points_path, points)
+        return points[key]
+
+    base = measure("none", None)
+    score_file = CACHE / f"contrast_scores_{tag}.safetensors"
+    if score_file.exists() and not args.quick:
+        scores = load_file(str(score_file))["scores"]
+    else:
+        t = time.time()
+        scores = contrast_scores(loaded.model, mem_targets, ctrl_targets)
+        build_seconds = time.time() - t
+        if not args.quick:
+            save_file({"scores": scores}, str(score_file), metadata={"seconds": str(build_seconds)})
+    curves: dict[str, list[dict]] = {"contrast-neurons": [], "random-neurons": [], "mean-diff-direction": [],
+                                     "random-direction": []}
+    edits = {}
+    fractions = FRACTIONS if not args.quick else (0.01, 0.05)
+    for frac in fractions:
+        edit = top_neurons(scores, frac, meta={"method": "contrast-neurons", "fraction": frac, "seed": args.seed})
+        edits[f"contrast-neurons:{frac}"] = edit
+        curves["contrast-neurons"].append({"fraction": frac, **measure(f"contrast-neurons:{frac}", edit)})
+        rnd = make_edit(loaded.model, "random-neurons", [], [], fraction=frac, seed=args.seed)
+        curves["random-neurons"].append({"fraction": frac, **measure(f"random-neurons:{frac}", rnd)})
+    direction = make_edit(loaded.model, "mean-diff-direction", mem_targets, ctrl_targets, seed=args.seed)
+    for s in DIRECTION_STRENGTHS:
+        edit = direction.with_strength(s)
+        edits[f"mean-diff-direction:{s}"] = edit
+        curves["mean-diff-direction"].append({"strength": s, **measure(f"mean-diff-direction:{s}", edit)})
+        rnd = make_edit(loaded.model, "random-direction", [], [], strength=s, seed=args.seed)
+        curves["random-direction"].append({"strength": s, **measure(f"random-direction:{s}", rnd)})
+
+    def rel(p: dict) -> dict:
+        return {"suppression": 1 - p["memorized_token_rate"] / base["memorized_token_rate"],
+                "ppl_change": p["perplexity"] / base["perplexity"] - 1,
+                "top1_change": p["top1_accuracy"] - base["top1_accuracy"]}
+
+    for curve in curves.values():
+        for p in curve:
+            p.update(rel(p))
+    ok = [(k, points[k]) for k in edits if rel(points[k])["ppl_change"] <= PPL_BUDGET]
+    best_key = max(ok, key=lambda kv: rel(kv[1])["suppression"])[0] if ok else None
+    best = None
+    if best_key is not None:
+        best_edit = edits[best_key]
+        method = best_key.split(":")[0]
+        size_match = (make_edit(loaded.model, "random-neurons", [], [], fraction=best_edit.meta["fraction"], seed=args.seed)
+                      if method == "contrast-neurons" else
+                      make_edit(loaded.model, "random-direction", [], [], strength=best_edit.strength, seed=args.seed))
+        random_point = {**measure(f"{size_match.meta['method']}:{best_key.split(':')[1]}", size_match)}
+        best = {"edit": best_key, **points[best_key], **rel(points[best_key]),
+                "random_baseline": {**random_point, **rel(random_point)},
+                "floor_met": rel(points[best_key])["suppression"] >= 0.5}
+        edit_file = ROOT / "experiments" / "results" / f"suppress_edit_{tag}.safetensors"
+        save_edit(best_edit, edit_file)
+        best["edit_file"] = str(edit_file.relative_to(ROOT))
+        if not args.quick:
+            best["exported_check"] = _check_export(loaded, best_edit, ids)
+
+    results = {"model": loaded.info, "base": base, "curves": curves, "best_within_budget": best,
+               "ppl_budget": PPL_BUDGET, "split_sizes": {k: len(v) for k, v in parts.items()},
+               "heldout_ids": [r["id"] for r in parts["heldout_memorized"]],
+               "build_ids": [r["id"] for r in parts["build_memorized"]], "max_tokens": max_tokens,
+               "contrast_method": "attribution (activation x gradient) on memorized tokens minus on control tokens",
+               "wall_seconds": time.time() - t0}
+    out = ROOT / "experiments" / "results" / f"suppress{'_quick' if args.quick else ''}.json"
+    save_results(out, results, seed=args.seed)
+    _figure(curves, base, ROOT / "figures" / f"intervene_suppress_pareto{'_quick' if args.quick else ''}.png", loaded.name)
+    print(json.dumps({"base": base, "best": best}, indent=1, default=str))
+    return 0
+
+
+def _check_export(loaded, edit, ids) -> dict:
+    """Export the edit, reload it with plain transformers, and re-measure the held-out numbers."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    out = CACHE / "patched_smollm2"
+    if out.exists():
+        shutil.rmtree(out)
+    export_patched(loaded, edit, out)
+    plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    res = evaluate(plain, ids["heldout_memorized"], ids["heldout_control"])
+    return {"dir": str(out.relative_to(ROOT)), **res}
+
+
+def _figure(curves: dict, base: dict, path: Path, model_name: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    styles = {"contrast-neurons": "o-", "random-neurons": "o--", "mean-diff-direction": "s-", "random-direction": "s--"}
+    for name, curve in curves.items():
+        xs = [100 * p["ppl_change"] for p in curve]
+        ys = [100 * p["suppression"] for p in curve]
+        axes[0].plot(xs, ys, styles[name], label=name)
+        axes[1].plot([-100 * p["top1_change"] for p in curve], ys, styles[name], label=name)
+    for ax in axes:
+        ax.axhline(50, c="0.6", ls=":", lw=0.8)
+        ax.set_ylabel("memorized-token rate drop, held-out (%)")
+        ax.set_xscale("symlog", linthresh=1)
+    axes[0].axvline(100 * PPL_BUDGET, c="0.6", ls=":", lw=0.8)
+    axes[0].set_xlabel("perplexity change on non-memorized text (%)")
+    axes[1].set_xlabel("top-1 accuracy drop on non-memorized text (points)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{model_name}: suppression vs cost (base mem rate {base['memorized_token_rate']:.3f}, "
+                 f"ppl {base['perplexity']:.2f})")
+    save_figure(fig, path, script="experiments/suppress.py")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

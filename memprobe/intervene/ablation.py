@@ -1,0 +1,219 @@
+"""Suppression edits (neuron ablation, residual-direction steering) and the runtime hooks that apply them.
+
+Why edits are plain data: one edit object is applied three ways that must agree — as forward hooks on
+any HF model, as TransformerLens hooks on a `TransformerBridge`, inside an nnsight trace — and is
+baked into the weights by `memprobe.intervene.export`, so a user can check one against another.
+
+- `NeuronEdit`: MLP neurons (the input of `down_proj`, site `blocks.{i}.mlp.hook_post`) move a
+  fraction `strength` of the way to a target value: 0 (zero ablation) or a per-neuron mean (mean
+  ablation). strength 1 removes them; strength 0.5 halves them.
+- `DirectionEdit`: every write to the residual stream (token embedding, each attention output, each
+  MLP output) loses `strength` times its component along a unit direction d: x -> x - s (x.d) d.
+  With strength 1 the residual stream never holds any d component (the "projection out" steer).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from memprobe.errors import MemprobeError
+from memprobe.sites import DecoderLayout
+
+
+@dataclass
+class NeuronEdit:
+    """Move chosen MLP neurons a fraction `strength` toward `means` (zero when None)."""
+
+    neurons: dict[int, torch.Tensor]  # layer -> int64 neuron indices
+    strength: float = 1.0
+    means: dict[int, torch.Tensor] | None = None  # layer -> values for those indices (same order)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    kind = "neurons"
+
+    def __post_init__(self) -> None:
+        self.neurons = {int(k): torch.as_tensor(v, dtype=torch.long) for k, v in self.neurons.items() if len(v)}
+        if self.means is not None:
+            self.means = {int(k): torch.as_tensor(v, dtype=torch.float32) for k, v in self.means.items()}
+            for layer, idx in self.neurons.items():
+                if layer not in self.means or self.means[layer].shape != idx.shape:
+                    raise MemprobeError(f"mean ablation needs one mean per chosen neuron (layer {layer})")
+
+    @property
+    def size(self) -> int:
+        return sum(len(v) for v in self.neurons.values())
+
+    def apply(self, layer: int, acts: torch.Tensor) -> torch.Tensor:
+        """Activations (..., d_mlp) of `layer` with the edit applied (a new tensor)."""
+        idx = self.neurons.get(layer)
+        if idx is None:
+            return acts
+        out = acts.clone()
+        idx = idx.to(acts.device)
+        chosen = out[..., idx]
+        target = 0.0 if self.means is None else self.means[layer].to(acts.device, acts.dtype)
+        out[..., idx] = chosen + self.strength * (target - chosen)
+        return out
+
+    def with_strength(self, strength: float) -> NeuronEdit:
+        return NeuronEdit(self.neurons, strength, self.means, dict(self.meta))
+
+
+@dataclass
+class DirectionEdit:
+    """Remove `strength` x the component along `direction` from every residual-stream write."""
+
+    direction: torch.Tensor  # (d_model,), normalised on construction
+    strength: float = 1.0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    kind = "direction"
+
+    def __post_init__(self) -> None:
+        d = torch.as_tensor(self.direction, dtype=torch.float32).flatten()
+        norm = d.norm()
+        if not torch.isfinite(norm) or norm == 0:
+            raise MemprobeError("a steering direction must be a finite, non-zero vector")
+        self.direction = d / norm
+
+    @property
+    def size(self) -> int:
+        return 1
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        d = self.direction.to(x.device, x.dtype)
+        return x - self.strength * (x @ d)[..., None] * d
+
+    def with_strength(self, strength: float) -> DirectionEdit:
+        return DirectionEdit(self.direction, strength, dict(self.meta))
+
+
+Edit = NeuronEdit | DirectionEdit
+
+
+def save_edit(edit: Edit, path: str | Path) -> Path:
+    """Write an edit as one safetensors file (tensors + a JSON header) that `load_edit` reads back."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    if isinstance(edit, NeuronEdit):
+        for layer, idx in edit.neurons.items():
+            tensors[f"neurons.{layer}"] = idx.contiguous()
+            if edit.means is not None:
+                tensors[f"means.{layer}"] = edit.means[layer].contiguous()
+    else:
+        tensors["direction"] = edit.direction.contiguous()
+    header = {"kind": edit.kind, "strength": edit.strength, "meta": edit.meta}
+    save_file(tensors, str(path), metadata={"memprobe_edit": json.dumps(header, sort_keys=True)})
+    return path
+
+
+def load_edit(path: str | Path) -> Edit:
+    """Read an edit written by `save_edit` (safetensors only: no pickle)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise MemprobeError(f"no edit file at {path}: make one with experiments/suppress.py or save_edit")
+    with safe_open(str(path), "pt") as f:
+        header = json.loads((f.metadata() or {}).get("memprobe_edit", "{}"))
+    tensors = load_file(str(path))
+    if header.get("kind") == "neurons":
+        neurons = {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("neurons.")}
+        means = {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("means.")} or None
+        return NeuronEdit(neurons, header["strength"], means, header.get("meta", {}))
+    if header.get("kind") == "direction":
+        return DirectionEdit(tensors["direction"], header["strength"], header.get("meta", {}))
+    raise MemprobeError(f"{path} is not a memprobe edit file (no 'memprobe_edit' header)")
+
+
+def _residual_writers(model: nn.Module) -> list[str]:
+    """Module paths whose outputs are added to the residual stream (embed, attention, MLP per layer)."""
+    layout = DecoderLayout.of(model)
+    if layout.post_norms:
+        raise MemprobeError(
+            "direction edits need the residual writes to be the attention/MLP outputs themselves; this "
+            "model normalises them after (Gemma-style post-norms), so the edit would not be linear in the "
+            "weights. Use a neuron edit instead."
+        )
+    writers = [layout.embed]
+    for i in range(layout.n_layers):
+        writers += [f"{layout.block(i)}.self_attn", f"{layout.block(i)}.mlp"]
+    return writers
+
+
+@contextmanager
+def hooked_edit(model: nn.Module, edit: Edit) -> Iterator[nn.Module]:
+    """Apply `edit` to a plain HF model with forward hooks for the duration of the block."""
+    layout = DecoderLayout.of(model)
+    handles = []
+    try:
+        if isinstance(edit, NeuronEdit):
+            for layer in edit.neurons:
+                down = model.get_submodule(f"{layout.block(layer)}.mlp.down_proj")
+
+                def pre(_m, args, layer=layer):
+                    return (edit.apply(layer, args[0]), *args[1:])
+
+                handles.append(down.register_forward_pre_hook(pre))
+        else:
+            for path in _residual_writers(model):
+                def post(_m, _args, out):
+                    if isinstance(out, tuple):
+                        return (edit.apply(out[0]), *out[1:])
+                    return edit.apply(out)
+
+                handles.append(model.get_submodule(path).register_forward_hook(post))
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def lens_hooks(edit: Edit, n_layers: int) -> list[tuple[str, Callable]]:
+    """TransformerLens `fwd_hooks` applying `edit`: use as `bridge.hooks(fwd_hooks=lens_hooks(...))`."""
+    if isinstance(edit, NeuronEdit):
+        return [(f"blocks.{layer}.mlp.hook_post", lambda act, hook, layer=layer: edit.apply(layer, act))
+                for layer in sorted(edit.neurons)]
+
+    def project(act, hook):
+        return edit.apply(act)
+
+    names = ["hook_embed"]
+    for i in range(n_layers):
+        names += [f"blocks.{i}.hook_attn_out", f"blocks.{i}.hook_mlp_out"]
+    return [(n, project) for n in names]
+
+
+def _envoy(wrapped: Any, path: str) -> Any:
+    env = wrapped
+    for part in path.split("."):
+        env = env[int(part)] if part.isdigit() else getattr(env, part)
+    return env
+
+
+def apply_in_trace(wrapped: Any, edit: Edit) -> None:
+    """Apply `edit` inside an open nnsight trace on `wrapped` (a `TransformersModel`), in execution order.
+
+    Call it first in the trace, then read outputs: `with m.trace(ids): apply_in_trace(m, e); y = m.lm_head.output.save()`.
+    """
+    model = wrapped._module
+    layout = DecoderLayout.of(model)
+    if isinstance(edit, NeuronEdit):
+        for layer in sorted(edit.neurons):
+            env = _envoy(wrapped, f"{layout.block(layer)}.mlp.down_proj")
+            env.input = edit.apply(layer, env.input)
+        return
+    for path in _residual_writers(model):
+        env = _envoy(wrapped, path)
+        out = env.output
+        env.output = (edit.apply(out[0]), *out[1:]) if path.endswith("self_attn") else edit.apply(out)

@@ -1,0 +1,233 @@
+"""Neuron localization methods after Chang et al. (NAACL 2024): which MLP neurons carry a sequence.
+
+Every method scores every MLP neuron (the input of `down_proj`, site `blocks.{i}.mlp.hook_post`) for
+one target: token ids plus the positions whose prediction is the memorized continuation. A higher
+score means "dropping this neuron should hurt that continuation more". Scores come back as a
+(n_layers, d_mlp) tensor, so `top_neurons` turns any of them into a `NeuronEdit`.
+
+- `activations`: mean activation magnitude on the target minus that on background text (cheap, no gradient);
+- `attribution`: activation x gradient of the target log-likelihood (attribution patching: the
+  first-order estimate of zero-ablating each neuron; one backward pass);
+- `integrated_gradients`: IG from the zero baseline, all layers scaled together along the path
+  (a Riemann sum with `steps` points; attribution is its one-step version);
+- `slimming`: a learned drop mask in [0, 1] with an L1 penalty, minimising the target likelihood;
+- `hard_concrete`: the same with stochastic hard-concrete gates and an expected-L0 penalty (Louizos et al.);
+- `zero_out`: drop each neuron alone and measure the loss change: exact but one forward per
+  neuron, so only for small models;
+- `random_scores`: the same-size random baseline.
+Slimming and Hard Concrete also add a penalty on background text so the mask does not just break the
+model (Chang et al.'s mask objectives keep other data's loss in check the same way).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from memprobe.intervene.ablation import NeuronEdit
+from memprobe.sites import DecoderLayout
+
+METHODS = ("activations", "attribution", "integrated_gradients", "slimming", "hard_concrete", "zero_out", "random")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One memorized sequence: token ids (T,) and a bool mask (T,) of the positions to be suppressed
+    (position t means "token t predicted from tokens < t")."""
+
+    token_ids: torch.Tensor
+    positions: torch.Tensor
+
+    @classmethod
+    def suffix(cls, ids: Sequence[int], prefix_len: int) -> Target:
+        mask = torch.zeros(len(ids), dtype=torch.bool)
+        mask[prefix_len:] = True
+        return cls(torch.as_tensor(list(ids), dtype=torch.long), mask)
+
+
+def mlp_shape(model: nn.Module) -> tuple[int, int]:
+    layout = DecoderLayout.of(model)
+    down = model.get_submodule(f"{layout.block(0)}.mlp.down_proj")
+    return layout.n_layers, down.in_features
+
+
+@contextmanager
+def mlp_intercept(model: nn.Module, scales: torch.Tensor | None = None, store: list | None = None) -> Iterator[None]:
+    """Multiply every layer's MLP activations by `scales[layer]` (broadcast over positions) and/or
+    append them (with grad) to `store`, during the block."""
+    layout = DecoderLayout.of(model)
+    handles = []
+
+    def make(layer: int):
+        def pre(_m, args):
+            a = args[0]
+            if scales is not None:
+                a = a * scales[layer]
+            if store is not None:
+                if a.requires_grad:
+                    a.retain_grad()
+                store.append(a)
+            return (a, *args[1:])
+        return pre
+
+    try:
+        for i in range(layout.n_layers):
+            mod = model.get_submodule(f"{layout.block(i)}.mlp.down_proj")
+            handles.append(mod.register_forward_pre_hook(make(i)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def target_logprob(model: nn.Module, target: Target) -> torch.Tensor:
+    """Sum of log p(token t | < t) over the target positions (a differentiable scalar)."""
+    ids = target.token_ids[None].to(next(model.parameters()).device)
+    logits = model(input_ids=ids, use_cache=False).logits[0, :-1]
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, ids[0, 1:, None])[:, 0]
+    return logp[target.positions[1:].to(logp.device)].sum()
+
+
+def _acts(model: nn.Module, target: Target) -> torch.Tensor:
+    store: list[torch.Tensor] = []
+    with torch.no_grad(), mlp_intercept(model, store=store):
+        model(input_ids=target.token_ids[None].to(next(model.parameters()).device), use_cache=False)
+    return torch.stack([a[0] for a in store])  # (L, T, d_mlp)
+
+
+def activations(model: nn.Module, target: Target, background: Sequence[Target] = ()) -> torch.Tensor:
+    """Mean |activation| over the positions feeding the target tokens, minus the background mean."""
+    feed = target.positions.roll(-1)  # position t-1 computes the prediction of token t
+    feed[-1] = False
+    score = _acts(model, target)[:, feed].abs().mean(1)
+    if background:
+        score = score - torch.stack([_acts(model, b).abs().mean(1) for b in background]).mean(0)
+    return score
+
+
+def _grad_times_act(model: nn.Module, target: Target, alpha: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(acts, grads) of the target log-likelihood w.r.t. MLP activations scaled by `alpha`."""
+    n_layers, width = mlp_shape(model)
+    scales = torch.full((n_layers, width), alpha, requires_grad=True)
+    store: list[torch.Tensor] = []
+    with mlp_intercept(model, scales=scales, store=store):
+        obj = target_logprob(model, target)
+    obj.backward()
+    acts = torch.stack([a[0].detach() for a in store])
+    return acts, scales.grad.detach()
+
+
+def attribution(model: nn.Module, target: Target) -> torch.Tensor:
+    """a * dlogp/da summed over positions: the first-order effect of zeroing each neuron (attribution patching)."""
+    _, grad = _grad_times_act(model, target, 1.0)
+    return grad  # d/d(scale) at scale 1 = sum_pos a * dlogp/da
+
+
+def integrated_gradients(model: nn.Module, target: Target, steps: int = 8) -> torch.Tensor:
+    """IG from the zero-activation baseline to the real activations (midpoint Riemann sum, `steps` points)."""
+    total = torch.zeros(mlp_shape(model))
+    for k in range(steps):
+        _, grad = _grad_times_act(model, target, (k + 0.5) / steps)
+        total += grad
+    return total / steps
+
+
+def _background_logprob(model: nn.Module, background: Sequence[Target]) -> torch.Tensor:
+    return sum((target_logprob(model, b) / max(int(b.positions[1:].sum()), 1) for b in background),
+               torch.zeros(()))
+
+
+def slimming(model: nn.Module, target: Target, background: Sequence[Target] = (), *, steps: int = 30,
+             lr: float = 0.1, l1: float = 1e-3, keep_weight: float = 1.0, seed: int = 0) -> torch.Tensor:
+    """Learn drop amounts d in [0,1]: minimise target log-lik + l1 * sum(d) - keep_weight * background log-lik."""
+    torch.manual_seed(seed)
+    shape = mlp_shape(model)
+    logit = torch.full(shape, -3.0, requires_grad=True)
+    opt = torch.optim.Adam([logit], lr=lr)
+    n_tok = max(int(target.positions[1:].sum()), 1)
+    for _ in range(steps):
+        drop = torch.sigmoid(logit)
+        with mlp_intercept(model, scales=1 - drop):
+            loss = target_logprob(model, target) / n_tok - keep_weight * _background_logprob(model, background)
+        loss = loss + l1 * drop.sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return torch.sigmoid(logit).detach()
+
+
+def hard_concrete(model: nn.Module, target: Target, background: Sequence[Target] = (), *, steps: int = 30,
+                  lr: float = 0.1, l0: float = 1e-3, keep_weight: float = 1.0, seed: int = 0,
+                  beta: float = 2 / 3, limits: tuple[float, float] = (-0.1, 1.1)) -> torch.Tensor:
+    """Hard-concrete drop gates (Louizos et al. 2018): sample, stretch, clip; penalise expected L0.
+
+    Returns the gates' expected open probability (the ranking score)."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = mlp_shape(model)
+    log_alpha = torch.full(shape, -3.0, requires_grad=True)
+    opt = torch.optim.Adam([log_alpha], lr=lr)
+    lo, hi = limits
+    n_tok = max(int(target.positions[1:].sum()), 1)
+    for _ in range(steps):
+        u = torch.rand(shape, generator=gen).clamp(1e-6, 1 - 1e-6)
+        s = torch.sigmoid((u.log() - (1 - u).log() + log_alpha) / beta)
+        drop = (s * (hi - lo) + lo).clamp(0, 1)
+        with mlp_intercept(model, scales=1 - drop):
+            loss = target_logprob(model, target) / n_tok - keep_weight * _background_logprob(model, background)
+        p_open = torch.sigmoid(log_alpha - beta * math.log(-lo / hi))
+        loss = loss + l0 * p_open.sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return torch.sigmoid(log_alpha - beta * math.log(-lo / hi)).detach()
+
+
+@torch.no_grad()
+def zero_out(model: nn.Module, target: Target, batch: int = 64) -> torch.Tensor:
+    """Exact: the drop in target log-likelihood when each neuron alone is zeroed (n_neurons forwards)."""
+    n_layers, width = mlp_shape(model)
+    base = float(target_logprob(model, target))
+    scores = torch.zeros(n_layers, width)
+    flat = n_layers * width
+    for start in range(0, flat, batch):
+        cols = list(range(start, min(start + batch, flat)))
+        scales = torch.ones(len(cols), n_layers, 1, width)
+        for row, c in enumerate(cols):
+            scales[row, c // width, 0, c % width] = 0.0
+        lps = _batched_logprob(model, target, scales)
+        for row, c in enumerate(cols):
+            scores[c // width, c % width] = base - lps[row]
+    return scores
+
+
+def _batched_logprob(model: nn.Module, target: Target, scales: torch.Tensor) -> torch.Tensor:
+    """Target log-likelihood under each of B scale settings (B, L, 1, width), one batched forward."""
+    b = scales.shape[0]
+    ids = target.token_ids[None].expand(b, -1)
+    with mlp_intercept(model, scales=scales.transpose(0, 1)):
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
+    return logp[:, target.positions[1:]].sum(1)
+
+
+def random_scores(model: nn.Module, seed: int = 0) -> torch.Tensor:
+    """Uniform random scores: the baseline any method must beat."""
+    return torch.rand(mlp_shape(model), generator=torch.Generator().manual_seed(seed))
+
+
+def top_neurons(scores: torch.Tensor, fraction: float | None = None, *, k: int | None = None,
+                strength: float = 1.0, meta: dict | None = None) -> NeuronEdit:
+    """A zero-ablation NeuronEdit of the top `fraction` (or `k`) neurons by score."""
+    flat = scores.flatten()
+    k = k if k is not None else max(1, round(fraction * flat.numel()))
+    idx = torch.topk(flat, k).indices
+    width = scores.shape[1]
+    neurons: dict[int, list[int]] = {}
+    for i in sorted(idx.tolist()):
+        neurons.setdefault(i // width, []).append(i % width)
+    return NeuronEdit({k_: torch.tensor(v) for k_, v in neurons.items()}, strength, meta=meta or {})

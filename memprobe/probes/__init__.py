@@ -1,0 +1,22 @@
+"""Neuron-level memorization probes: estimators, per-site sweeps, the probe artefact and its CLI.
+
+Slonski (2024) finds that linear probes on activations separate memorized tokens from others far
+better than output probabilities do; this package fits such probes (dense and top-k sparse), sweeps
+every site of a store at once, and ships a trained probe that `memprobe probe score` applies.
+"""
+
+from memprobe.probes.artefact import (
+           default_probe_dir,
+           load_probe,
+           save_probe,
+           score_documents,
+           train_probe,
+)
+from memprobe.probes.cli import register_cli
+from memprobe.probes.estimators import LogisticProbe, TopKProbe, fit_logistic_batch
+from memprobe.probes.evaluate import detection, document_bootstrap
+from memprobe.probes.sweep import ProbeSweep, read_rows
+
+__all__ = ["LogisticProbe", "ProbeSweep", "TopKProbe", "default_probe_dir", "detection", "document_bootstrap",
+           "fit_logistic_batch", "load_probe", "read_rows", "register_cli", "save_probe", "score_documents",
+           "train_probe"]

@@ -1,0 +1,123 @@
+"""A trained probe as a small artefact (probe.safetensors + probe.json), and scoring texts with it.
+
+Why this shape (as SAELens ships SAEs): the weights are one safetensors file anyone can load, and
+the JSON says everything needed to use them correctly: the model and its file hash, the site, which
+position's activation scores a token, and how the probe was trained.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from memprobe.errors import MemprobeError
+from memprobe.probes.estimators import LogisticProbe
+
+WEIGHTS, CONFIG = "probe.safetensors", "probe.json"
+DEFAULT_DIR = Path(__file__).resolve().parent.parent / "data" / "probes"
+FEATURE_OFFSET = -1  # token t is scored from the activation at t-1, the state that predicts it
+
+
+def default_probe_dir(model_name: str) -> Path:
+    """Where the shipped default probe of a named model lives."""
+    return DEFAULT_DIR / model_name
+
+
+def save_probe(out_dir: str | Path, probe: LogisticProbe, *, site: str, model_info: dict[str, Any],
+               training: dict[str, Any]) -> Path:
+    """Write the probe's direction and offset (plus standardisation) and a JSON description."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {"coef": torch.as_tensor(np.asarray(probe.coef_[0], dtype=np.float32)),
+               "intercept": torch.as_tensor(np.asarray(probe.intercept_, dtype=np.float32)),
+               "standardized_coef": torch.as_tensor(np.asarray(probe.standardized_coef_, dtype=np.float32))}
+    save_file(tensors, out / WEIGHTS, metadata={"format": "memprobe-probe"})
+    config = {"format": "memprobe-probe", "version": 1, "site": site, "feature_offset": FEATURE_OFFSET,
+              "model": model_info, "estimator": {"class": type(probe).__name__, **probe.get_params()},
+              "score": "sigmoid(activation[t-1] @ coef + intercept): probability that token t is memorized",
+              "training": training}
+    (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def load_probe(path: str | Path) -> tuple[LogisticProbe, dict[str, Any]]:
+    """The probe and its JSON description from a directory written by save_probe."""
+    path = Path(path)
+    if not (path / WEIGHTS).is_file() or not (path / CONFIG).is_file():
+        raise MemprobeError(f"no probe at {path}: expected {WEIGHTS} and {CONFIG}; train one with "
+                            "`memprobe probe train --model M --out DIR`")
+    config = json.loads((path / CONFIG).read_text())
+    tensors = load_file(path / WEIGHTS)
+    probe = LogisticProbe(**{k: v for k, v in config["estimator"].items() if k != "class"})
+    probe.classes_ = np.array([0, 1])
+    probe.coef_ = tensors["coef"].numpy()[None]
+    probe.intercept_ = tensors["intercept"].numpy()
+    probe.standardized_coef_ = tensors["standardized_coef"].numpy()
+    probe.n_features_in_ = probe.coef_.shape[1]
+    return probe, config
+
+
+def train_probe(loaded: Any, docs: Sequence[dict[str, Any]], *, site: str, alpha: float = 1e-2,
+                min_doc_fraction: float = 0.5, progress: bool = False) -> tuple[LogisticProbe, dict[str, Any]]:
+    """Label `docs` with the model, select memorized vs confident control tokens, fit a probe at `site`.
+
+    Documents need `role` ("candidate" or "control"); repetition documents are not trained on.
+    Returns the probe and a description of its training data.
+    """
+    from memprobe.capture import capture
+    from memprobe.labels import label_documents
+    from memprobe.memdata import REPETITION, build_token_set
+    from memprobe.probes.sweep import read_rows
+
+    records = label_documents(loaded, docs, progress=progress)
+    tokens = build_token_set(records, min_doc_fraction=min_doc_fraction)
+    tokens = tokens.subset(tokens.category != REPETITION)
+    if len(set(tokens.label.tolist())) < 2:
+        raise MemprobeError("training needs memorized tokens and confident control tokens; found "
+                            f"{tokens.counts()}: add candidate texts the model memorized and control texts")
+    used = set(tokens.doc_id.tolist())
+    with tempfile.TemporaryDirectory(prefix="memprobe-probe-") as tmp:
+        store = capture(loaded, [d for d in docs if d["id"] in used], [site], tmp, progress=progress)
+        X = read_rows(store, site, tokens.store_rows(store, FEATURE_OFFSET)).numpy().astype(np.float64)
+    probe = LogisticProbe(alpha=alpha, class_weight="balanced").fit(X, tokens.label)
+    training = {"documents": len(used), "tokens": tokens.counts(), "min_doc_fraction": min_doc_fraction,
+                "labeler": records[0]["labeler"] if records else None}
+    return probe, training
+
+
+@torch.inference_mode()
+def score_documents(loaded: Any, docs: Sequence[dict[str, Any]], probe: LogisticProbe, config: dict[str, Any],
+                    *, batch_tokens: int = 2048) -> list[dict[str, Any]]:
+    """Per-token memorization probabilities: {"id", "token_ids", "scores"} with scores[0] None."""
+    from memprobe.backends import make_backend
+    from memprobe.capture import batches, pad_batch, pad_id, tokenize_documents
+
+    expected = config["model"].get("name")
+    if expected != loaded.info.get("name"):
+        raise MemprobeError(f"this probe was trained on {expected}, not {loaded.info.get('name')}: pass "
+                            f"--model {expected} or a probe trained on this model")
+    if config.get("feature_offset") != FEATURE_OFFSET:
+        raise MemprobeError(f"unsupported probe feature_offset {config.get('feature_offset')}")
+    site = config["site"]
+    runner = make_backend("hooks", loaded)
+    tokenized = tokenize_documents(loaded, docs)
+    coef = torch.as_tensor(probe.coef_[0], dtype=torch.float32)
+    intercept = float(probe.intercept_[0])
+    out: list[dict[str, Any] | None] = [None] * len(tokenized)
+    lengths = [len(d.token_ids) for d in tokenized]
+    for group in batches(lengths, range(len(tokenized)), batch_tokens):
+        ids, mask = pad_batch([tokenized[i].token_ids for i in group], pad_id(loaded))
+        acts = runner.run(ids.to(loaded.device), mask.to(loaded.device), [site])[site].float().cpu()
+        probs = torch.sigmoid(acts @ coef + intercept)
+        for row, i in enumerate(group):
+            n = lengths[i]
+            scores = [None] + [round(float(p), 6) for p in probs[row, : n - 1]]
+            out[i] = {"id": tokenized[i].id, "token_ids": tokenized[i].token_ids, "scores": scores}
+    return out  # type: ignore[return-value]

@@ -1,0 +1,65 @@
+"""`memprobe probe train` and `memprobe probe score`: thin layers over memprobe.probes.artefact."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _train(args: argparse.Namespace) -> int:
+    from memprobe.corpora import bundled_corpus
+    from memprobe.jsonl import read_jsonl
+    from memprobe.models import load_model
+    from memprobe.probes.artefact import save_probe, train_probe
+    from memprobe.sites import resolve
+
+    loaded = load_model(args.model)
+    docs = read_jsonl(args.data) if args.data else bundled_corpus(loaded, seed=args.seed)
+    site = args.site or f"blocks.{loaded.model.config.num_hidden_layers // 2}.hook_resid_post"
+    (site,) = resolve(loaded.model, site) if "*" not in site else (site,)
+    probe, training = train_probe(loaded, docs, site=site, alpha=args.alpha, min_doc_fraction=args.min_doc_fraction,
+                                  progress=True)
+    training["data"] = args.data or f"bundled corpus (seed {args.seed})"
+    out = save_probe(args.out, probe, site=site, model_info=loaded.info, training=training)
+    counts = training["tokens"]
+    print(f"trained a probe at {site} on {counts['memorized']['tokens']} memorized and "
+          f"{counts['control']['tokens']} confident control tokens; wrote {out}")
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    from memprobe.jsonl import read_jsonl, write_jsonl
+    from memprobe.models import load_model
+    from memprobe.probes.artefact import default_probe_dir, load_probe, score_documents
+
+    loaded = load_model(args.model)
+    probe, config = load_probe(args.probe or default_probe_dir(loaded.name))
+    records = score_documents(loaded, read_jsonl(args.input), probe, config, batch_tokens=args.batch_tokens)
+    write_jsonl(args.output, records)
+    print(f"scored {sum(len(r['token_ids']) for r in records)} tokens of {len(records)} texts with the probe "
+          f"at {config['site']}; wrote {args.output}")
+    return 0
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Add `memprobe probe {train,score}`."""
+    probe = subparsers.add_parser("probe", help="neuron-level memorization probes: train one, score texts")
+    sub = probe.add_subparsers(dest="probe_command", required=True)
+
+    train = sub.add_parser("train", help="label texts, then fit a logistic probe at one site")
+    train.add_argument("--model", default="smollm2-135m")
+    train.add_argument("--data", help="JSONL {id, text, role: candidate|control, ...} (default: the bundled corpus)")
+    train.add_argument("--out", required=True, help="directory for probe.safetensors + probe.json")
+    train.add_argument("--site", help="one site, e.g. blocks.20.hook_resid_post (default: the middle layer's resid_post)")
+    train.add_argument("--alpha", type=float, default=1e-2, help="L2 penalty on standardised weights")
+    train.add_argument("--min-doc-fraction", type=float, default=0.5,
+                       help="a candidate text counts as memorized when this share of its tokens is")
+    train.add_argument("--seed", type=int, default=0, help="seed of the bundled corpus")
+    train.set_defaults(handler=_train)
+
+    score = sub.add_parser("score", help="per-token memorization scores (null at the first token)")
+    score.add_argument("--model", default="smollm2-135m")
+    score.add_argument("--input", required=True, help="JSONL {id, text}")
+    score.add_argument("--output", required=True, help="JSONL {id, token_ids, scores}")
+    score.add_argument("--probe", help="probe directory (default: the shipped probe of --model)")
+    score.add_argument("--batch-tokens", type=int, default=2048)
+    score.set_defaults(handler=_score)

@@ -1,0 +1,148 @@
+"""One probe per site over a whole activation store: cross-validated scores and final fits.
+
+Why streamed and batched: a store of every layer is larger than memory, but one site's rows of
+interest are small. So sites are read a few at a time (as many as fit `memory_mb`), and for each
+group every problem (cross-validation folds, shuffled-label controls) is fitted in one batched
+L-BFGS run (memprobe.probes.estimators.fit_logistic_batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from memprobe.errors import MemprobeError
+from memprobe.probes.estimators import LogisticProbe, fit_logistic_batch
+
+
+@dataclass(frozen=True)
+class SweepFit:
+    """Per site: the decision scores of every problem on every row, and its standardised weights."""
+
+    sites: list[str]
+    scores: dict[str, np.ndarray]  # site -> (P, N)
+    standardized_coef: dict[str, np.ndarray]  # site -> (P, D)
+    fits: dict[str, dict[str, np.ndarray]]  # site -> coef (P, D), intercept (P,), mean, scale
+
+
+def read_rows(store: Any, site: str, rows: np.ndarray) -> torch.Tensor:
+    """Float32 features of `rows` at `site`, reading only the store range that covers them."""
+    lo, hi = int(rows.min()), int(rows.max()) + 1
+    return store.read(site, lo, hi)[torch.as_tensor(rows - lo)].float()
+
+
+def balanced_weights(y: np.ndarray, train: np.ndarray) -> np.ndarray:
+    """Weights that give each class of the training rows equal total weight; 0 off the training rows."""
+    w = np.zeros(len(y))
+    for value in (0, 1):
+        rows = train & (y == value)
+        if not rows.any():
+            raise MemprobeError(f"a training split has no rows of class {value}: every fold needs both classes")
+        w[rows] = 0.5 / rows.sum()
+    return w
+
+
+class ProbeSweep:
+    """Dense logistic probes (see LogisticProbe) for many sites, fitted together."""
+
+    def __init__(self, alpha: float = 1e-2, max_iter: int = 200, tol: float = 1e-6, memory_mb: int = 768,
+                 progress: bool = True) -> None:
+        self.alpha = alpha
+        self.max_iter = max_iter
+        self.tol = tol
+        self.memory_mb = memory_mb
+        self.progress = progress
+
+    def _site_groups(self, store: Any, sites: Sequence[str], n_rows: int) -> list[list[str]]:
+        budget = self.memory_mb * 2**20
+        groups: list[list[str]] = []
+        for site in sites:
+            width = store.widths[site]
+            if (groups and store.widths[groups[-1][0]] == width
+                    and (len(groups[-1]) + 1) * n_rows * width * 4 * 3 <= budget):  # X, X*X, a product
+                groups[-1].append(site)
+            else:
+                groups.append([site])
+        return groups
+
+    def run(self, store: Any, rows: np.ndarray, targets: np.ndarray, weights: np.ndarray,
+            sites: Sequence[str] | None = None) -> SweepFit:
+        """Fit problem p (targets[p], weights[p] over `rows`) at every site; score every row."""
+        sites = list(store.sites if sites is None else sites)
+        rows = np.asarray(rows, dtype=np.int64)
+        Y = torch.as_tensor(np.atleast_2d(targets), dtype=torch.float32)
+        W = torch.as_tensor(np.atleast_2d(weights), dtype=torch.float32)
+        scores, coefs, fits = {}, {}, {}
+        groups = self._site_groups(store, sites, len(rows))
+        for group in tqdm(groups, desc="probe sweep", disable=not self.progress):
+            X = torch.stack([read_rows(store, s, rows) for s in group])
+            fit = fit_logistic_batch(X, Y, W, alpha=self.alpha, max_iter=self.max_iter, tol=self.tol)
+            logits = torch.bmm(X, fit.coef.transpose(1, 2)).transpose(1, 2) + fit.intercept[..., None]
+            for i, site in enumerate(group):
+                scores[site] = logits[i].numpy()
+                coefs[site] = fit.standardized_coef[i].numpy()
+                fits[site] = {"coef": fit.coef[i].numpy(), "intercept": fit.intercept[i].numpy(),
+                              "mean": fit.mean[i].numpy(), "scale": fit.scale[i].numpy(), "n_iter": fit.n_iter}
+            del X
+        return SweepFit(sites, scores, coefs, fits)
+
+    def cross_validate(self, store: Any, rows: np.ndarray, y: np.ndarray, folds: np.ndarray, *,
+                       sites: Sequence[str] | None = None, n_shuffled: int = 1, seed: int = 0,
+                       trainable: np.ndarray | None = None,
+                       ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], SweepFit]:
+        """Out-of-fold scores per site: each row is scored by the probe of the fold that left it out.
+
+        Rows outside `trainable` (default: all) are never trained on but still scored. Also returns
+        the same for probes trained on shuffled labels (labels permuted among each fold's training
+        rows, `n_shuffled` times; scores averaged), the chance-level control.
+        """
+        y, folds = np.asarray(y), np.asarray(folds)
+        trainable = np.ones(len(y), dtype=bool) if trainable is None else np.asarray(trainable, dtype=bool)
+        fold_ids = np.unique(folds)
+        rng = np.random.default_rng(seed)
+        targets, weights = [], []
+        for rep in range(1 + n_shuffled):
+            for f in fold_ids:
+                train = (folds != f) & trainable
+                t = y.astype(np.float64).copy()
+                if rep:
+                    t[train] = rng.permutation(t[train])
+                targets.append(t)
+                weights.append(balanced_weights(t.astype(int), train))
+        fit = self.run(store, rows, np.stack(targets), np.stack(weights), sites)
+        n_f = len(fold_ids)
+        oof, shuffled = {}, {}
+        for site, s in fit.scores.items():
+            real = np.empty(len(y))
+            fake = np.zeros(len(y))
+            for i, f in enumerate(fold_ids):
+                held = folds == f
+                real[held] = s[i, held]
+                for rep in range(1, 1 + n_shuffled):
+                    fake[held] += s[rep * n_f + i, held] / n_shuffled
+            oof[site], shuffled[site] = real, fake
+        return oof, shuffled, fit
+
+    def fit(self, store: Any, rows: np.ndarray, y: np.ndarray, sites: Sequence[str] | None = None,
+            ) -> dict[str, LogisticProbe]:
+        """One class-balanced LogisticProbe per site trained on all `rows`."""
+        y = np.asarray(y).astype(int)
+        fit = self.run(store, rows, y[None].astype(np.float64),
+                       balanced_weights(y, np.ones(len(y), dtype=bool))[None], sites)
+        probes = {}
+        for site in fit.sites:
+            probe = LogisticProbe(alpha=self.alpha, max_iter=self.max_iter, tol=self.tol, class_weight="balanced")
+            f = fit.fits[site]
+            probe.classes_ = np.array([0, 1])
+            probe.n_features_in_ = f["coef"].shape[1]
+            probe.coef_, probe.intercept_ = f["coef"][:1], f["intercept"][:1]
+            probe.standardized_coef_ = fit.standardized_coef[site][0]
+            probe.mean_, probe.scale_ = f["mean"][0], f["scale"][0]
+            probe.n_iter_ = np.array([f["n_iter"]])
+            probes[site] = probe
+        return probes
