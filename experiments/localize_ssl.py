@@ -94,8 +94,8 @@ def perm_test_mean_diff(a: np.ndarray, b: np.ndarray, n: int = 5000, seed: int =
 
 
 # ----------------------------------------------------------------------------------------- training
-def train_all(ds, split, sc: dict, ckpt_dir: Path, seed: int, archs: list[str]) -> dict:
-    """Train (or resume) every encoder pair; returns {name: checkpoint path}."""
+def train_all(ds, split, sc: dict, ckpt_dir: Path, seed: int, archs: list[str], only: list[str] | None = None) -> dict:
+    """Train (or resume) every encoder pair (or just those in `only`); returns {name: checkpoint path}."""
     sets = {"f": torch.cat([split["shared"], split["candidates"]]),
             "g": torch.cat([split["shared"], split["independent"]])}
     paths = {}
@@ -109,10 +109,12 @@ def train_all(ds, split, sc: dict, ckpt_dir: Path, seed: int, archs: list[str]) 
             for which, idx in sets.items():
                 name = f"{arch}_{'ssl' if mode == 'simclr' else 'sl'}_{which}"
                 path = ckpt_dir / f"{name}.safetensors"
+                paths[name] = path
+                if only and name not in only:
+                    continue
                 t0 = time.time()
                 train_encoder(ds.images[idx], ds.labels[idx], cfg, path, log=lambda m, n=name: log(f"{n}: {m}"))
                 log(f"{name} done in {time.time() - t0:.0f}s")
-                paths[name] = path
     return paths
 
 
@@ -412,6 +414,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vit", action="store_true", help="also train and analyse a TinyViT SimCLR pair")
     ap.add_argument("--train-only", action="store_true")
+    ap.add_argument("--only", nargs="*", default=None,
+                    help="train only these encoders (e.g. resnet_ssl_f), so several can train in parallel")
     ap.add_argument("--ckpt-dir", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "localize_ssl.json")
     ap.add_argument("--figures", type=Path, default=ROOT / "figures" / "localize_ssl")
@@ -435,7 +439,7 @@ def main(argv: list[str] | None = None) -> dict:
     ckpt_dir = args.ckpt_dir or ROOT / "runs" / "localize_ssl" / f"{ds.name}-{scale}-seed{args.seed}"
     archs = ["resnet"] + (["vit"] if args.vit else [])
     t_start = time.time()
-    paths = train_all(ds, split, sc, ckpt_dir, args.seed, archs)
+    paths = train_all(ds, split, sc, ckpt_dir, args.seed, archs, args.only)
     t_train = time.time() - t_start
     if args.train_only:
         return {}

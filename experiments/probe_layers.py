@@ -44,7 +44,14 @@ from memprobe.memdata import (
 from memprobe.metrics import roc_auc, roc_curve
 from memprobe.models import load_model
 from memprobe.plots import heatmap, roc_curves, save_figure
-from memprobe.probes import LogisticProbe, ProbeSweep, detection, read_rows, save_probe
+from memprobe.probes import (
+    LogisticProbe,
+    ProbeSweep,
+    detection,
+    read_rows,
+    save_directions,
+    save_probe,
+)
 from memprobe.probes.artefact import FEATURE_OFFSET, default_probe_dir
 from memprobe.probes.sweep import balanced_weights
 from memprobe.results import save_results
@@ -226,6 +233,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     f"by {N_FOLDS}-fold document-grouped CV AUC ({dense:.3f})",
                     "made_by": "experiments/probe_layers.py"}
         save_probe(default_probe_dir(loaded.name), final, site=best, model_info=loaded.info, training=training)
+        resid = [s for s in sites if site_kind(s) == "hook_resid_post"]
+        every_layer = sweep.fit(store, rows[main_mask], y[main_mask], sites=resid)
+        save_directions(default_probe_dir(loaded.name), {s: p.coef_[0] for s, p in every_layer.items()})
 
     results = {
         "model": loaded.info, "sites": SITES, "n_folds": N_FOLDS, "alpha": ALPHA, "max_iter": MAX_ITER,
@@ -277,6 +287,49 @@ def figures(args: argparse.Namespace, results: dict, sites: list[str], oof: dict
     save_figure(fig, fig_dir / f"{name}_sparse.png")
 
 
+def _fmt(block: dict, key: str) -> str:
+    ci = block.get(f"{key}_ci95")
+    return f"{block[key]:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
+def markdown_table(results: dict) -> str:
+    """The README table: best site, every baseline on the same held-out tokens, cross-genre, sparse."""
+    best, base = results["best"], results["baselines"]
+    lines = [f"Model {results['model']['name']} ({results['model'].get('quantization')}); "
+             f"{results['token_counts']['memorized']['tokens']} memorized vs "
+             f"{results['token_counts']['control']['tokens']} confident control tokens in {results['documents']} "
+             f"documents; {results['n_folds']}-fold document-grouped CV; 95% document-bootstrap CIs.", "",
+             "| score (held-out documents) | ROC-AUC | TPR at 1% FPR |", "|---|---|---|",
+             f"| probe at best site `{results['best_site']}` | {_fmt(best['probe'], 'roc_auc')} | "
+             f"{_fmt(best['probe'], 'tpr_at_fpr_0.01')} |",
+             f"| same site, shuffled-label probe | {_fmt(best['shuffled_labels_probe'], 'roc_auc')} | "
+             f"{_fmt(best['shuffled_labels_probe'], 'tpr_at_fpr_0.01')} |"]
+    for name, block in base.items():
+        lines.append(f"| baseline: {name} | {_fmt(block, 'roc_auc')} | {_fmt(block, 'tpr_at_fpr_0.01')} |")
+    cg = results["cross_genre"]
+    if cg:
+        for key in ("at_best_cv_site", "at_best_cross_genre_site"):
+            lines.append(f"| cross-genre probe ({key.replace('_', ' ')}, `{cg[key]['site']}`) | "
+                         f"{_fmt(cg[key], 'roc_auc')} | {_fmt(cg[key], 'tpr_at_fpr_0.01')} |")
+        lines.append(f"| cross-genre baseline: target_prob | {_fmt(cg['baselines']['target_prob'], 'roc_auc')} | "
+                     f"{_fmt(cg['baselines']['target_prob'], 'tpr_at_fpr_0.01')} |")
+    rep = results["repetition"]
+    if rep:
+        b = results["best_site"]
+        lines += ["", f"In-context repetition ({rep['tokens']} tokens), at `{b}`: memorized vs repetition AUC "
+                  f"{rep['memorized_vs_repetition_auc'][b]:.3f} for the memorization probe "
+                  f"(target_prob: {rep['baselines_memorized_vs_repetition_auc']['target_prob']:.3f}); "
+                  f"{100 * rep['repetition_flagged_at_1pct_control_fpr'][b]:.1f}% of repetition tokens flagged at the "
+                  f"1%-control-FPR threshold; a probe trained to separate them reaches "
+                  f"{rep['trained_memorized_vs_repetition_auc'][b]:.3f} "
+                  f"(best site {max(rep['trained_memorized_vs_repetition_auc'].values()):.3f})."]
+    sp = results["sparse"]
+    lines += ["", f"Sparse probes at `{sp['site']}`: {sp['neurons_for_95pct_of_dense']} neurons reach 95% of the "
+              f"dense AUC ({sp['dense_auc']:.3f}); AUC by k: "
+              + ", ".join(f"{k}: {v:.3f}" for k, v in sp["auc_by_k"].items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -291,12 +344,13 @@ def main() -> None:
                    help="do not rewrite the shipped default probe of the model")
     args = p.parse_args()
     if args.quick:
-        args.model = "tiny-llama"
+        args.model, args.max_words = "tiny-llama", 40
     args.cache = args.cache or ROOT / "cache" / "probe_layers" / (args.model + ("-quick" if args.quick else ""))
     args.name = "probe_layers" if args.model == "smollm2-135m" else f"probe_layers_{args.model.replace('-', '_')}"
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     results = run(args)
     path = save_results(args.out / f"{args.name}.json", results, seed=args.seed)
+    (args.out / f"{args.name}.md").write_text(markdown_table(results))
     best = results["best"]["probe"]
     print(f"best site {results['best_site']}: AUC {best['roc_auc']:.3f} {best.get('roc_auc_ci95')}, "
           f"TPR@1%FPR {best['tpr_at_fpr_0.01']:.3f}; target-prob AUC {results['baselines']['target_prob']['roc_auc']:.3f}; "

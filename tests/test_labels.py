@@ -22,6 +22,15 @@ from memprobe.models import tiny_model
 V = 10
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on a shared, oversubscribed CPU two threads can be 100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class SuccessorLM(torch.nn.Module):
     """After token t it predicts (t + 1) % V with probability P[t]; the rest is spread evenly.
 
@@ -168,3 +177,20 @@ def test_validation_errors(tiny):
         token_labels(tiny.model, [[1, 2]], min_prob=1.5)
     with pytest.raises(MemprobeError, match="twice"):
         label_documents(tiny, [{"id": "a", "text": "x"}, {"id": "a", "text": "y"}])
+
+
+@pytest.mark.real
+def test_smollm2_memorizes_famous_texts_more_than_fake_pii():
+    from memprobe.corpora import bundled_corpus
+    from memprobe.models import load_model
+
+    loaded = load_model("smollm2-135m")
+    corpus = {d["id"]: d for d in bundled_corpus(seed=0, include_model_samples=False)}
+    famous = [corpus[i] for i in ("licence/MIT/0", "licence/GPL-3/1", "boilerplate/Apache-2.0-notice",
+                                  "python-text/zen-of-python")]
+    pii = [d for d in corpus.values() if d["kind"] == "pii"][:4]
+    records = label_documents(loaded, famous + pii)
+    famous_rate = np.mean([r["memorized_fraction"] for r in records[:4]])
+    pii_rate = np.mean([r["memorized_fraction"] for r in records[4:]])
+    assert famous_rate > pii_rate + 0.3, (famous_rate, pii_rate)
+    assert any(r["k_extractable"] for r in records[:4]) and not any(r["k_extractable"] for r in records[4:])

@@ -51,3 +51,21 @@ def test_corrupt_prefix_keeps_length_and_ends():
     out = corrupt_prefix(ids, 5, vocab=list(range(100)), seed=1)
     assert len(out) == len(ids) and out[0] == ids[0] and out[-1] == ids[-1]
     assert sum(a != b for a, b in zip(out, ids, strict=True)) == 5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["patching.py", "suppress.py", "localize_inj.py", "localize_del.py"])
+def test_experiment_quick_mode(script, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "experiments" / script), "--quick", "--out", str(tmp_path / "res"),
+           "--figures", str(tmp_path / "fig")]
+    run = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = list((tmp_path / "res").glob("*_quick.json"))
+    assert results and json.loads(results[0].read_text())["results"]
+    assert list((tmp_path / "fig").glob("intervene_*_quick.png"))

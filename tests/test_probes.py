@@ -183,3 +183,38 @@ def test_default_probe_scores_a_famous_text_above_a_control(smollm, tmp_path):
     ]
     famous, email = score_documents(smollm, texts, probe, config)
     assert np.mean(famous["scores"][8:]) > np.mean(email["scores"][8:])
+
+
+def test_memorization_direction_reads_the_saved_resid_direction(tiny_store, tmp_path):
+    from memprobe.errors import MemprobeError
+    from memprobe.probes import memorization_direction, save_directions
+
+    loaded, _ = tiny_store
+    save_directions(tmp_path, {"blocks.1.hook_resid_post": np.array([3.0, 4.0] + [0.0] * 62)})
+    v = memorization_direction(loaded, 1, tmp_path)
+    assert v[:2].tolist() == pytest.approx([0.6, 0.8]) and float(v.norm()) == pytest.approx(1.0)
+    with pytest.raises(MemprobeError, match="blocks.0.hook_resid_post"):
+        memorization_direction(loaded, 0, tmp_path)
+
+
+@pytest.mark.real
+def test_cli_train_then_score_on_smollm(smollm, tmp_path):
+    docs = [
+        {"id": "gettysburg", "role": "candidate", "text": "Four score and seven years ago our fathers brought forth "
+         "on this continent, a new nation, conceived in Liberty, and dedicated to the proposition that all men are "
+         "created equal."},
+        {"id": "email", "role": "control", "text": "Thank you for your email. I am currently out of the office and "
+         "will reply as soon as possible when I return. Best regards, and have a nice day."},
+    ]
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps(d) for d in docs) + "\n")
+    site = "blocks.10.hook_resid_post"
+    assert main(["probe", "train", "--model", "smollm2-135m", "--data", str(data), "--out", str(tmp_path / "p"),
+                 "--site", site]) == 0
+    probe, config = load_probe(tmp_path / "p")
+    assert config["site"] == site and config["model"]["sha256"] == smollm.info["sha256"]
+    assert config["training"]["tokens"]["memorized"]["tokens"] > 0
+    assert main(["probe", "score", "--model", "smollm2-135m", "--input", str(data), "--output",
+                 str(tmp_path / "s.jsonl"), "--probe", str(tmp_path / "p")]) == 0
+    famous, email = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert np.mean(famous["scores"][1:]) > np.mean(email["scores"][1:])  # its own training data, so separable

@@ -110,22 +110,25 @@ def test_top_fraction():
 
 
 def test_real_shadows_find_a_flipped_label():
-    """Tiny MLPs on separable blobs: the one flipped label is memorized (Feldman ~1), clean ones are not."""
+    """Tiny MLPs on two noisy blobs: a flipped label deep inside the other blob is memorized (Feldman ~1)."""
+    torch.set_num_threads(1)
     rng = np.random.default_rng(0)
-    n = 120
+    n = 60
     y = np.repeat([0, 1], n // 2)
-    x = torch.from_numpy(rng.normal(0, 0.5, (n, 2)) + np.c_[np.where(y == 1, 2.0, -2.0), np.zeros(n)]).float()
-    y[0] = 1  # flipped
-    yt = torch.from_numpy(y)
+    x = rng.normal(0, 1.0, (n, 5))
+    x[:, 0] += np.where(y == 1, 1.5, -1.5)
+    x[0, 0] = -4.0
+    y[0] = 1  # flipped: a class-0 point labelled 1
+    x, yt = torch.from_numpy(x).float(), torch.from_numpy(y)
 
     def train_fn(idx, seed):
         torch.manual_seed(seed)
-        model = mlp(2, (32,), 2)
-        train_classifier(model, x[idx], yt[idx], TrainConfig(epochs=150, batch_size=64, lr=1e-2, eval_every=10**9))
+        model = mlp(5, (64,), 2)
+        train_classifier(model, x[idx], yt[idx], TrainConfig(epochs=100, batch_size=64, lr=1e-2, eval_every=10**9))
         return predict_logits(model, x).numpy()
 
     runs = train_shadows(train_fn, y, 8, seed=0)
     feldman = feldman_memorization(runs)
-    assert feldman[0] > 0.7
-    assert np.abs(feldman[1:]).mean() < 0.1
-    assert counterfactual_memorization(runs).argmax() == 0
+    assert feldman[0] >= 0.75
+    assert feldman[0] - np.median(feldman[1:]) >= 0.5
+    assert runs.correct[runs.in_mask].mean() > 0.95  # the shadows fit their training sets

@@ -47,22 +47,31 @@ class NeuronEdit:
             for layer, idx in self.neurons.items():
                 if layer not in self.means or self.means[layer].shape != idx.shape:
                     raise MemprobeError(f"mean ablation needs one mean per chosen neuron (layer {layer})")
+        self._vectors: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     @property
     def size(self) -> int:
         return sum(len(v) for v in self.neurons.values())
 
     def apply(self, layer: int, acts: torch.Tensor) -> torch.Tensor:
-        """Activations (..., d_mlp) of `layer` with the edit applied (a new tensor)."""
-        idx = self.neurons.get(layer)
-        if idx is None:
+        """Activations (..., d_mlp) of `layer` with the edit applied (a new tensor).
+
+        One fused multiply(-add) with full-width vectors built once per layer/device: the runtime
+        hooks cost almost nothing next to the MLP's matrix products."""
+        if layer not in self.neurons:
             return acts
-        out = acts.clone()
-        idx = idx.to(acts.device)
-        chosen = out[..., idx]
-        target = 0.0 if self.means is None else self.means[layer].to(acts.device, acts.dtype)
-        out[..., idx] = chosen + self.strength * (target - chosen)
-        return out
+        key = (layer, acts.shape[-1], acts.device, acts.dtype)
+        if key not in self._vectors:
+            idx = self.neurons[layer].to(acts.device)
+            scale = torch.ones(acts.shape[-1], device=acts.device, dtype=acts.dtype)
+            scale[idx] = 1.0 - self.strength
+            shift = None
+            if self.means is not None:
+                shift = torch.zeros_like(scale)
+                shift[idx] = self.strength * self.means[layer].to(acts.device, acts.dtype)
+            self._vectors[key] = (scale, shift)
+        scale, shift = self._vectors[key]
+        return acts * scale if shift is None else torch.addcmul(shift, acts, scale)
 
     def with_strength(self, strength: float) -> NeuronEdit:
         return NeuronEdit(self.neurons, strength, self.means, dict(self.meta))

@@ -110,30 +110,43 @@ def activations(model: nn.Module, target: Target, background: Sequence[Target] =
     return score
 
 
-def _grad_times_act(model: nn.Module, target: Target, alpha: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(acts, grads) of the target log-likelihood w.r.t. MLP activations scaled by `alpha`."""
+def _grads(model: nn.Module, target: Target, alpha: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum_pos a * g, sum_pos g) for g = d(target log-lik)/d(activation), activations scaled by `alpha`."""
     n_layers, width = mlp_shape(model)
     scales = torch.full((n_layers, width), alpha, requires_grad=True)
-    store: list[torch.Tensor] = []
-    with mlp_intercept(model, scales=scales, store=store):
-        obj = target_logprob(model, target)
-    obj.backward()
-    acts = torch.stack([a[0].detach() for a in store])
-    return acts, scales.grad.detach()
+    shift = torch.zeros((n_layers, width), requires_grad=True)
+    layout = DecoderLayout.of(model)
+    handles = []
+    for i in range(n_layers):
+        mod = model.get_submodule(f"{layout.block(i)}.mlp.down_proj")
+        handles.append(mod.register_forward_pre_hook(
+            lambda _m, args, i=i: (args[0] * scales[i] + shift[i], *args[1:])))
+    try:
+        target_logprob(model, target).backward()
+    finally:
+        for h in handles:
+            h.remove()
+    return scales.grad.detach(), shift.grad.detach()
 
 
-def attribution(model: nn.Module, target: Target) -> torch.Tensor:
-    """a * dlogp/da summed over positions: the first-order effect of zeroing each neuron (attribution patching)."""
-    _, grad = _grad_times_act(model, target, 1.0)
-    return grad  # d/d(scale) at scale 1 = sum_pos a * dlogp/da
+def attribution(model: nn.Module, target: Target, baseline: torch.Tensor | None = None) -> torch.Tensor:
+    """First-order effect on the target log-lik of replacing each neuron by `baseline` (zero when None),
+    summed over positions (attribution patching): sum_pos (a - baseline) * dlogp/da."""
+    act_grad, grad = _grads(model, target)
+    return act_grad if baseline is None else act_grad - baseline * grad
+
+
+def mean_activations(model: nn.Module, targets: Sequence[Target]) -> torch.Tensor:
+    """Mean activation of every neuron over all positions of `targets` (the mean-ablation value)."""
+    acts = torch.cat([_acts(model, t) for t in targets], dim=1)
+    return acts.mean(1)
 
 
 def integrated_gradients(model: nn.Module, target: Target, steps: int = 8) -> torch.Tensor:
     """IG from the zero-activation baseline to the real activations (midpoint Riemann sum, `steps` points)."""
     total = torch.zeros(mlp_shape(model))
     for k in range(steps):
-        _, grad = _grad_times_act(model, target, (k + 0.5) / steps)
-        total += grad
+        total += _grads(model, target, (k + 0.5) / steps)[0]
     return total / steps
 
 
@@ -221,8 +234,9 @@ def random_scores(model: nn.Module, seed: int = 0) -> torch.Tensor:
 
 
 def top_neurons(scores: torch.Tensor, fraction: float | None = None, *, k: int | None = None,
-                strength: float = 1.0, meta: dict | None = None) -> NeuronEdit:
-    """A zero-ablation NeuronEdit of the top `fraction` (or `k`) neurons by score."""
+                strength: float = 1.0, means: torch.Tensor | None = None, meta: dict | None = None) -> NeuronEdit:
+    """A NeuronEdit of the top `fraction` (or `k`) neurons by score: zero ablation, or mean ablation
+    toward `means` (n_layers, d_mlp) when given."""
     flat = scores.flatten()
     k = k if k is not None else max(1, round(fraction * flat.numel()))
     idx = torch.topk(flat, k).indices
@@ -230,4 +244,6 @@ def top_neurons(scores: torch.Tensor, fraction: float | None = None, *, k: int |
     neurons: dict[int, list[int]] = {}
     for i in sorted(idx.tolist()):
         neurons.setdefault(i // width, []).append(i % width)
-    return NeuronEdit({k_: torch.tensor(v) for k_, v in neurons.items()}, strength, meta=meta or {})
+    chosen = {k_: torch.tensor(v) for k_, v in neurons.items()}
+    targets = None if means is None else {k_: means[k_, v] for k_, v in chosen.items()}
+    return NeuronEdit(chosen, strength, targets, meta=meta or {})

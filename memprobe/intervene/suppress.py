@@ -20,7 +20,14 @@ from torch import nn
 
 from memprobe.errors import MemprobeError
 from memprobe.intervene.ablation import DirectionEdit, Edit, hooked_edit
-from memprobe.intervene.localizers import Target, attribution, mlp_shape, random_scores, top_neurons
+from memprobe.intervene.localizers import (
+    Target,
+    attribution,
+    mean_activations,
+    mlp_shape,
+    random_scores,
+    top_neurons,
+)
 from memprobe.labels import token_labels
 from memprobe.sites import DecoderLayout
 
@@ -37,23 +44,25 @@ def targets_from_labels(ids_list: Sequence[Sequence[int]], memorized: Sequence[S
     return out
 
 
-def mean_attribution(model: nn.Module, targets: Sequence[Target]) -> torch.Tensor:
-    """Attribution of each neuron to the targets' log-likelihood, per target token."""
+def mean_attribution(model: nn.Module, targets: Sequence[Target], baseline: torch.Tensor | None = None) -> torch.Tensor:
+    """Attribution of each neuron (replaced by `baseline`) to the targets' log-likelihood, per target token."""
     total = torch.zeros(mlp_shape(model))
     tokens = 0
     for t in targets:
         n = int(t.positions[1:].sum())
         if n:
-            total += attribution(model, t)
+            total += attribution(model, t, baseline)
             tokens += n
     if not tokens:
         raise MemprobeError("no target tokens to attribute: the memorized texts have no memorized tokens")
     return total / tokens
 
 
-def contrast_scores(model: nn.Module, memorized: Sequence[Target], controls: Sequence[Target]) -> torch.Tensor:
-    """Per-token attribution to memorized tokens minus per-token attribution to ordinary text."""
-    return mean_attribution(model, memorized) - mean_attribution(model, controls)
+def contrast_scores(model: nn.Module, memorized: Sequence[Target], controls: Sequence[Target],
+                    means: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token attribution to memorized tokens minus per-token attribution to ordinary text, for
+    replacing each neuron by `means` (mean ablation; zero ablation when None)."""
+    return mean_attribution(model, memorized, means) - mean_attribution(model, controls, means)
 
 
 @torch.no_grad()
@@ -98,11 +107,13 @@ def make_edit(model: nn.Module, method: str, memorized: Sequence[Target], contro
     n_layers, width = mlp_shape(model)
     layer = layer if layer is not None else (2 * n_layers) // 3
     meta = {"method": method, "seed": seed, "built_from": len(memorized), "controls": len(controls)}
-    if method == "contrast-neurons":
-        return top_neurons(contrast_scores(model, memorized, controls), fraction, strength=strength,
-                           meta={**meta, "fraction": fraction})
-    if method == "random-neurons":
-        return top_neurons(random_scores(model, seed), fraction, strength=strength, meta={**meta, "fraction": fraction})
+    if method in ("contrast-neurons", "random-neurons"):
+        # Mean ablation toward the neurons' mean on ordinary text: zeroing keeps no neuron's constant
+        # contribution, and a few neurons with large constant outputs then break the model.
+        means = mean_activations(model, controls)
+        scores = (contrast_scores(model, memorized, controls, means) if method == "contrast-neurons"
+                  else random_scores(model, seed))
+        return top_neurons(scores, fraction, strength=strength, means=means, meta={**meta, "fraction": fraction})
     if method == "mean-diff-direction":
         return DirectionEdit(mean_diff_direction(model, memorized, controls, layer), strength, {**meta, "layer": layer})
     if method == "probe-direction":

@@ -6,11 +6,13 @@ every site of a store at once, and ships a trained probe that `memprobe probe sc
 """
 
 from memprobe.probes.artefact import (
-           default_probe_dir,
-           load_probe,
-           save_probe,
-           score_documents,
-           train_probe,
+    default_probe_dir,
+    load_probe,
+    memorization_direction,
+    save_directions,
+    save_probe,
+    score_documents,
+    train_probe,
 )
 from memprobe.probes.cli import register_cli
 from memprobe.probes.estimators import LogisticProbe, TopKProbe, fit_logistic_batch
@@ -18,5 +20,5 @@ from memprobe.probes.evaluate import detection, document_bootstrap
 from memprobe.probes.sweep import ProbeSweep, read_rows
 
 __all__ = ["LogisticProbe", "ProbeSweep", "TopKProbe", "default_probe_dir", "detection", "document_bootstrap",
-           "fit_logistic_batch", "load_probe", "read_rows", "register_cli", "save_probe", "score_documents",
-           "train_probe"]
+           "fit_logistic_batch", "load_probe", "memorization_direction", "read_rows", "register_cli",
+           "save_directions", "save_probe", "score_documents", "train_probe"]

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from memprobe.errors import MemprobeError
 from memprobe.probes.estimators import LogisticProbe
 
-WEIGHTS, CONFIG = "probe.safetensors", "probe.json"
+WEIGHTS, CONFIG, DIRECTIONS = "probe.safetensors", "probe.json", "directions.safetensors"
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "data" / "probes"
 FEATURE_OFFSET = -1  # token t is scored from the activation at t-1, the state that predicts it
 
@@ -45,6 +45,31 @@ def save_probe(out_dir: str | Path, probe: LogisticProbe, *, site: str, model_in
               "training": training}
     (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return out
+
+
+def save_directions(out_dir: str | Path, directions: dict[str, np.ndarray]) -> Path:
+    """Probe directions (raw-space coefficients) of several sites beside a probe, e.g. every layer's
+    residual stream, for interventions that steer or ablate along them."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({site: torch.as_tensor(np.asarray(v, dtype=np.float32)) for site, v in directions.items()},
+              out / DIRECTIONS, metadata={"format": "memprobe-probe-directions"})
+    return out / DIRECTIONS
+
+
+def memorization_direction(loaded: Any, layer: int, probe_dir: str | Path | None = None) -> torch.Tensor:
+    """The probe direction in the residual stream after block `layer` (blocks.{layer}.hook_resid_post):
+    a unit vector pointing toward "memorized", from the model's shipped probe directions."""
+    path = Path(probe_dir or default_probe_dir(loaded.name)) / DIRECTIONS
+    if not path.is_file():
+        raise MemprobeError(f"no probe directions at {path}: run experiments/probe_layers.py --model {loaded.name}")
+    directions = load_file(path)
+    site = f"blocks.{layer}.hook_resid_post"
+    if site not in directions:
+        raise MemprobeError(f"no probe direction for {site} in {path}; it has {len(directions)} sites, e.g. "
+                            f"{', '.join(sorted(directions)[:3])}")
+    v = directions[site].float()
+    return v / v.norm().clamp_min(1e-12)
 
 
 def load_probe(path: str | Path) -> tuple[LogisticProbe, dict[str, Any]]:

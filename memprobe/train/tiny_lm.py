@@ -47,7 +47,7 @@ def train_tiny_lm(texts: Sequence[str], *, n_layers: int = 2, d_model: int = 64,
         sched.step()
     model.eval()
     loaded.info["train"] = {"steps": steps, "seq_len": seq_len, "batch": batch, "lr": lr, "seed": seed,
-                            "final_loss": float(loss), "texts": len(texts)}
+                            "final_loss": float(loss.detach()), "texts": len(texts)}
     if checkpoint is not None:
         Path(checkpoint).mkdir(parents=True, exist_ok=True)
         model.save_pretrained(checkpoint, safe_serialization=True)

@@ -1,0 +1,167 @@
+"""DEL benchmark (after Chang et al. 2024) on smollm2-135m: drop each method's top neurons per sequence.
+
+For each memorized sequence (32-token prefix, 32-token suffix, from the labels cache of
+experiments/suppress.py), each localization method scores every MLP neuron against the suffix; its
+top 0.5% (230 of 46,080) are zero-ablated and we measure, with memprobe.labels: the drop in that
+sequence's teacher-forced suffix accuracy and greedy-match score, the mean drop on the other
+memorized sequences, and the perplexity change on non-memorized text. Scores and measurements are
+cached under cache/intervene/del/ so reruns resume. Zero-Out needs 46,080 forwards per sequence and is
+left to the INJ model.
+
+    .venv/bin/python experiments/localize_del.py           # smollm2-135m
+    .venv/bin/python experiments/localize_del.py --quick   # tiny trained LM, < 60 s
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from memprobe.intervene import localizers as L
+from memprobe.intervene.ablation import hooked_edit
+from memprobe.labels import sequence_labels, token_labels
+from memprobe.models import load_model
+from memprobe.results import save_results, write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "cache" / "intervene" / "del"
+PREFIX = SUFFIX = 32
+
+
+def _measure(model, edit, mem_ids, ctrl_ids) -> dict:
+    def run():
+        tok = token_labels(model, mem_ids)
+        seq = sequence_labels(model, mem_ids, prefix_len=PREFIX, suffix_len=SUFFIX)
+        ctrl = token_labels(model, ctrl_ids)
+        return tok, seq, ctrl
+
+    if edit is None:
+        tok, seq, ctrl = run()
+    else:
+        with hooked_edit(model, edit):
+            tok, seq, ctrl = run()
+    return {"accuracy": [float(t.correct[PREFIX:].mean()) for t in tok],
+            "greedy_match": [float(s.memorization_score) for s in seq],
+            "perplexity": float(math.exp(np.concatenate([t.loss[1:] for t in ctrl]).mean()))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=ROOT / "experiments" / "results", help="results directory")
+    ap.add_argument("--figures", type=Path, default=ROOT / "figures", help="figures directory")
+    ap.add_argument("--sequences", type=int, default=4)
+    ap.add_argument("--fraction", type=float, default=0.005)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    t0 = time.time()
+    if args.quick:
+        from memprobe.corpora import bundled_corpus
+        from memprobe.train.tiny_lm import train_tiny_lm
+
+        docs = [d["text"][:120] for d in bundled_corpus(None, seed=args.seed, include_model_samples=False)
+                if d["kind"] in ("shakespeare", "novel")]
+        loaded = train_tiny_lm(docs[:3], steps=100, seq_len=64, batch=8, lr=1e-2, seed=args.seed)
+        mem_ids = [loaded.encode(t)[: PREFIX + SUFFIX] for t in docs[:3]]
+        ctrl_ids = [loaded.encode(t)[:64] for t in docs[-2:]]
+        cache, steps, ig_steps = None, 5, 2
+    else:
+        loaded = load_model("smollm2-135m")
+        records = json.loads((ROOT / "cache" / "intervene" / "labels_smollm2.json").read_text())
+        mem = sorted((r for r in records if r["role"] == "candidate" and len(r["token_ids"]) >= PREFIX + SUFFIX),
+                     key=lambda r: -float(np.mean(r["memorized"][PREFIX:])))[: args.sequences]
+        ctrl = [r for r in records if r["kind"] in ("novel", "pii")][:4]
+        mem_ids = [r["token_ids"][: PREFIX + SUFFIX] for r in mem]
+        ctrl_ids = [r["token_ids"] for r in ctrl]
+        cache, steps, ig_steps = CACHE, 8, 4
+    model = loaded.model
+    background = [L.Target.suffix(ctrl_ids[0], 1)]
+    methods = {
+        "activations": lambda t: L.activations(model, t, background),
+        "attribution": lambda t: L.attribution(model, t),
+        "integrated_gradients": lambda t: L.integrated_gradients(model, t, steps=ig_steps),
+        "slimming": lambda t: L.slimming(model, t, background, steps=steps, seed=args.seed),
+        "hard_concrete": lambda t: L.hard_concrete(model, t, background, steps=steps, seed=args.seed),
+        "random": lambda t: L.random_scores(model, args.seed + int(t.token_ids.sum())),
+    }
+    measured_path = None if cache is None else cache / "measured.json"
+    measured = json.loads(measured_path.read_text()) if measured_path and measured_path.exists() else {}
+
+    def measure(key, edit):
+        if key not in measured:
+            measured[key] = _measure(model, edit, mem_ids, ctrl_ids)
+            if measured_path:
+                write_json(measured_path, measured)
+        return measured[key]
+
+    base = measure("base", None)
+    rows: dict[str, list[dict]] = {m: [] for m in methods}
+    for j, ids in enumerate(mem_ids):
+        target = L.Target.suffix(ids, PREFIX)
+        for name, fn in methods.items():
+            score_file = None if cache is None else cache / f"{name}_{j}.safetensors"
+            if score_file is not None and score_file.exists():
+                scores = load_file(str(score_file))["scores"]
+                seconds = float(json.loads(score_file.with_suffix(".json").read_text())["seconds"])
+            else:
+                t = time.time()
+                scores = fn(target).detach()
+                seconds = time.time() - t
+                if score_file is not None:
+                    score_file.parent.mkdir(parents=True, exist_ok=True)
+                    save_file({"scores": scores.contiguous()}, str(score_file))
+                    score_file.with_suffix(".json").write_text(json.dumps({"seconds": seconds}))
+            after = measure(f"{name}:{j}", L.top_neurons(scores, args.fraction))
+            others = [i for i in range(len(mem_ids)) if i != j]
+            rows[name].append({
+                "sequence": j, "seconds": seconds,
+                "target_accuracy_drop": base["accuracy"][j] - after["accuracy"][j],
+                "target_greedy_drop": base["greedy_match"][j] - after["greedy_match"][j],
+                "other_accuracy_drop": float(np.mean([base["accuracy"][i] - after["accuracy"][i] for i in others])) if others else None,
+                "perplexity_change": after["perplexity"] - base["perplexity"],
+            })
+    summary = {m: {k: float(np.mean([r[k] for r in rs])) for k in rs[0] if k != "sequence" and rs[0][k] is not None}
+               for m, rs in rows.items()}
+    results = {"model": loaded.info, "fraction": args.fraction, "base": base, "summary": summary, "rows": rows,
+               "note": "drops are absolute (accuracy points in [0,1]); perplexity change is absolute",
+               "chang_et_al_anchor": {"model": "Pythia-6.9B", "method": "Hard Concrete", "fraction": 0.005,
+                                      "target_accuracy": "-57.7%", "other_memorized": "-14.7%", "perplexity": "+0.52"},
+               "wall_seconds": time.time() - t0}
+    tag = "_quick" if args.quick else ""
+    save_results(args.out / f"localize_del{tag}.json", results, seed=args.seed)
+    _figure(summary, args.figures / f"intervene_del{tag}.png", loaded.name, args.fraction)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _figure(summary: dict, path: Path, model_name: str, fraction: float) -> None:
+    import matplotlib.pyplot as plt
+
+    from memprobe.plots import save_figure
+
+    names = list(summary)
+    keys = ("target_accuracy_drop", "target_greedy_drop", "other_accuracy_drop")
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    w = 0.8 / len(keys)
+    for i, k in enumerate(keys):
+        ax.bar(np.arange(len(names)) + i * w, [100 * summary[n].get(k, np.nan) for n in names], w, label=k)
+    ax.set_xticks(np.arange(len(names)) + w, names, rotation=20)
+    ax.set_ylabel("drop (accuracy points, %)")
+    ax.legend(fontsize=7)
+    ax2.bar(names, [summary[n]["perplexity_change"] for n in names])
+    ax2.set_ylabel("perplexity change (absolute)")
+    ax2.tick_params(axis="x", rotation=20)
+    fig.suptitle(f"DEL on {model_name}: drop each method's top {100 * fraction:g}% neurons per sequence")
+    save_figure(fig, path, script="experiments/localize_del.py")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,118 @@
+"""The self-contained HTML audit report: figures embedded as data URIs, no network needed to view.
+
+Texts are shown token by token, coloured by how strongly each token is memorized (as
+interpretability users know from CircuitsVis); hovering a token shows its probability. A tiny
+inline script records any error and whether every figure decoded, so a headless browser can check
+the page (tests/test_report.py does).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+CSS = """
+body{font:14px/1.45 system-ui,sans-serif;margin:0 auto;max-width:1100px;padding:24px;color:#222}
+h1{font-size:24px;margin-bottom:4px} h2{font-size:19px;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:32px}
+table{border-collapse:collapse;margin:8px 0} td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}
+td:first-child,th:first-child{text-align:left} th{background:#f5f5f5}
+.meta{color:#555} .doc{border:1px solid #e3e3e3;border-radius:6px;padding:8px 10px;margin:10px 0}
+.doc h3{font-size:13px;margin:0 0 6px 0;color:#444} .tokens{font-family:ui-monospace,monospace;font-size:12.5px;white-space:pre-wrap;line-height:1.7}
+.tokens span{border-radius:2px} figure{margin:12px 0} figure img{max-width:100%;border:1px solid #eee}
+figcaption{color:#555;font-size:12px} pre{background:#f6f8fa;padding:10px;border-radius:6px;overflow-x:auto}
+.legend span{display:inline-block;width:28px;height:12px;margin-right:2px;vertical-align:middle}
+.note{background:#fff8e1;border-left:4px solid #f0c36d;padding:8px 12px}
+.cont td{text-align:left;font-family:ui-monospace,monospace;font-size:12px;white-space:pre-wrap;max-width:480px}
+"""
+
+CHECK_JS = """
+window.__memprobe = {errors: []};
+window.addEventListener('error', e => window.__memprobe.errors.push(String(e.message || e)));
+window.addEventListener('load', () => {
+  const imgs = Array.from(document.images);
+  const broken = imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt);
+  document.body.dataset.figures = String(imgs.length);
+  document.body.dataset.brokenFigures = JSON.stringify(broken);
+  document.body.dataset.errors = JSON.stringify(window.__memprobe.errors);
+  document.body.dataset.checked = 'yes';
+});
+"""
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def image_tag(path: str | Path, alt: str) -> str:
+    """An <img> with the PNG embedded as a data URI (the report must open with no network)."""
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return f'<img alt="{_esc(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _colour(memorized: bool | None, prob: float | None) -> str:
+    """Red for memorized tokens (deeper = more confident), pale grey for the rest."""
+    if prob is None:
+        return "transparent"
+    if memorized:
+        alpha = 0.25 + 0.6 * max(0.0, min(1.0, prob))
+        return f"rgba(214,39,40,{alpha:.2f})"
+    return f"rgba(31,119,180,{0.06 + 0.25 * max(0.0, min(1.0, prob)):.2f})"
+
+
+def token_html(record: dict[str, Any], decode, max_tokens: int = 400) -> str:
+    """One document's tokens as coloured spans with the target probability on hover."""
+    ids = record["token_ids"][:max_tokens]
+    probs = record.get("target_prob") or [None] * len(ids)
+    mem = record.get("memorized") or [None] * len(ids)
+    spans = []
+    for j, tid in enumerate(ids):
+        text = decode([tid])
+        p = probs[j]
+        title = "first token: no prediction" if p is None else f"p={p:.3f}{' memorized' if mem[j] else ''}"
+        spans.append(f'<span style="background:{_colour(mem[j], p)}" title="{_esc(title)}">{_esc(text)}</span>')
+    more = f' <em>… {len(record["token_ids"]) - max_tokens} more tokens</em>' if len(record["token_ids"]) > max_tokens else ""
+    return f'<div class="tokens">{"".join(spans)}{more}</div>'
+
+
+def html_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], headers: Sequence[str] | None = None) -> str:
+    def cell(v: Any) -> str:
+        if v is None:
+            return "–"
+        return f"{v:.3f}" if isinstance(v, float) else _esc(v)
+
+    head = "".join(f"<th>{_esc(h)}</th>" for h in (headers or columns))
+    body = "".join("<tr>" + "".join(f"<td>{cell(r.get(c))}</td>" for c in columns) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def render(sections: Sequence[tuple[str, str]], *, title: str, subtitle: str) -> str:
+    """The whole page from (heading, inner HTML) sections."""
+    body = "".join(f"<h2>{_esc(h)}</h2>\n{inner}\n" for h, inner in sections)
+    return (
+        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
+        f"<title>{_esc(title)}</title><style>{CSS}</style><script>{CHECK_JS}</script></head>"
+        f"<body><h1>{_esc(title)}</h1><p class=meta>{_esc(subtitle)}</p>{body}</body></html>"
+    )
+
+
+def figure(path: str | Path, caption: str) -> str:
+    return f"<figure>{image_tag(path, caption)}<figcaption>{_esc(caption)}</figcaption></figure>"
+
+
+def write(path: str | Path, page: str) -> Path:
+    """Write the page atomically."""
+    import os
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def pretty_json(value: Any) -> str:
+    return f"<pre>{_esc(json.dumps(value, indent=2))}</pre>"
