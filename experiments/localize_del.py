@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         "integrated_gradients": lambda t: L.integrated_gradients(model, t, steps=ig_steps),
         "slimming": lambda t: L.slimming(model, t, background, steps=steps, seed=args.seed),
         "hard_concrete": lambda t: L.hard_concrete(model, t, background, steps=steps, seed=args.seed),
+        "probe_neurons": lambda t: L.probe_neurons(model, t, background,
+                                                   max(1, round(args.fraction * L.mlp_shape(model)[0] * L.mlp_shape(model)[1]))),
         "random": lambda t: L.random_scores(model, args.seed + int(t.token_ids.sum())),
     }
     measured_path = None if cache is None else cache / "measured.json"

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     t0 = time.time()
     cfg = (dict(n_layers=2, d_model=64, steps=60, n_seq=3, inj_steps=40, opt_steps=10, ig_steps=4) if args.quick else
-           dict(n_layers=4, d_model=128, steps=300, n_seq=6, inj_steps=80, opt_steps=30, ig_steps=8))
+           dict(n_layers=4, d_model=128, steps=300, n_seq=6, inj_steps=150, opt_steps=30, ig_steps=8))
     texts = [d["text"] for d in bundled_corpus(None, seed=args.seed, include_model_samples=False)
              if d["role"] == "candidate"][:40]
     ckpt = None if args.quick else ROOT / "cache" / "intervene" / f"tiny_lm_{cfg['n_layers']}x{cfg['d_model']}_s{args.seed}"
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     perm = torch.randperm(total, generator=torch.Generator().manual_seed(args.seed))
     neurons = [perm[j * per_seq : (j + 1) * per_seq] for j in range(len(seqs))]
     before = [lab.memorized_fraction for lab in token_labels(model, seqs)]
-    losses = inject(loaded, seqs, neurons, steps=cfg["inj_steps"], lr=1e-2)
+    losses = inject(loaded, seqs, neurons, steps=cfg["inj_steps"], lr=5e-2)
     after = [lab.memorized_fraction for lab in token_labels(model, seqs)]
     background = [L.Target.suffix(loaded.encode(t[:200]), 1) for t in texts[:1]]
     prefix = 3  # the suppressed positions: everything after the first word's bytes
@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         "slimming": lambda t: L.slimming(model, t, background, steps=cfg["opt_steps"], seed=args.seed),
         "hard_concrete": lambda t: L.hard_concrete(model, t, background, steps=cfg["opt_steps"], seed=args.seed),
         "zero_out": lambda t: L.zero_out(model, t),
+        "probe_neurons": lambda t: L.probe_neurons(model, t, background, round(max(KS) * total)),
         "random": lambda t: L.random_scores(model, args.seed + len(t.token_ids)),
     }
     recall: dict[str, dict[str, list[float]]] = {m: {str(k): [] for k in KS} for m in methods}

@@ -240,6 +240,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results = {
         "model": loaded.info, "sites": SITES, "n_folds": N_FOLDS, "alpha": ALPHA, "max_iter": MAX_ITER,
         "feature_position": "activation at t-1 scores token t", "n_boot": n_boot, "quick": args.quick,
+        "max_words": args.max_words,
         "token_counts": tokens.counts(), "documents": len(set(tokens.doc_id.tolist())),
         "best_site": best, "best": per_site[best], "baselines": baselines, "per_site": per_site,
         "negatives_by_kind_at_best_site": by_kind, "repetition": repetition, "cross_genre": cross_genre,
@@ -339,12 +340,13 @@ def main() -> None:
     p.add_argument("--max-words", type=int, default=80, help="cut corpus texts to this many words (CPU budget)")
     p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results")
     p.add_argument("--figures", type=Path, default=ROOT / "figures")
-    p.add_argument("--cache", type=Path, help="default: cache/probe_layers/<model>")
+    p.add_argument("--cache", type=Path, help="default: cache/probe_layers/<model> (<model>-quick with --quick)")
     p.add_argument("--no-default-probe", dest="write_default_probe", action="store_false",
                    help="do not rewrite the shipped default probe of the model")
     args = p.parse_args()
-    if args.quick:
-        args.model, args.max_words = "tiny-llama", 40
+    if args.quick:  # the tiny random stand-in of the same architecture
+        args.model = {"smollm2-135m": "tiny-llama", "gemma3-270m": "tiny-gemma3"}.get(args.model, args.model)
+        args.max_words = 40
     args.cache = args.cache or ROOT / "cache" / "probe_layers" / (args.model + ("-quick" if args.quick else ""))
     args.name = "probe_layers" if args.model == "smollm2-135m" else f"probe_layers_{args.model.replace('-', '_')}"
     torch.set_num_threads(1)

@@ -182,8 +182,9 @@ def make_figures(arrays: dict, results: dict, figures: Path, prefix: str, title:
         fpr, tpr, _ = roc_curve(preds[name], memorized)
         auc = results["evaluation_by_ground_truth"]["lira"][name]["roc_auc"]
         curves[f"{name} (AUC {auc:.3f})"] = (fpr, tpr)
-    paths.append(save_figure(roc_curves(curves, title=f"{title}: memorized (LiRA top {arrays['memorized_fraction']:.0%})"),
-                             figures / f"{prefix}_roc.png"))
+    fig = roc_curves(curves, title=f"LiRA top {arrays['memorized_fraction']:.0%}")
+    fig.suptitle(f"{title}: early predictors of end-of-training memorization", y=1.02)
+    paths.append(save_figure(fig, figures / f"{prefix}_roc.png"))
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for ax, (gname, score) in zip(axes, ground.items(), strict=True):

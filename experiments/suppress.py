@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from memprobe.corpora import bundled_corpus
+from memprobe.errors import MemprobeError
 from memprobe.intervene.ablation import save_edit
 from memprobe.intervene.export import export_patched
 from memprobe.intervene.localizers import mean_activations, random_scores, top_neurons
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     curves: dict[str, list[dict]] = {"contrast-neurons": [], "random-neurons": [], "mean-diff-direction": [],
                                      "random-direction": []}
     edits = {}
-    grid = ((0.0001, 1.0), (0.00025, 0.5), (0.00025, 1.0), (0.0005, 0.5), (0.0005, 1.0)) if not args.quick else \
+    grid = ((0.0001, 1.0), (0.00025, 0.5), (0.00025, 1.0), (0.00035, 1.0), (0.0004, 1.0), (0.0005, 0.5), (0.0005, 1.0)) if not args.quick else \
         ((0.01, 1.0), (0.05, 0.5), (0.05, 1.0))
     for frac, strength in grid:
         key = f"contrast-neurons:{frac}:{strength}"
@@ -156,6 +157,17 @@ def main(argv: list[str] | None = None) -> int:
         curves["mean-diff-direction"].append({"strength": s, **measure(f"mean-diff-direction:{s}", edit)})
         rnd = make_edit(loaded.model, "random-direction", [], [], strength=s, seed=args.seed)
         curves["random-direction"].append({"strength": s, **measure(f"random-direction:{s}", rnd)})
+    probe_status = "not tried in quick mode"
+    if not args.quick:  # the issue-3 probe's direction, when its artefact exists for this model
+        try:
+            probe = make_edit(loaded.model, "probe-direction", [], [], loaded=loaded, seed=args.seed)
+            curves["probe-direction"] = []
+            for s in DIRECTION_STRENGTHS:
+                edits[f"probe-direction:{s}"] = probe.with_strength(s)
+                curves["probe-direction"].append({"strength": s, **measure(f"probe-direction:{s}", edits[f"probe-direction:{s}"])})
+            probe_status = "used"
+        except MemprobeError as exc:
+            probe_status = f"unavailable: {exc}"
 
     def rel(p: dict) -> dict:
         return {"suppression": 1 - p["memorized_token_rate"] / base["memorized_token_rate"],
@@ -188,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                "heldout_ids": [r["id"] for r in parts["heldout_memorized"]],
                "build_ids": [r["id"] for r in parts["build_memorized"]], "max_tokens": max_tokens,
                "contrast_method": "attribution (activation x gradient) on memorized tokens minus on control tokens",
-               "wall_seconds": time.time() - t0}
+               "probe_direction": probe_status, "wall_seconds": time.time() - t0}
     out = args.out / f"suppress{'_quick' if args.quick else ''}.json"
     save_results(out, results, seed=args.seed)
     _figure(curves, base, args.figures / f"intervene_suppress_pareto{'_quick' if args.quick else ''}.png", loaded.name)
@@ -215,7 +227,8 @@ def _figure(curves: dict, base: dict, path: Path, model_name: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
-    styles = {"contrast-neurons": "o-", "random-neurons": "o--", "mean-diff-direction": "s-", "random-direction": "s--"}
+    styles = {"contrast-neurons": "o-", "random-neurons": "o--", "mean-diff-direction": "s-", "random-direction": "s--",
+              "probe-direction": "^-"}
     for name, curve in curves.items():
         xs = [100 * p["ppl_change"] for p in curve]
         ys = [100 * p["suppression"] for p in curve]

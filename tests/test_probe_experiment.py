@@ -1,4 +1,4 @@
-"""The probe-layers experiment runs end to end in --quick mode and writes its results and figures."""
+"""The probe experiments run end to end in --quick mode (tiny random models) and write results and figures."""
 
 from __future__ import annotations
 
@@ -12,11 +12,15 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def run(script: str, *args: str) -> None:
+    subprocess.run([sys.executable, str(ROOT / "experiments" / script), "--quick", *args], check=True,
+                   capture_output=True, timeout=170)
+
+
 @pytest.mark.slow
-def test_probe_layers_quick(tmp_path):
-    cmd = [sys.executable, str(ROOT / "experiments" / "probe_layers.py"), "--quick", "--out", str(tmp_path),
-           "--figures", str(tmp_path), "--cache", str(tmp_path / "cache")]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=170)
+def test_probe_layers_and_transfer_quick(tmp_path):
+    out = ["--out", str(tmp_path), "--figures", str(tmp_path)]
+    run("probe_layers.py", *out, "--cache", str(tmp_path / "cache" / "tiny-llama-quick"))
     results = json.loads((tmp_path / "probe_layers_tiny_llama.json").read_text())["results"]
     assert results["quick"] and results["best_site"] in results["per_site"]
     best = results["best"]["probe"]
@@ -25,3 +29,11 @@ def test_probe_layers_quick(tmp_path):
     assert results["repetition"]["tokens"] > 0 and results["cross_genre"]["test_positive_genres"]
     for name in ("auc_heatmap", "repetition_heatmap", "roc", "sparse"):
         assert (tmp_path / f"probe_layers_tiny_llama_{name}.png").stat().st_size > 1000
+    assert "| probe at best site" in (tmp_path / "probe_layers_tiny_llama.md").read_text()
+
+    run("probe_layers.py", "--model", "gemma3-270m", *out, "--cache", str(tmp_path / "cache" / "tiny-gemma3-quick"))
+    run("probe_transfer.py", "--out", str(tmp_path), "--cache-root", str(tmp_path / "cache"))
+    pairs = json.loads((tmp_path / "probe_transfer_quick.json").read_text())["results"]["pairs"]
+    assert [(p["probe_model"], p["samples_from"]) for p in pairs] == [("tiny-llama", "tiny-gemma3"),
+                                                                      ("tiny-gemma3", "tiny-llama")]
+    assert all(p["foreign_sample_tokens"] > 0 for p in pairs)

@@ -14,6 +14,8 @@ score means "dropping this neuron should hurt that continuation more". Scores co
 - `hard_concrete`: the same with stochastic hard-concrete gates and an expected-L0 penalty (Louizos et al.);
 - `zero_out`: drop each neuron alone and measure the loss change: exact but one forward per
   neuron, so only for small models;
+- `probe_neurons`: the k neurons a sparse (top-k) logistic probe picks to tell the target's positions
+  from background text (memprobe.probes.TopKProbe);
 - `random_scores`: the same-size random baseline.
 Slimming and Hard Concrete also add a penalty on background text so the mask does not just break the
 model (Chang et al.'s mask objectives keep other data's loss in check the same way).
@@ -26,13 +28,15 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 from memprobe.intervene.ablation import NeuronEdit
 from memprobe.sites import DecoderLayout
 
-METHODS = ("activations", "attribution", "integrated_gradients", "slimming", "hard_concrete", "zero_out", "random")
+METHODS = ("activations", "attribution", "integrated_gradients", "slimming", "hard_concrete", "zero_out",
+           "probe_neurons", "random")
 
 
 @dataclass(frozen=True)
@@ -226,6 +230,26 @@ def _batched_logprob(model: nn.Module, target: Target, scales: torch.Tensor) -> 
         logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
     logp = torch.log_softmax(logits.float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
     return logp[:, target.positions[1:]].sum(1)
+
+
+def probe_neurons(model: nn.Module, target: Target, background: Sequence[Target], k: int) -> torch.Tensor:
+    """The sparse probe's neurons (memprobe.probes.TopKProbe, issue 3): fit a k-neuron logistic probe on
+    all MLP activations, target positions (label 1) against background positions (label 0); the
+    chosen neurons score by rank (k for the best ... 1), every other neuron 0."""
+    from memprobe.probes import TopKProbe
+
+    feed = target.positions.roll(-1)
+    feed[-1] = False
+    pos = _acts(model, target)[:, feed]  # (L, n, d_mlp)
+    neg = torch.cat([_acts(model, b) for b in background], dim=1)
+    flat = lambda a: a.permute(1, 0, 2).reshape(a.shape[1], -1).double().numpy()  # noqa: E731
+    x = np.concatenate([flat(pos), flat(neg)])
+    y = np.r_[np.ones(pos.shape[1]), np.zeros(neg.shape[1])]
+    probe = TopKProbe(k=k).fit(x, y)
+    scores = torch.zeros(mlp_shape(model))
+    for rank, n in enumerate(probe.neurons_):
+        scores.view(-1)[int(n)] = float(k - rank)
+    return scores
 
 
 def random_scores(model: nn.Module, seed: int = 0) -> torch.Tensor:

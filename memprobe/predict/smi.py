@@ -127,17 +127,17 @@ class PointwiseSMI(BaseEstimator):
         theta = _as_directions(self.directions, self.n_directions, x.shape[1], self.seed, dtype)
         n_classes = classes.size
         counts = torch.bincount(idx, minlength=n_classes).to(dtype)
-        class_means = torch.zeros(n_classes, x.shape[1], dtype=dtype).index_add_(0, idx, x) / counts[:, None]
-        centred = x - class_means[idx]
-        k = theta.shape[0]
-        n_block, k_block = _block_sizes(x.shape[0], k, 1, self.max_block_elements)
         onehot = torch.nn.functional.one_hot(idx, n_classes).to(dtype).T.contiguous()  # (C, n): sums by GEMM
+        class_means = (onehot @ x) / counts[:, None]
+        k = theta.shape[0]
+        n_block, k_block = _block_sizes(x.shape[0], k, n_classes, self.max_block_elements)
         sq = torch.zeros(n_classes, k, dtype=dtype)
-        for k0 in range(0, k, k_block):
-            t = theta[k0:k0 + k_block].T
-            for n0 in range(0, x.shape[0], n_block):
-                z = centred[n0:n0 + n_block] @ t
-                sq[:, k0:k0 + k_block] += onehot[:, n0:n0 + n_block] @ z.square_()
+        for n0 in range(0, x.shape[0], n_block):
+            rows = slice(n0, n0 + n_block)
+            centred = x[rows] - class_means[idx[rows]]  # class-centred rows: no cancellation in float32
+            for k0 in range(0, k, k_block):
+                z = centred @ theta[k0:k0 + k_block].T
+                sq[:, k0:k0 + k_block] += onehot[:, rows] @ z.square_()
         within = sq / counts[:, None]  # biased (MLE) class variances along each direction
         means = class_means @ theta.T  # (C, k)
         priors = counts / counts.sum()
