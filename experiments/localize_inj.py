@@ -30,7 +30,8 @@ from memprobe.train.tiny_lm import inject, train_tiny_lm
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("amber", "basalt", "cobalt", "dune", "ember", "fjord", "granite", "harbor", "indigo", "juniper", "kelp",
          "lagoon", "marble", "nectar", "onyx", "pewter", "quartz", "russet", "saffron", "tundra", "umber", "velvet")
-KS = (0.01, 0.02, 0.05)
+INJECTED_FRACTION = 0.05  # 51 of 1,024 neurons; 1% (10 neurons) could not store a sequence at all
+KS = (0.05, 0.1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     t0 = time.time()
     cfg = (dict(n_layers=2, d_model=64, steps=60, n_seq=3, inj_steps=40, opt_steps=10, ig_steps=4) if args.quick else
-           dict(n_layers=4, d_model=128, steps=300, n_seq=6, inj_steps=150, opt_steps=30, ig_steps=8))
+           dict(n_layers=4, d_model=128, steps=300, n_seq=6, inj_steps=100, opt_steps=30, ig_steps=8))
     texts = [d["text"] for d in bundled_corpus(None, seed=args.seed, include_model_samples=False)
              if d["role"] == "candidate"][:40]
     ckpt = None if args.quick else ROOT / "cache" / "intervene" / f"tiny_lm_{cfg['n_layers']}x{cfg['d_model']}_s{args.seed}"
@@ -53,13 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     model = loaded.model
     n_layers, width = L.mlp_shape(model)
     total = n_layers * width
-    per_seq = max(2, round(0.01 * total))  # each sequence lives in 1% of the neurons
+    per_seq = max(2, round(INJECTED_FRACTION * total))  # each sequence lives in its own neurons
     rng = random.Random(args.seed)
     seqs = [loaded.encode(" ".join(rng.choice(WORDS) for _ in range(8))) for _ in range(cfg["n_seq"])]
     perm = torch.randperm(total, generator=torch.Generator().manual_seed(args.seed))
     neurons = [perm[j * per_seq : (j + 1) * per_seq] for j in range(len(seqs))]
     before = [lab.memorized_fraction for lab in token_labels(model, seqs)]
-    losses = inject(loaded, seqs, neurons, steps=cfg["inj_steps"], lr=5e-2)
+    losses = inject(loaded, seqs, neurons, steps=cfg["inj_steps"], lr=1e-2)
     after = [lab.memorized_fraction for lab in token_labels(model, seqs)]
     background = [L.Target.suffix(loaded.encode(t[:200]), 1) for t in texts[:1]]
     prefix = 3  # the suppressed positions: everything after the first word's bytes
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         "slimming": lambda t: L.slimming(model, t, background, steps=cfg["opt_steps"], seed=args.seed),
         "hard_concrete": lambda t: L.hard_concrete(model, t, background, steps=cfg["opt_steps"], seed=args.seed),
         "zero_out": lambda t: L.zero_out(model, t),
-        "probe_neurons": lambda t: L.probe_neurons(model, t, background, round(max(KS) * total)),
+        "probe_neurons": lambda t: L.probe_neurons(model, t, background, per_seq),
         "random": lambda t: L.random_scores(model, args.seed + len(t.token_ids)),
     }
     recall: dict[str, dict[str, list[float]]] = {m: {str(k): [] for k in KS} for m in methods}

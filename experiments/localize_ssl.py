@@ -14,7 +14,8 @@ points; f = trained on shared + candidates, g = shared + independent, with ident
 hyperparameters (and the same batch composition: the k-th batch of f and g differ only where a
 candidate stands in f and an independent point in g). The same for supervised encoders.
 
-    python experiments/localize_ssl.py                 # train (resumes) + analyse, ~1-2 h on 2 cores
+    python experiments/localize_ssl.py                 # train (resumes) + analyse; ~1 h CPU time
+    python experiments/localize_ssl.py --train-only --only resnet_ssl_f   # one encoder (run several at once)
     python experiments/localize_ssl.py --vit           # also the ViT pair (attention vs MLP halves)
     python experiments/localize_ssl.py --quick --out /tmp/q.json --figures /tmp/qfig   # smoke test
 """
@@ -58,8 +59,8 @@ SCALES = {
     # unit_extra: shared points added to the candidates for UnitMem; top/random: LayerMem point sets
     "full": dict(shared=1200, candidates=200, independent=200, epochs=25, vit_epochs=20, n_aug=10,
                  unit_extra=600, top=20, random=20, test=2000, batch_size=128),
-    "quick": dict(shared=192, candidates=32, independent=32, epochs=1, vit_epochs=1, n_aug=3,
-                  unit_extra=32, top=8, random=8, test=200, batch_size=64),
+    "quick": dict(shared=96, candidates=16, independent=16, epochs=1, vit_epochs=1, n_aug=2,
+                  unit_extra=16, top=4, random=4, test=100, batch_size=56),
 }
 THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 
@@ -271,7 +272,7 @@ def make_figures(res: dict, fig_dir: Path) -> list[str]:
         ax.axhline(0, color="0.6", lw=0.7)
         ax.set_title(title)
         ax.legend(fontsize=7)
-    made.append(str(save_figure(fig, fig_dir / "layermem_ssl_vs_sl.png")))
+    made.append(str(save_figure(fig, fig_dir / "localize_ssl_layermem_ssl_vs_sl.png")))
     # F2/F3: UnitMem distribution per layer
     units = res["_units"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
@@ -290,7 +291,7 @@ def make_figures(res: dict, fig_dir: Path) -> list[str]:
         ax.set_xticks(pos, sites, rotation=45, ha="right", fontsize=7)
         ax.set_title(title)
         ax.legend(fontsize=7)
-    made.append(str(save_figure(fig, fig_dir / "unitmem_per_layer.png")))
+    made.append(str(save_figure(fig, fig_dir / "localize_ssl_unitmem_per_layer.png")))
     # thresholds
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for name, color in (("resnet_ssl_f", "C0"), ("resnet_sl_f", "C1"), ("resnet_ssl_g", "C2"), ("resnet_sl_g", "C3")):
@@ -302,7 +303,7 @@ def make_figures(res: dict, fig_dir: Path) -> list[str]:
     ax.set_yscale("log")
     ax.set_title("Units above a UnitMem threshold (all layers)")
     ax.legend(fontsize=7)
-    made.append(str(save_figure(fig, fig_dir / "unitmem_thresholds.png")))
+    made.append(str(save_figure(fig, fig_dir / "localize_ssl_unitmem_thresholds.png")))
     # F4: atypical vs typical LayerMem
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for paradigm, color in (("resnet_ssl", "C0"), ("resnet_sl", "C1")):
@@ -314,7 +315,7 @@ def make_figures(res: dict, fig_dir: Path) -> list[str]:
     ax.axhline(0, color="0.6", lw=0.7)
     ax.set_title("LayerMem (normalised by d_g + d_f): atypical vs typical candidates")
     ax.legend(fontsize=7)
-    made.append(str(save_figure(fig, fig_dir / "layermem_atypical_vs_typical.png")))
+    made.append(str(save_figure(fig, fig_dir / "localize_ssl_layermem_atypical_vs_typical.png")))
     # where high units sit
     fig, ax = plt.subplots(figsize=(6.5, 4))
     wh = res["where_high_units"]
@@ -327,7 +328,7 @@ def make_figures(res: dict, fig_dir: Path) -> list[str]:
     ax.set_xticks(np.arange(len(sites)), sites, rotation=45, ha="right", fontsize=7)
     ax.set_title("Where the most memorizing units sit")
     ax.legend(fontsize=7)
-    made.append(str(save_figure(fig, fig_dir / "unitmem_where.png")))
+    made.append(str(save_figure(fig, fig_dir / "localize_ssl_unitmem_where.png")))
     if "vit_ssl" in lay:
         block = lay["vit_ssl"]["layermem_range"]["top"]
         sites = lay["vit_ssl"]["sites"]
@@ -337,7 +338,7 @@ def make_figures(res: dict, fig_dir: Path) -> list[str]:
         ax.tick_params(axis="x", rotation=45, labelsize=7)
         ax.axhline(0, color="0.6", lw=0.7)
         ax.set_title("TinyViT ΔLayerMem (top memorized): attention (green) vs MLP (purple) halves")
-        made.append(str(save_figure(fig, fig_dir / "vit_delta_layermem.png")))
+        made.append(str(save_figure(fig, fig_dir / "localize_ssl_vit_delta_layermem.png")))
     return made
 
 
@@ -418,7 +419,7 @@ def main(argv: list[str] | None = None) -> dict:
                     help="train only these encoders (e.g. resnet_ssl_f), so several can train in parallel")
     ap.add_argument("--ckpt-dir", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "localize_ssl.json")
-    ap.add_argument("--figures", type=Path, default=ROOT / "figures" / "localize_ssl")
+    ap.add_argument("--figures", type=Path, default=ROOT / "figures", help="directory for localize_ssl_*.png")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
     if args.threads:

@@ -50,9 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     else:
         make = lambda: load_model("smollm2-135m")  # noqa: E731
     first = make()
-    ids = first.encode(text)[: args.prefix + 1]
-    clean, target = ids[:-1], ids[-1]
-    corrupt = corrupt_prefix(clean, args.swaps, vocab=sorted(set(first.encode(text))), seed=args.seed)
+    ids = first.encode(text)
+    end = args.prefix
+    labels_file = ROOT / "cache" / "intervene" / "labels_smollm2.json"
+    if not args.quick and labels_file.exists():  # a memorized token of the most memorized text (experiments/suppress.py)
+        records = [r for r in json.loads(labels_file.read_text()) if r["role"] == "candidate"]
+        best = max(records, key=lambda r: r["memorized_fraction"] or 0)
+        ids = best["token_ids"]
+        end = next(p for p in range(args.prefix, len(ids)) if best["memorized"][p])
+    clean, target = ids[end - args.prefix : end], ids[end]
+    corrupt = corrupt_prefix(clean, args.swaps, vocab=sorted(set(ids)), seed=args.seed)
     result = activation_patching(first, clean, corrupt, target, backend="hooks")
     n_layers = result.effects[SITE_KINDS[0]].shape[0]
     check_layers = sorted({0, n_layers // 2, n_layers - 1})

@@ -69,6 +69,8 @@ def run_study(
     members = np.sort(rng.permutation(n)[: n // 2])
     y_t = torch.from_numpy(y).long()
 
+    cached = {"target_snapshots": len(list((cache_dir / "target").glob("step*.safetensors"))),
+              "shadows": len(list((cache_dir / "shadows").glob("shadow*.safetensors")))}
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     target = make_model()
@@ -127,6 +129,18 @@ def run_study(
         correlations[gname] = {k: float(spearmanr(v, score).statistic) for k, v in predictors.items()}
     noisy_detection = evaluate_predictors(predictors, noisy[members]) if noisy[members].any() else {}
 
+    fixed = f"psmi[head:{hidden_modules[-1]}]"  # chosen before looking: the head's last hidden layer
+    verdict = {}
+    for gname, ev in evaluation.items():
+        base = min(("early_loss", "early_logit_gap"), key=lambda k: ev[k]["fpr_at_tpr_0.75"])
+        verdict[gname] = {
+            "psmi_layer": fixed, "strongest_baseline": base,
+            "psmi_auc": ev[fixed]["roc_auc"], "baseline_auc": ev[base]["roc_auc"],
+            "psmi_fpr_at_tpr_0.75": ev[fixed]["fpr_at_tpr_0.75"], "baseline_fpr_at_tpr_0.75": ev[base]["fpr_at_tpr_0.75"],
+            "psmi_lower_fpr": ev[fixed]["fpr_at_tpr_0.75"] < ev[base]["fpr_at_tpr_0.75"],
+            "auc_ci95_overlap": bool(ev[fixed]["roc_auc_ci95"][0] <= ev[base]["roc_auc_ci95"][1]
+                                     and ev[base]["roc_auc_ci95"][0] <= ev[fixed]["roc_auc_ci95"][1]),
+        }
     early_layers = [k for k in predictors if k.startswith("psmi[")]
     best = max(early_layers, key=lambda k: evaluation["lira"][k]["roc_auc"])
     train_acc = float((final_logits[members].argmax(1) == y_m).mean())
@@ -161,8 +175,12 @@ def run_study(
         "spearman_predictor_vs_memorization_score": correlations,
         "noisy_label_detection": noisy_detection,
         "best_early_psmi_layer_by_lira_auc": best,
+        "psmi_vs_baselines": verdict,
         "paper_fpr_at_tpr_0.75": PAPER_FPR_AT_TPR75,
         "timings_s": timings,
+        "found_in_cache_at_start": cached,
+        "timings_note": "wall seconds of this invocation on a shared 2-core CPU; work found in the cache "
+                        "(see found_in_cache_at_start) was loaded, not redone",
     }
     arrays = {"predictors": predictors, "ground": ground, "noisy": noisy[members], "best": best,
               "memorized_fraction": memorized_fraction, "median_loss": history.median_loss(),

@@ -30,6 +30,7 @@ from memprobe.intervene.localizers import mean_activations, random_scores, top_n
 from memprobe.intervene.suppress import (
     contrast_scores,
     evaluate,
+    guarded_top_neurons,
     make_edit,
     split_memorized,
     targets_from_labels,
@@ -41,7 +42,7 @@ from memprobe.results import save_results, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "cache" / "intervene"
-DIRECTION_STRENGTHS = (1.0,)
+DIRECTION_STRENGTHS = (0.1, 0.25, 1.0)
 PPL_BUDGET = 0.05
 
 
@@ -150,6 +151,28 @@ def main(argv: list[str] | None = None) -> int:
         if strength == 1.0:
             rnd = random_neurons(frac)
             curves["random-neurons"].append({"fraction": frac, "strength": 1.0, **measure(f"random-neurons:{frac}:1.0", rnd)})
+    # Guarded: the same ranking, skipping neurons whose mean ablation alone costs > 0.01 nats on the
+    # build controls (never the held-out ones).
+    guard_file = CACHE / f"guarded_{tag}.json"
+    ks, max_k = ((12, 16, 20, 24), 24) if not args.quick else ((2, 4), 4)
+    if guard_file.exists() and not args.quick:
+        guard = json.loads(guard_file.read_text())
+    else:
+        g = guarded_top_neurons(loaded.model, scores, means, ctrl_targets, max_k, max_candidates=max_k + 12)
+        guard = {"kept": g.meta["kept_neurons"], "skipped": g.meta["skipped_neurons"]}
+        if not args.quick:
+            write_json(guard_file, guard)
+    curves["guarded-contrast-neurons"] = []
+    for k in ks:
+        if k > len(guard["kept"]):
+            break
+        chosen = torch.zeros(scores.numel())
+        chosen[guard["kept"][:k]] = 1.0
+        key = f"guarded-contrast-neurons:{k}"
+        edits[key] = top_neurons(chosen.view_as(scores), k=k, means=means,
+                                 meta={"method": "guarded-contrast-neurons", "fraction": k / scores.numel(),
+                                       "seed": args.seed, "ablation": "mean", "skipped_neurons": guard["skipped"]})
+        curves["guarded-contrast-neurons"].append({"k": k, **measure(key, edits[key])})
     direction = make_edit(loaded.model, "mean-diff-direction", mem_targets, ctrl_targets, seed=args.seed)
     for s in DIRECTION_STRENGTHS:
         edit = direction.with_strength(s)
@@ -183,9 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     if best_key is not None:
         best_edit = edits[best_key]
         method = best_key.split(":")[0]
-        size_match = (random_neurons(best_edit.meta["fraction"]).with_strength(best_edit.strength) if method == "contrast-neurons" else
+        size_match = (random_neurons(best_edit.meta["fraction"]).with_strength(best_edit.strength) if "neurons" in method else
                       make_edit(loaded.model, "random-direction", [], [], strength=best_edit.strength, seed=args.seed))
-        random_point = measure(f"{size_match.meta['method']}:{':'.join(best_key.split(':')[1:])}", size_match)
+        random_point = measure(f"random-{best_key}", size_match)
         best = {"edit": best_key, **points[best_key], **rel(points[best_key]),
                 "random_baseline": {**random_point, **rel(random_point)},
                 "floor_met": rel(points[best_key])["suppression"] >= 0.5}
@@ -228,8 +251,9 @@ def _figure(curves: dict, base: dict, path: Path, model_name: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     styles = {"contrast-neurons": "o-", "random-neurons": "o--", "mean-diff-direction": "s-", "random-direction": "s--",
-              "probe-direction": "^-"}
+              "probe-direction": "^-", "guarded-contrast-neurons": "D-"}
     for name, curve in curves.items():
+        curve = sorted(curve, key=lambda p: p["ppl_change"])
         xs = [100 * p["ppl_change"] for p in curve]
         ys = [100 * p["suppression"] for p in curve]
         axes[0].plot(xs, ys, styles[name], label=name)

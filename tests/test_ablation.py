@@ -97,3 +97,54 @@ def test_bad_edits_are_refused(tmp_path):
     with pytest.raises(MemprobeError, match="post-norms"):
         with hooked_edit(load_model("tiny-gemma3").model, _edits()[2]):
             pass
+
+
+def test_localizers_agree_with_real_ablation_on_tiny_model():
+    from memprobe.intervene import localizers as L
+
+    loaded = load_model("tiny-llama")
+    model = loaded.model
+    target = L.Target.suffix(loaded.encode(TEXT), 8)
+    zero = L.zero_out(model, target)
+    assert zero.shape == L.mlp_shape(model)
+    best = int(zero.flatten().argmax())
+    width = zero.shape[1]
+    edit = L.top_neurons(zero, k=1)
+    assert {k: v.tolist() for k, v in edit.neurons.items()} == {best // width: [best % width]}
+    with torch.no_grad():
+        base = float(L.target_logprob(model, target))
+        with hooked_edit(model, edit):
+            dropped = float(L.target_logprob(model, target))
+    assert abs((base - dropped) - float(zero.flatten()[best])) < 1e-4  # zero-out is exact
+    attr = L.attribution(model, target)
+    ig = L.integrated_gradients(model, target, steps=16)
+    # IG is complete along the joint path: its sum is the log-lik change from zeroing every neuron.
+    with torch.no_grad(), L.mlp_intercept(model, scales=torch.zeros(L.mlp_shape(model))):
+        all_zero = float(L.target_logprob(model, target))
+    assert abs(float(ig.sum()) - (base - all_zero)) < 0.05 * abs(base - all_zero) + 1e-3
+    # attribution patching is the first-order estimate of zero-out: it ranks the top neuron near the top.
+    assert (attr.flatten() > attr.flatten()[best]).sum() < 0.1 * attr.numel()
+    for scores in (L.activations(model, target), L.slimming(model, target, steps=3), L.hard_concrete(model, target, steps=3)):
+        assert scores.shape == zero.shape and torch.isfinite(scores).all()
+
+
+def test_suppression_edits_build_and_measure_on_tiny_model():
+    from memprobe.intervene.suppress import evaluate, make_edit, targets_from_labels
+
+    loaded = load_model("tiny-llama")
+    mem_ids = [loaded.encode(TEXT), loaded.encode("To be, or not to be, that is the question")]
+    ctrl_ids = [loaded.encode("a quiet yellow market by the river at seven")]
+    mem = targets_from_labels(mem_ids, [[True] * len(i) for i in mem_ids])
+    ctrl = targets_from_labels(ctrl_ids)
+    contrast = make_edit(loaded.model, "contrast-neurons", mem, ctrl, fraction=0.02)
+    assert contrast.size == round(0.02 * 2 * 128) and contrast.means is not None
+    assert len(contrast.meta["kept_neurons"]) == contrast.size
+    for method in ("random-neurons", "mean-diff-direction", "random-direction"):
+        edit = make_edit(loaded.model, method, mem, ctrl, fraction=0.02, strength=0.5)
+        assert edit.strength == 0.5
+    before = evaluate(loaded.model, mem_ids, ctrl_ids)
+    after = evaluate(loaded.model, mem_ids, ctrl_ids, contrast)
+    assert set(before) == set(after) and after["control_tokens"] == len(ctrl_ids[0]) - 1
+    assert after["perplexity"] != before["perplexity"]
+    with pytest.raises(MemprobeError, match="unknown suppression method"):
+        make_edit(loaded.model, "nope", mem, ctrl)

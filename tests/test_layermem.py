@@ -219,6 +219,31 @@ def test_missing_dataset_is_a_clear_error(tmp_path, monkeypatch):
     assert ds.name == "sklearn-digits"
 
 
+def test_training_resumes_exactly_from_a_checkpoint(tmp_path):
+    from memprobe.train.simclr import TrainConfig, load_encoder, train_encoder
+
+    torch.set_num_threads(1)
+    x = torch.rand(48, 1, 28, 28)
+    cfg = TrainConfig(mode="simclr", epochs=2, batch_size=24, warmup_epochs=1, seed=5)
+    full, _ = train_encoder(x, None, cfg, tmp_path / "full.safetensors", log=None)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_first_epoch(msg):
+        raise Interrupt(msg)
+
+    with pytest.raises(Interrupt):
+        train_encoder(x, None, cfg, tmp_path / "cut.safetensors", log=stop_after_first_epoch)
+    assert load_encoder(tmp_path / "cut.safetensors")[2]["epoch"] == 1
+    resumed, hist = train_encoder(x, None, cfg, tmp_path / "cut.safetensors", log=None)
+    assert [h["epoch"] for h in hist] == [1, 2]
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=k)
+    with pytest.raises(MemprobeError, match="different config"):
+        train_encoder(x, None, TrainConfig(mode="simclr", epochs=3, batch_size=24, seed=5), tmp_path / "cut.safetensors")
+
+
 @pytest.mark.slow
 def test_quick_experiment_runs(tmp_path):
     sys.path.insert(0, str(ROOT / "experiments"))
@@ -228,11 +253,7 @@ def test_quick_experiment_runs(tmp_path):
                              "--ckpt-dir", str(tmp_path / "ckpt")])
     assert (tmp_path / "r.json").exists()
     assert set(out["findings"]) >= {"F1_layermem_grows_with_depth", "F3_ssl_more_point_selective_units_than_sl"}
-    assert len(list((tmp_path / "fig").glob("*.png"))) >= 5
+    assert len(list((tmp_path / "fig").glob("localize_ssl_*.png"))) >= 5
     assert len(list((tmp_path / "ckpt").glob("*.safetensors"))) == 4
     sites = out["layers"]["resnet_ssl"]["sites"]
     assert sites == SmallResNet.layer_sites()
-    # resume: a second run trains nothing and gives the same LayerMem
-    out2 = localize_ssl.main(["--quick", "--out", str(tmp_path / "r2.json"), "--figures", str(tmp_path / "fig2"),
-                              "--ckpt-dir", str(tmp_path / "ckpt")])
-    assert out2["layers"]["resnet_ssl"]["layermem_range"] == out["layers"]["resnet_ssl"]["layermem_range"]

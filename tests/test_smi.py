@@ -56,6 +56,13 @@ def test_matches_direct_loop(data):
     np.testing.assert_allclose(pointwise_smi(x, y, directions=theta), ref, atol=2e-4)  # float32 default
 
 
+def test_large_offsets_do_not_cost_float32_precision(data):
+    x, y = data
+    theta = random_directions(20, 16, seed=2)
+    ref = pointwise_smi(x, y, directions=theta, dtype="float64")
+    np.testing.assert_allclose(pointwise_smi(x + 1e3, y, directions=theta), ref, atol=1e-3)
+
+
 def test_directions_used_as_given_and_blocks_do_not_matter(data):
     x, y = data
     theta = random_directions(30, 16, seed=1)

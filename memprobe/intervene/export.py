@@ -137,7 +137,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default="contrast-neurons", help=f"how to build the edit: {', '.join(METHODS)}")
     p.add_argument("--strength", type=float, default=None,
                    help="fraction of the neurons/direction removed (1 = full ablation; default 1)")
-    p.add_argument("--fraction", type=float, default=0.005, help="share of all MLP neurons a neuron method edits")
+    p.add_argument("--fraction", type=float, default=0.00025,
+                   help="share of all MLP neurons a neuron method edits (default: 12 of smollm2's 46,080)")
     p.add_argument("--edit", help="a saved edit (.safetensors from save_edit / experiments/suppress.py) instead of --method")
     p.add_argument("--memorized", help="JSONL of memorized texts to build from (default: the bundled corpus, labelled)")
     p.add_argument("--controls", help="JSONL of non-memorized texts to protect (default: bundled controls)")

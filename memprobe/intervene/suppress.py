@@ -19,13 +19,14 @@ import torch
 from torch import nn
 
 from memprobe.errors import MemprobeError
-from memprobe.intervene.ablation import DirectionEdit, Edit, hooked_edit
+from memprobe.intervene.ablation import DirectionEdit, Edit, NeuronEdit, hooked_edit
 from memprobe.intervene.localizers import (
     Target,
     attribution,
     mean_activations,
     mlp_shape,
     random_scores,
+    target_logprob,
     top_neurons,
 )
 from memprobe.labels import token_labels
@@ -63,6 +64,43 @@ def contrast_scores(model: nn.Module, memorized: Sequence[Target], controls: Seq
     """Per-token attribution to memorized tokens minus per-token attribution to ordinary text, for
     replacing each neuron by `means` (mean ablation; zero ablation when None)."""
     return mean_attribution(model, memorized, means) - mean_attribution(model, controls, means)
+
+
+@torch.no_grad()
+def control_loss(model: nn.Module, controls: Sequence[Target], edit: Edit | None = None) -> float:
+    """Mean next-token loss (nats) over every predicted token of the control targets."""
+    total, count = 0.0, 0
+    with hooked_edit(model, edit) if edit is not None else torch.no_grad():
+        for t in controls:
+            total -= float(target_logprob(model, t))
+            count += int(t.positions[1:].sum())
+    return total / max(count, 1)
+
+
+def guarded_top_neurons(model: nn.Module, scores: torch.Tensor, means: torch.Tensor, controls: Sequence[Target],
+                        k: int, *, max_loss_increase: float = 0.01, max_candidates: int | None = None,
+                        meta: dict | None = None) -> NeuronEdit:
+    """Top-scoring neurons, skipping any whose mean ablation alone raises control loss by more than
+    `max_loss_increase` nats: a first-order score misses the few neurons whose removal breaks the
+    model, and one such neuron costs more than all the others together."""
+    base = control_loss(model, controls)
+    width = scores.shape[1]
+    kept: list[int] = []
+    skipped: list[int] = []
+    for flat in torch.argsort(scores.flatten(), descending=True)[: max_candidates or 3 * k].tolist():
+        layer, unit = divmod(flat, width)
+        single = NeuronEdit({layer: torch.tensor([unit])}, 1.0, {layer: means[layer, [unit]]})
+        if control_loss(model, controls, single) - base <= max_loss_increase:
+            kept.append(flat)
+        else:
+            skipped.append(flat)
+        if len(kept) == k:
+            break
+    chosen = torch.zeros_like(scores.flatten())
+    chosen[kept] = 1.0
+    return top_neurons(chosen.view_as(scores), k=len(kept), means=means,
+                       meta={**(meta or {}), "kept_neurons": kept, "skipped_neurons": skipped,
+                             "max_loss_increase": max_loss_increase})
 
 
 @torch.no_grad()
@@ -111,9 +149,13 @@ def make_edit(model: nn.Module, method: str, memorized: Sequence[Target], contro
         # Mean ablation toward the neurons' mean on ordinary text: zeroing keeps no neuron's constant
         # contribution, and a few neurons with large constant outputs then break the model.
         means = mean_activations(model, controls)
-        scores = (contrast_scores(model, memorized, controls, means) if method == "contrast-neurons"
-                  else random_scores(model, seed))
-        return top_neurons(scores, fraction, strength=strength, means=means, meta={**meta, "fraction": fraction})
+        meta = {**meta, "fraction": fraction, "ablation": "mean"}
+        if method == "random-neurons":
+            return top_neurons(random_scores(model, seed), fraction, strength=strength, means=means, meta=meta)
+        k = max(1, round(fraction * n_layers * width))
+        edit = guarded_top_neurons(model, contrast_scores(model, memorized, controls, means), means, controls, k,
+                                   max_candidates=k + 12, meta=meta)
+        return edit.with_strength(strength)
     if method == "mean-diff-direction":
         return DirectionEdit(mean_diff_direction(model, memorized, controls, layer), strength, {**meta, "layer": layer})
     if method == "probe-direction":

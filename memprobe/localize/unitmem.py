@@ -49,8 +49,11 @@ Negatives = Literal["error", "clip", "abs"]
 __all__ = [
     "ClassMemAccumulator",
     "UnitMemAccumulator",
+    "channel_mean",
     "classmem",
     "selectivity_index",
+    "stream_unitmem",
+    "token_mean",
     "unitmem",
 ]
 

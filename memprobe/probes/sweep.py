@@ -59,15 +59,15 @@ class ProbeSweep:
         self.progress = progress
 
     def _site_groups(self, store: Any, sites: Sequence[str], n_rows: int) -> list[list[str]]:
+        """Sites of equal width, in store order, as many per group as fit the memory budget."""
         budget = self.memory_mb * 2**20
         groups: list[list[str]] = []
-        for site in sites:
-            width = store.widths[site]
-            if (groups and store.widths[groups[-1][0]] == width
-                    and (len(groups[-1]) + 1) * n_rows * width * 4 * 3 <= budget):  # X, X*X, a product
+        for width in dict.fromkeys(store.widths[s] for s in sites):
+            groups.append([])
+            for site in (s for s in sites if store.widths[s] == width):
+                if groups[-1] and (len(groups[-1]) + 1) * n_rows * width * 4 * 3 > budget:  # X, X*X, a product
+                    groups.append([])
                 groups[-1].append(site)
-            else:
-                groups.append([site])
         return groups
 
     def run(self, store: Any, rows: np.ndarray, targets: np.ndarray, weights: np.ndarray,

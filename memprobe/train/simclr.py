@@ -361,11 +361,11 @@ def train_encoder(
             opt.step()
             total += float(loss.detach())
         history.append({"epoch": epoch + 1, "loss": total / steps, "seconds": round(time.time() - t0, 2)})
+        if ckpt is not None:
+            save_checkpoint(ckpt, model, opt, epoch + 1, cfg, history)
         if log:
             log(f"{cfg.mode}/{cfg.arch} epoch {epoch + 1}/{cfg.epochs} loss {total / steps:.4f} "
                 f"({time.time() - t0:.1f}s)")
-        if ckpt is not None:
-            save_checkpoint(ckpt, model, opt, epoch + 1, cfg, history)
     return model.eval(), history
 
 
