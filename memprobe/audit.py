@@ -17,6 +17,7 @@ from typing import Any
 
 from memprobe.errors import MemprobeError
 from memprobe.jsonl import read_jsonl, write_jsonl
+from memprobe.report import render_report
 from memprobe.results import write_json
 
 DEFAULT_SITES = "blocks.*.hook_resid_post,blocks.*.mlp.hook_post"
@@ -111,21 +112,230 @@ class Audit:
         columns = {c: {r["id"]: r[c] for r in labels} for c in ("memorized", "target_prob", "correct", "loss", "entropy")}
         capture(self.loaded, docs, self.config.sites, path, dtype=self.config.dtype, token_columns=columns)
 
+    def probes(self, path: Path) -> None:
+        """One probe per captured site, cross-validated by document family; AUC beside baselines."""
+        import numpy as np
+
+        from memprobe.memdata import REPETITION, build_token_set, group_folds
+        from memprobe.metrics import roc_auc
+        from memprobe.probes import ProbeSweep, detection, read_rows
+        from memprobe.store import ActivationStore
+
+        records = read_jsonl(self.out / "labels.jsonl")
+        store = ActivationStore.open(self.out / "store")
+        tokens = build_token_set(records)
+        main = tokens.category != REPETITION
+        y = tokens.label
+        positives, negatives = sorted(set(tokens.group[main & (y == 1)])), sorted(set(tokens.group[main & (y == 0)]))
+        if len(positives) < 2 or len(negatives) < 2:
+            write_json(path, {"status": "skipped", "reason": (
+                f"{len(positives)} memorized and {len(negatives)} control document families: probes need at "
+                "least 2 of each to be trained and tested on different documents")})
+            return
+        rows = tokens.store_rows(store, -1)
+        folds = group_folds(tokens.group, y, n_folds=min(5, len(positives)), seed=self.config.seed)
+        sweep = ProbeSweep(progress=True)
+        oof, shuffled, _ = sweep.cross_validate(store, rows, y, folds, n_shuffled=1, seed=self.config.seed,
+                                                trainable=main)
+        n_boot = 0 if self.config.quick else 100
+        per_site = {s: {"probe": detection(oof[s][main], y[main], tokens.doc_id[main], n_boot=n_boot, seed=self.config.seed),
+                        "shuffled_labels_auc": roc_auc(shuffled[s][main], y[main])} for s in oof}
+        best = max(per_site, key=lambda s: per_site[s]["probe"]["roc_auc"])
+        baselines = {name: detection(v[main], y[main], tokens.doc_id[main], n_boot=0)
+                     for name, v in tokens.baselines().items()}
+        mlp_sites = [s for s in per_site if s.endswith("mlp.hook_post")]
+        top_neurons = []
+        if mlp_sites:
+            best_mlp = max(mlp_sites, key=lambda s: per_site[s]["probe"]["roc_auc"])
+            probe = sweep.fit(store, rows[main], y[main], sites=[best_mlp])[best_mlp]
+            X = read_rows(store, best_mlp, rows[main]).numpy()
+            ym = y[main]
+            for i in np.argsort(-np.abs(probe.standardized_coef_))[:15]:
+                top_neurons.append({"neuron": f"{best_mlp}[{int(i)}]", "weight": float(probe.standardized_coef_[i]),
+                                    "mean_memorized": float(X[ym == 1, i].mean()), "mean_control": float(X[ym == 0, i].mean())})
+        _probe_heatmap({s: v["probe"]["roc_auc"] for s, v in per_site.items()}, self.out / "figures" / "probe_auc.png")
+        write_json(path, {"status": "ok", "best_site": best, "per_site": per_site, "baselines": baselines,
+                          "top_neurons": top_neurons, "token_counts": tokens.counts(),
+                          "split": f"{int(folds.max()) + 1}-fold cross-validation grouped by document family"})
+
+    def patching(self, path: Path) -> None:
+        """Activation patching on the most memorized text: clean prefix vs a perturbed prefix."""
+        from memprobe.intervene.patching import activation_patching, corrupt_prefix
+
+        target = _most_memorized(read_jsonl(self.out / "labels.jsonl"), min_prefix=8)
+        if target is None:
+            write_json(path, {"status": "skipped", "reason": "no memorized token with 8 or more tokens before it"})
+            return
+        record, t = target
+        start = max(0, t - 20)
+        clean = record["token_ids"][start:t]
+        vocab = sorted(set(record["token_ids"]))
+        corrupt = corrupt_prefix(clean, n_swaps=max(2, len(clean) // 4), vocab=vocab, seed=self.config.seed)
+        layers = None if not self.config.quick else [0, 1]
+        result = activation_patching(self.loaded, clean, corrupt, record["token_ids"][t], layers=layers)
+        write_json(path, {"status": "ok", "document": record["id"], "target_position": t,
+                          "target_token": self.loaded.decode([record["token_ids"][t]]), **result.to_dict()})
+        fig = result.plot(title=f"activation patching: {record['id']}")
+        from memprobe.plots import save_figure
+
+        save_figure(fig, self.out / "figures" / "patching.png", script="memprobe audit")
+
+    def suppress(self, path: Path) -> None:
+        """Build a suppression edit on half the memorized texts; measure it on the other half."""
+        from memprobe.intervene.ablation import save_edit
+        from memprobe.intervene.export import export_patched
+        from memprobe.intervene.suppress import (
+            evaluate,
+            make_edit,
+            split_memorized,
+            targets_from_labels,
+        )
+        from memprobe.results import provenance
+
+        records = read_jsonl(self.out / "labels.jsonl")
+        parts = split_memorized(records, seed=self.config.seed)
+        if not parts["build_memorized"] or not parts["heldout_memorized"] or not parts["build_control"]:
+            write_json(path, {"status": "skipped", "reason": "too few memorized texts (memorized fraction >= 0.5) "
+                              "and controls to build a patch and test it on texts it was not built from",
+                              "split_sizes": {k: len(v) for k, v in parts.items()}})
+            return
+        cut = 64
+        ids = {k: [r["token_ids"][:cut] for r in v] for k, v in parts.items()}
+        mem = targets_from_labels(ids["build_memorized"], [r["memorized"][:cut] for r in parts["build_memorized"]])
+        ctrl = targets_from_labels(ids["build_control"])
+        model = self.loaded.model
+        held_mem, held_ctrl = ids["heldout_memorized"], ids["heldout_control"] or ids["build_control"]
+        base = evaluate(model, held_mem, held_ctrl)
+        edit = make_edit(model, SUPPRESSION_METHOD, mem, ctrl, fraction=SUPPRESSION_FRACTION, seed=self.config.seed)
+        random_edit = make_edit(model, "random-neurons", mem, ctrl, fraction=edit.size / _n_neurons(model),
+                                seed=self.config.seed)
+        curve, random_curve = [], []
+        for strength in SUPPRESSION_STRENGTHS:
+            for e, into in ((edit, curve), (random_edit, random_curve)):
+                row = evaluate(model, held_mem, held_ctrl, e.with_strength(strength))
+                into.append({"strength": strength, **row, **_changes(row, base)})
+        chosen = max((r for r in curve if r["ppl_change"] <= 0.05), key=lambda r: r["suppression"], default=curve[0])
+        final = edit.with_strength(chosen["strength"])
+        save_edit(final, self.out / "edit.safetensors")
+        export_patched(self.loaded, final, self.out / "patched-model", provenance=provenance(self.config.seed))
+        write_json(path, {"status": "ok", "method": SUPPRESSION_METHOD, "size": edit.size, "base": base,
+                          "curve": curve, "random_neurons": random_curve, "chosen": chosen,
+                          "split_sizes": {k: len(v) for k, v in parts.items()},
+                          "heldout_ids": [r["id"] for r in parts["heldout_memorized"]],
+                          "patched_model": str((self.out / "patched-model").resolve())})
+        _pareto_figure(curve, random_curve, self.out / "figures" / "suppression.png")
+
+    def relabel(self, path: Path) -> None:
+        """Greedy continuations of the most memorized texts, before and after the patch."""
+        from memprobe.labels import sequence_labels
+        from memprobe.models import load_model
+
+        if not (self.out / "patched-model").exists():
+            write_json(path, {"status": "skipped", "reason": "no patched model (see suppression)"})
+            return
+        records = read_jsonl(self.out / "labels.jsonl")
+        top = sorted((r for r in records if r.get("role") == "candidate" and r.get("memorization_score") is not None),
+                     key=lambda r: -(r["memorized_fraction"] or 0))[:6]
+        patched = load_model(str(self.out / "patched-model"))  # the exported directory, as a user loads it
+        after = sequence_labels(patched.model, [r["token_ids"] for r in top])
+        rows = []
+        for r, a in zip(top, after, strict=True):
+            rows.append({"id": r["id"], "prefix": self.loaded.decode(r["token_ids"][:32]),
+                         "true_suffix": self.loaded.decode(r["token_ids"][32:64]),
+                         "before": r["continuation_text"], "score_before": r["memorization_score"],
+                         "after": patched.decode(a.continuation.tolist()), "score_after": a.memorization_score})
+        write_json(path, {"status": "ok", "continuations": rows})
+
     def run(self) -> dict[str, Any]:
         self.out.mkdir(parents=True, exist_ok=True)
         self.step("texts", "texts.jsonl", self.texts)
         self.step("label", "labels.jsonl", self.label)
         self.step("capture", "store", self.capture)
-        return self.summary()
+        self.step("probe sweep", "probes.json", self.probes)
+        self.step("activation patching", "patching.json", self.patching)
+        self.step("suppression patch", "suppression.json", self.suppress)
+        self.step("re-label with the patch", "relabel.json", self.relabel)
+        summary = self.summary()
+        self.step("report", "report.html", lambda p: render_report(self.out, p))
+        return summary
 
     def summary(self) -> dict[str, Any]:
         from memprobe.labels import summarize
 
         records = read_jsonl(self.out / "labels.jsonl")
-        summary = {"model": records[0]["model"] if records else None, "by_kind": summarize(records),
-                   "timings_s": self.timings}
+        summary = {"model": records[0]["model"] if records else None, "config": asdict(self.config),
+                   "by_kind": summarize(records), "timings_s": self.timings}
+        for name in ("probes", "patching", "suppression", "relabel"):
+            f = self.out / f"{name}.json"
+            if f.exists():
+                summary[name] = json.loads(f.read_text())
         write_json(self.out / "results.json", summary)
         return summary
+
+
+SUPPRESSION_METHOD = "contrast-neurons"
+SUPPRESSION_FRACTION = 0.00025
+SUPPRESSION_STRENGTHS = (0.5, 1.0, 1.5, 2.0)
+
+
+def _n_neurons(model) -> int:
+    from memprobe.intervene.localizers import mlp_shape
+
+    layers, width = mlp_shape(model)
+    return layers * width
+
+
+def _changes(row: dict[str, float], base: dict[str, float]) -> dict[str, float]:
+    rate = base["memorized_token_rate"]
+    return {"suppression": (rate - row["memorized_token_rate"]) / rate if rate else 0.0,
+            "ppl_change": row["perplexity"] / base["perplexity"] - 1,
+            "top1_change": row["top1_accuracy"] - base["top1_accuracy"]}
+
+
+def _pareto_figure(curve: list[dict], random_curve: list[dict], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    from memprobe.plots import save_figure
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for rows, label, style in ((curve, SUPPRESSION_METHOD, "o-"), (random_curve, "random neurons (same size)", "s--")):
+        ax.plot([100 * r["ppl_change"] for r in rows], [100 * r["suppression"] for r in rows], style, label=label)
+        for r in rows:
+            ax.annotate(f"x{r['strength']}", (100 * r["ppl_change"], 100 * r["suppression"]), fontsize=7)
+    ax.axvline(5, color="0.6", lw=0.8, ls=":")
+    ax.set_xlabel("perplexity change on control texts (%)")
+    ax.set_ylabel("memorized-token rate reduction, held-out texts (%)")
+    ax.set_title("suppression vs cost")
+    ax.legend(fontsize=8)
+    save_figure(fig, path, script="memprobe audit")
+
+
+def _probe_heatmap(auc: dict[str, float], path: Path) -> None:
+    import numpy as np
+
+    from memprobe.plots import heatmap, save_figure
+    from memprobe.sites import layer_of, site_kind
+
+    kinds = list(dict.fromkeys(site_kind(s) for s in auc))
+    n_layers = max(layer_of(s) for s in auc) + 1
+    grid = np.full((len(kinds), n_layers), np.nan)
+    for s, v in auc.items():
+        grid[kinds.index(site_kind(s)), layer_of(s)] = v
+    fig = heatmap(grid, row_labels=kinds, col_labels=[str(i) for i in range(n_layers)], vmin=0.5, vmax=1.0,
+                  title="probe ROC-AUC, memorized vs confident control tokens (held-out documents)",
+                  cbar_label="ROC-AUC")
+    fig.axes[0].set_xlabel("layer")
+    save_figure(fig, path, script="memprobe audit")
+
+
+def _most_memorized(records: list[dict], min_prefix: int) -> tuple[dict, int] | None:
+    """The candidate text with the highest memorized fraction, and its first memorized token after min_prefix."""
+    ranked = sorted((r for r in records if r.get("role") == "candidate"), key=lambda r: -(r.get("memorized_fraction") or 0))
+    for r in ranked:
+        for t, m in enumerate(r["memorized"]):
+            if m and t >= min_prefix and (r["target_prob"][t] or 0) >= 0.8:
+                return r, t
+    return None
 
 
 def _quick_subset(docs: list[dict], per_kind: int) -> list[dict]:

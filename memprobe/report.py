@@ -116,3 +116,93 @@ def write(path: str | Path, page: str) -> Path:
 
 def pretty_json(value: Any) -> str:
     return f"<pre>{_esc(json.dumps(value, indent=2))}</pre>"
+
+
+def _load(out: Path, name: str) -> dict[str, Any]:
+    f = out / f"{name}.json"
+    return json.loads(f.read_text()) if f.exists() else {"status": "missing"}
+
+
+def _skipped(block: dict[str, Any]) -> str:
+    return f'<p class="note">Skipped: {_esc(block.get("reason", block.get("status")))}</p>'
+
+
+def render_report(out: str | Path, path: str | Path) -> Path:
+    """The audit report from the files of an audit directory (labels, probes, patching, suppression)."""
+    from memprobe.jsonl import read_jsonl
+    from memprobe.labels import summarize
+    from memprobe.models import load_model
+
+    out = Path(out)
+    records = read_jsonl(out / "labels.jsonl")
+    model = records[0].get("model", {}) if records else {}
+    tokenizer = load_model(model.get("name") or "smollm2-135m").tokenizer if model.get("name") else None
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids) if tokenizer is not None else " ".join(map(str, ids))
+
+    sections: list[tuple[str, str]] = []
+    summary = summarize(records)
+    memorized = [r for r in records if (r.get("memorized_fraction") or 0) >= 0.5 and r.get("role") == "candidate"]
+    verdict = (f"{len(memorized)} of {len(records)} texts have at least half of their tokens memorized "
+               "(teacher-forced greedy match with probability >= the threshold)." if memorized else
+               "Nothing memorized: no candidate text has half of its tokens memorized by this model. "
+               "The sections below show what was measured anyway.")
+    sections.append(("What is memorized", f"<p>{_esc(verdict)}</p>" + html_table(
+        summary, ["kind", "docs", "tokens", "memorized_token_rate", "k_extractable_rate", "mean_memorization_score"],
+        ["kind", "texts", "tokens", "memorized-token rate", "k-extractable (32/32)", "mean 32/32 score"])))
+
+    ranked = sorted(records, key=lambda r: -(r.get("memorized_fraction") or 0))
+    shown = ranked[:6] + [r for r in ranked if r.get("role") == "control"][:2]
+    legend = ('<p class="legend">token colour: <span style="background:rgba(214,39,40,.85)"></span> memorized '
+              '(deeper = more confident) <span style="background:rgba(31,119,180,.25)"></span> not memorized; '
+              "hover a token for its probability.</p>")
+    docs = "".join(f'<div class="doc"><h3>{_esc(r["id"])} · {_esc(r.get("kind"))} · memorized fraction '
+                   f'{(r.get("memorized_fraction") or 0):.2f}</h3>{token_html(r, decode)}</div>' for r in shown)
+    sections.append(("Memorized tokens in context", legend + docs))
+
+    probes = _load(out, "probes")
+    if probes.get("status") == "ok":
+        best = probes["per_site"][probes["best_site"]]["probe"]
+        rows = [{"score": f"probe at {probes['best_site']}", "auc": best["roc_auc"], "tpr": best["tpr_at_1pct_fpr"]}]
+        rows += [{"score": f"baseline: {k}", "auc": v["roc_auc"], "tpr": v["tpr_at_1pct_fpr"]} for k, v in probes["baselines"].items()]
+        inner = html_table(rows, ["score", "auc", "tpr"], ["score", "ROC-AUC", "TPR at 1% FPR"])
+        inner += f"<p class=meta>{_esc(probes['split'])}.</p>" + figure(out / "figures" / "probe_auc.png", "probe AUC per site and layer")
+        inner += "<h3>Top neurons</h3>" + html_table(probes["top_neurons"], ["neuron", "weight", "mean_memorized", "mean_control"])
+    else:
+        inner = _skipped(probes)
+    sections.append(("Where it lives: probes per layer", inner))
+
+    patching = _load(out, "patching")
+    sections.append(("Where it lives: activation patching", (
+        f"<p>Text {_esc(patching['document'])}, memorized token {_esc(repr(patching['target_token']))} at position "
+        f"{patching['target_position']}: clean logit difference {patching['clean_ld']:.2f}, perturbed prefix "
+        f"{patching['corrupt_ld']:.2f}.</p>" + figure(out / "figures" / "patching.png", "share of the logit difference restored by patching each site"))
+        if patching.get("status") == "ok" else _skipped(patching)))
+
+    sup = _load(out, "suppression")
+    if sup.get("status") == "ok":
+        c = sup["chosen"]
+        rnd = next((r for r in sup["random_neurons"] if r["strength"] == c["strength"]), None)
+        inner = (f"<p>{_esc(sup['method'])} ({sup['size']} neurons, strength {c['strength']}): memorized-token rate on "
+                 f"held-out memorized texts down {100 * c['suppression']:.0f}% (relative), perplexity on control texts "
+                 f"{100 * c['ppl_change']:+.1f}%, top-1 accuracy {100 * c['top1_change']:+.1f} points."
+                 + (f" Random neurons of the same number: {100 * rnd['suppression']:.0f}% and {100 * rnd['ppl_change']:+.1f}%." if rnd else "")
+                 + "</p>" + figure(out / "figures" / "suppression.png", "suppression vs cost as the strength varies")
+                 + "<h3>Load the patched model</h3>"
+                 + f"<pre>from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+                 f"model = AutoModelForCausalLM.from_pretrained({_esc(repr(sup['patched_model']))})\n"
+                 f"tokenizer = AutoTokenizer.from_pretrained({_esc(repr(sup['patched_model']))})</pre>")
+        relabel = _load(out, "relabel")
+        if relabel.get("status") == "ok":
+            inner += "<h3>Before and after</h3><table class=cont><tr><th>text</th><th>true continuation</th><th>before</th><th>after</th></tr>"
+            inner += "".join(f"<tr><td>{_esc(r['id'])}<br><em>{_esc(r['prefix'][-80:])}</em></td><td>{_esc(r['true_suffix'])}</td>"
+                             f"<td>{_esc(r['before'])}<br>32/32 {r['score_before']:.2f}</td><td>{_esc(r['after'])}<br>32/32 "
+                             f"{r['score_after']:.2f}</td></tr>" for r in relabel["continuations"])
+            inner += "</table>"
+    else:
+        inner = _skipped(sup)
+    sections.append(("How to suppress it, at what cost", inner))
+    subtitle = (f"model {model.get('name')} ({model.get('quantization')}, sha256 {str(model.get('sha256'))[:12]}) · "
+                f"{len(records)} texts · made by memprobe audit")
+    return write(path, render(sections, title="memprobe audit", subtitle=subtitle))
