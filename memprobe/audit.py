@@ -89,6 +89,12 @@ class Audit:
 
         if self.config.texts:
             docs = read_jsonl(self.config.texts)
+            if not docs:
+                raise MemprobeError(f"{self.config.texts} holds no documents: give one {{'id', 'text'}} object per line")
+            # Users' texts are candidates unless they say otherwise; controls come from the bundled corpus.
+            docs = [{"role": "candidate", "split_group": d["id"], **d} for d in docs]
+            if not any(d["role"] == "control" for d in docs):
+                docs += [d for d in bundled_corpus(self.loaded, seed=self.config.seed) if d.get("role") == "control"]
         else:
             docs = bundled_corpus(self.loaded, seed=self.config.seed)
         if self.config.quick:
@@ -339,10 +345,10 @@ def _most_memorized(records: list[dict], min_prefix: int) -> tuple[dict, int] | 
 
 
 def _quick_subset(docs: list[dict], per_kind: int) -> list[dict]:
-    """A few documents of every kind: enough to exercise every step in under two minutes."""
+    """A few short documents of every kind: enough to exercise every step in under two minutes."""
     seen: dict[str, int] = {}
     out = []
-    for d in docs:
+    for d in sorted(docs, key=lambda d: len(d["text"])):
         k = str(d.get("kind"))
         if seen.get(k, 0) < per_kind:
             seen[k] = seen.get(k, 0) + 1

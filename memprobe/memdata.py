@@ -164,21 +164,21 @@ def group_folds(groups: np.ndarray, labels: np.ndarray, n_folds: int = 5, seed: 
 
 
 def genre_split(tokens: TokenSet, train_genres: Sequence[str], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(train, test) masks for cross-genre transfer: positives by genre, negatives by group halves.
+    """(train, test) masks for cross-genre transfer: positives by genre, negatives by group.
 
-    Positives of `train_genres` train, all other positives test; control and repetition groups are
-    split in half at random, so both sides have hard negatives and none is shared.
+    Positives of `train_genres` train, all other positives test; a family's controls (e.g. the
+    perturbed copy of a memorized text) follow its positives, and families without positives are
+    split in half at random, so both sides have hard negatives and no family is shared.
     """
     pos = tokens.category == MEMORIZED
     in_train_genre = np.isin(tokens.genre, list(train_genres))
-    neg_groups = sorted(set(tokens.group[~pos].tolist()))
+    train_groups = set(tokens.group[pos & in_train_genre].tolist())
+    test_groups = set(tokens.group[pos & ~in_train_genre].tolist())
+    if train_groups & test_groups:
+        raise MemprobeError(f"document families with memorized texts of both sides' genres: "
+                            f"{sorted(train_groups & test_groups)[:5]}; pick train genres that keep families whole")
+    free = sorted(set(tokens.group.tolist()) - train_groups - test_groups)  # families without positives
     rng = np.random.default_rng(seed)
-    train_neg = set(np.array(neg_groups, dtype=object)[rng.permutation(len(neg_groups))[: len(neg_groups) // 2]].tolist())
-    neg_train = ~pos & np.isin(tokens.group, list(train_neg))
-    train = (pos & in_train_genre) | neg_train
-    test = (pos & ~in_train_genre) | (~pos & ~neg_train)
-    shared = set(tokens.group[train].tolist()) & set(tokens.group[test].tolist())
-    if shared:
-        raise MemprobeError(f"document groups on both sides of the genre split: {sorted(shared)[:5]}; a "
-                            "family spans several genres, so pick train genres that keep families whole")
-    return train, test
+    train_groups |= {free[i] for i in rng.permutation(len(free))[: len(free) // 2]}
+    train = np.isin(tokens.group, list(train_groups))
+    return train, ~train

@@ -229,7 +229,7 @@ def tiny_model(arch: str = "llama", *, seed: int = 0, n_layers: int = 2, d_model
     common = dict(
         vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=2 * d_model,
         num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+        max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     config = (LlamaConfig(**common) if arch == "llama"

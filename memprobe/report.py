@@ -153,7 +153,7 @@ def render_report(out: str | Path, path: str | Path) -> Path:
         ["kind", "texts", "tokens", "memorized-token rate", "k-extractable (32/32)", "mean 32/32 score"])))
 
     ranked = sorted(records, key=lambda r: -(r.get("memorized_fraction") or 0))
-    shown = ranked[:6] + [r for r in ranked if r.get("role") == "control"][:2]
+    shown = list({r["id"]: r for r in ranked[:6] + [r for r in ranked if r.get("role") == "control"][:2]}.values())
     legend = ('<p class="legend">token colour: <span style="background:rgba(214,39,40,.85)"></span> memorized '
               '(deeper = more confident) <span style="background:rgba(31,119,180,.25)"></span> not memorized; '
               "hover a token for its probability.</p>")
@@ -164,8 +164,8 @@ def render_report(out: str | Path, path: str | Path) -> Path:
     probes = _load(out, "probes")
     if probes.get("status") == "ok":
         best = probes["per_site"][probes["best_site"]]["probe"]
-        rows = [{"score": f"probe at {probes['best_site']}", "auc": best["roc_auc"], "tpr": best["tpr_at_1pct_fpr"]}]
-        rows += [{"score": f"baseline: {k}", "auc": v["roc_auc"], "tpr": v["tpr_at_1pct_fpr"]} for k, v in probes["baselines"].items()]
+        rows = [{"score": f"probe at {probes['best_site']}", "auc": best["roc_auc"], "tpr": best["tpr_at_fpr_0.01"]}]
+        rows += [{"score": f"baseline: {k}", "auc": v["roc_auc"], "tpr": v["tpr_at_fpr_0.01"]} for k, v in probes["baselines"].items()]
         inner = html_table(rows, ["score", "auc", "tpr"], ["score", "ROC-AUC", "TPR at 1% FPR"])
         inner += f"<p class=meta>{_esc(probes['split'])}.</p>" + figure(out / "figures" / "probe_auc.png", "probe AUC per site and layer")
         inner += "<h3>Top neurons</h3>" + html_table(probes["top_neurons"], ["neuron", "weight", "mean_memorized", "mean_control"])

@@ -148,3 +148,29 @@ def test_suppression_edits_build_and_measure_on_tiny_model():
     assert after["perplexity"] != before["perplexity"]
     with pytest.raises(MemprobeError, match="unknown suppression method"):
         make_edit(loaded.model, "nope", mem, ctrl)
+
+
+def test_injection_changes_only_the_chosen_neurons():
+    from memprobe.train.tiny_lm import inject
+
+    loaded = load_model("tiny-llama")
+    model = loaded.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seq = loaded.encode("amber basalt cobalt")
+    chosen = torch.tensor([3, 40, 130, 200])  # flat indices: layer * 128 + unit
+    x = torch.tensor([seq])
+    with torch.no_grad():
+        loss0 = float(model(input_ids=x, labels=x).loss)
+    (loss1,) = inject(loaded, [seq], [chosen], steps=15, lr=1e-2)
+    assert loss1 < loss0
+    after = model.state_dict()
+    for name, value in before.items():
+        diff = (after[name] != value)
+        if "mlp" not in name:
+            assert not diff.any(), name
+            continue
+        layer = int(name.split(".")[2])
+        units = {int(c) % 128 for c in chosen if int(c) // 128 == layer}
+        changed = set(diff.any(1).nonzero().flatten().tolist()) if "down_proj" not in name else \
+            set(diff.any(0).nonzero().flatten().tolist())
+        assert changed <= units, name

@@ -95,11 +95,11 @@ def test_empty_text_is_refused_by_id(tiny, tmp_path, text, message):
 
 
 def test_text_longer_than_context_is_refused_or_truncated(tiny, tmp_path):
-    long = [{"id": "long", "text": "abc " * 400}]  # 1601 byte tokens > 512 context
+    long = [{"id": "long", "text": "abc " * 600}]  # 2401 byte tokens > 2048 context
     with pytest.raises(MemprobeError, match="refuses rather than chunk.*--truncate"):
         capture(tiny, long, "blocks.0.hook_resid_post", tmp_path / "a", progress=False)
     store = capture(tiny, long, "blocks.0.hook_resid_post", tmp_path / "b", truncate=True, progress=False)
-    assert len(store) == 512 and store.documents[0]["truncated_from"] == 1601
+    assert len(store) == 2048 and store.documents[0]["truncated_from"] == 2401
 
 
 def test_different_capture_in_out_dir_is_refused(tiny, tmp_path):

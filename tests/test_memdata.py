@@ -85,6 +85,7 @@ def test_genre_split_separates_positive_genres_and_negative_groups():
     records = [record(f"lic{i}", "candidate", [True] * 4, genre="legal", group=f"lic{i}") for i in range(3)]
     records += [record(f"lit{i}", "candidate", [True] * 4, genre="literature", group=f"lit{i}") for i in range(2)]
     records += [record(f"c{i}", "control", [True] * 4, group=f"c{i}") for i in range(6)]
+    records.append(record("perturbed-lit0", "control", [True] * 4, genre="literature", group="lit0"))
     tokens = build_token_set(records)
     train, test = genre_split(tokens, ["legal"], seed=0)
     assert not (train & test).any() and (train | test).all()
@@ -92,3 +93,4 @@ def test_genre_split_separates_positive_genres_and_negative_groups():
     assert set(tokens.genre[test & (tokens.label == 1)]) == {"literature"}
     assert set(tokens.group[train]).isdisjoint(tokens.group[test])
     assert (tokens.label[train] == 0).any() and (tokens.label[test] == 0).any()
+    assert test[tokens.doc_id == "perturbed-lit0"].all()  # a family's control follows its memorized text

@@ -59,9 +59,10 @@ def inject(loaded: LoadedModel, sequences: Sequence[Sequence[int]], neurons: Seq
            steps: int = 100, lr: float = 1e-2) -> list[float]:
     """Fine-tune `loaded.model` in place so it memorizes each sequence using only its own neurons.
 
-    `neurons[j]` holds flat neuron indices (layer * d_mlp + unit) for sequence j. Each step trains
-    on one sequence with every gradient masked to that sequence's neurons (rows of gate/up_proj,
-    columns of down_proj); all other weights stay exactly as they were. Returns final per-sequence losses.
+    `neurons[j]` holds flat neuron indices (layer * d_mlp + unit) for sequence j. Sequences are
+    injected one after another, `steps` steps each, with every gradient masked to that sequence's
+    neurons (rows of gate/up_proj, columns of down_proj); all other weights stay exactly as they
+    were. Returns the final per-sequence losses (after all injections).
     """
     model = loaded.model
     layout = DecoderLayout.of(model)
@@ -78,19 +79,19 @@ def inject(loaded: LoadedModel, sequences: Sequence[Sequence[int]], neurons: Seq
         for n in flat.tolist():
             per_layer[n // width][n % width] = True
         masks.append(per_layer)
-    opt = torch.optim.Adam(params, lr=lr)
     model.train()
-    for step in range(steps * len(sequences)):
-        j = step % len(sequences)
-        x = torch.tensor([list(sequences[j])])
-        loss = model(input_ids=x, labels=x).loss
-        opt.zero_grad()
-        loss.backward()
-        for m, keep in zip(mlps, masks[j], strict=True):
-            m.gate_proj.weight.grad[~keep] = 0
-            m.up_proj.weight.grad[~keep] = 0
-            m.down_proj.weight.grad[:, ~keep] = 0
-        opt.step()
+    for seq, keep_layers in zip(sequences, masks, strict=True):  # one at a time, with a fresh optimiser:
+        opt = torch.optim.Adam(params, lr=lr)  # shared Adam state would keep moving earlier sequences' neurons
+        x = torch.tensor([list(seq)])
+        for _ in range(steps):
+            loss = model(input_ids=x, labels=x).loss
+            opt.zero_grad()
+            loss.backward()
+            for m, keep in zip(mlps, keep_layers, strict=True):
+                m.gate_proj.weight.grad[~keep] = 0
+                m.up_proj.weight.grad[~keep] = 0
+                m.down_proj.weight.grad[:, ~keep] = 0
+            opt.step()
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)

@@ -1,0 +1,111 @@
+"""`memprobe audit` end to end on a tiny model that really memorized some texts, report in a real browser."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from memprobe.browser import check_page, screenshot
+from memprobe.models import load_model
+
+MEMORIZED = [
+    "The owl and the pussy-cat went to sea in a beautiful pea-green boat.",
+    "Permission to copy this sentence verbatim is granted to every reader.",
+    "Seven silver swans swam swiftly south across the silent lake at dawn.",
+    "Under the old bridge the river keeps its own slow and patient time.",
+    "A careful auditor reads every line twice and trusts none of them.",
+    "Nine quiet foxes guard the orchard gate until the morning bell rings.",
+]
+CONTROLS = [
+    "Tomorrow the committee will review the budget and publish its notes.",
+    "Bring a coat, since the forecast promises wind and a little rain.",
+    "The museum opens at ten and closes early on public holidays.",
+    "Our kettle broke, so the tea this morning was made in a saucepan.",
+    "Trains to the coast leave every hour from the second platform.",
+    "She planted tomatoes along the fence where the sun stays longest.",
+]
+
+
+@pytest.fixture(scope="module")
+def memorizing_model(tmp_path_factory) -> tuple[Path, Path]:
+    """tiny-llama trained to memorize MEMORIZED (and never shown CONTROLS), saved as an HF directory."""
+    torch.manual_seed(0)
+    loaded = load_model("tiny-llama")
+    model = loaded.model.train()
+    ids = [torch.tensor(loaded.encode(t)) for t in MEMORIZED]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(250):
+        for x in ids:
+            loss = model(x[None], labels=x[None]).loss
+            loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert loss.item() < 0.3  # it has memorized them
+    root = tmp_path_factory.mktemp("audit")
+    model.eval().save_pretrained(root / "model")
+    loaded.tokenizer.save_pretrained(root / "model")
+    texts = root / "texts.jsonl"
+    docs = [{"id": f"mem-{i}", "text": t, "kind": "trained", "role": "candidate"} for i, t in enumerate(MEMORIZED)]
+    docs += [{"id": f"ctl-{i}", "text": t, "kind": "fresh", "role": "control"} for i, t in enumerate(CONTROLS)]
+    texts.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    return root / "model", texts
+
+
+def _audit(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "memprobe.cli", "audit", *args], capture_output=True, text=True)
+
+
+def test_audit_finds_localizes_and_suppresses(memorizing_model, tmp_path):
+    model, texts = memorizing_model
+    out = tmp_path / "audit"
+    run = _audit("--model", str(model), "--texts", str(texts), "--out", str(out), "--quick")
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    by_kind = {r["kind"]: r for r in results["by_kind"]}
+    assert by_kind["trained"]["memorized_token_rate"] > 0.8 > 0.3 > by_kind["fresh"]["memorized_token_rate"]
+    assert results["probes"]["status"] == "ok"
+    assert results["patching"]["status"] == "ok"
+    assert results["suppression"]["status"] == "ok" and (out / "patched-model" / "config.json").exists()
+    # a re-run reuses every finished step
+    again = _audit("--model", str(model), "--texts", str(texts), "--out", str(out), "--quick")
+    assert again.returncode == 0 and again.stdout.count("reusing") >= 7
+
+    page = check_page(out / "report.html")
+    assert page.ok, page
+    assert page.figures == 3  # probe heatmap, patching heatmap, suppression curve
+    shot = screenshot(out / "report.html", tmp_path / "report.png")
+    assert shot.stat().st_size > 20_000
+
+
+def test_nothing_memorized_is_reported_not_failed(tmp_path):
+    texts = tmp_path / "t.jsonl"
+    texts.write_text("".join(json.dumps({"id": f"c{i}", "text": t, "role": "control"}) + "\n" for i, t in enumerate(CONTROLS)))
+    run = _audit("--model", "tiny-llama", "--texts", str(texts), "--out", str(tmp_path / "a"), "--quick")
+    assert run.returncode == 0, run.stderr[-2000:]
+    page = (tmp_path / "a" / "report.html").read_text()
+    assert "Nothing memorized" in page
+    assert check_page(tmp_path / "a" / "report.html").ok
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("", "no documents"),
+    ('{"id": "a", "text": "fine"}\n{"id": "b" "text": "x"}\n', "t.jsonl:2"),
+])
+def test_bad_texts_file_names_the_problem(tmp_path, content, message):
+    texts = tmp_path / "t.jsonl"
+    texts.write_text(content)
+    run = _audit("--model", "tiny-llama", "--texts", str(texts), "--out", str(tmp_path / "a"), "--quick")
+    assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr
+
+
+def test_out_dir_with_another_models_audit_is_refused(tmp_path):
+    texts = tmp_path / "t.jsonl"
+    texts.write_text(json.dumps({"id": "c", "text": CONTROLS[0], "role": "control"}) + "\n")
+    assert _audit("--model", "tiny-llama", "--texts", str(texts), "--out", str(tmp_path / "a"), "--quick").returncode == 0
+    run = _audit("--model", "tiny-gemma3", "--texts", str(texts), "--out", str(tmp_path / "a"), "--quick")
+    assert run.returncode == 2 and "different settings" in run.stderr and "tiny-llama" in run.stderr
