@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     t0 = time.time()
     cfg = (dict(n_layers=2, d_model=64, steps=60, n_seq=3, inj_steps=40, opt_steps=10, ig_steps=4) if args.quick else
-           dict(n_layers=4, d_model=128, steps=300, n_seq=6, inj_steps=100, opt_steps=30, ig_steps=8))
+           dict(n_layers=4, d_model=128, steps=300, n_seq=6, inj_steps=120, opt_steps=30, ig_steps=8))
     texts = [d["text"] for d in bundled_corpus(None, seed=args.seed, include_model_samples=False)
              if d["role"] == "candidate"][:40]
     ckpt = None if args.quick else ROOT / "cache" / "intervene" / f"tiny_lm_{cfg['n_layers']}x{cfg['d_model']}_s{args.seed}"

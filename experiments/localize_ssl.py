@@ -59,6 +59,9 @@ SCALES = {
     # unit_extra: shared points added to the candidates for UnitMem; top/random: LayerMem point sets
     "full": dict(shared=1200, candidates=200, independent=200, epochs=25, vit_epochs=20, n_aug=10,
                  unit_extra=600, top=20, random=20, test=2000, batch_size=128),
+    # few points, many epochs: the regime where SimCLR measurably memorizes its candidates
+    "small": dict(shared=400, candidates=100, independent=100, epochs=50, vit_epochs=50, n_aug=10,
+                  unit_extra=300, top=10, random=10, test=2000, batch_size=100),
     "quick": dict(shared=96, candidates=16, independent=16, epochs=1, vit_epochs=1, n_aug=2,
                   unit_extra=16, top=4, random=4, test=100, batch_size=56),
 }
@@ -248,7 +251,7 @@ def where_high_units(u: dict, is_candidate: np.ndarray, atyp_pct: np.ndarray, q:
 
 
 # ------------------------------------------------------------------------------------------ figures
-def make_figures(res: dict, fig_dir: Path) -> list[str]:
+def make_figures(res: dict, fig_dir: Path, prefix: str = "localize_ssl") -> list[str]:
     import matplotlib.pyplot as plt
 
     from memprobe.plots import save_figure
@@ -258,21 +261,24 @@ def make_figures(res: dict, fig_dir: Path) -> list[str]:
     # F1: LayerMem + ΔLayerMem, SSL vs SL, top and random
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for paradigm, color in (("resnet_ssl", "C0"), ("resnet_sl", "C1")):
-        block = lay[paradigm]["layermem_range"]
+        block = lay[paradigm]["layermem_sum"]
         sites = lay[paradigm]["sites"]
         xs = np.arange(len(sites))
         for label, ls in (("top", "-"), ("random", "--")):
             axes[0].plot(xs, [block[label]["layermem"][s] for s in sites], ls, color=color, marker="o",
                          label=f"{paradigm} {label}")
+        ctl = res["layers_null"][paradigm]["layermem_sum"]["top"]["layermem"]
+        axes[0].plot(xs, [ctl[s] for s in sites], ":", color=color, marker="x",
+                     label=f"{paradigm} top, unseen test points (null)")
         w = 0.4 if paradigm == "resnet_ssl" else -0.0
         axes[1].bar(xs + (w - 0.2), [block["top"]["delta_layermem"][s] for s in sites], 0.4, color=color,
                     label=f"{paradigm} top")
-    for ax, title in zip(axes, ("LayerMem (normalised by range)", "ΔLayerMem (top memorized)"), strict=True):
+    for ax, title in zip(axes, ("LayerMem (SSLMem / (d_g + d_f))", "ΔLayerMem (top memorized)"), strict=True):
         ax.set_xticks(xs, sites, rotation=45, ha="right", fontsize=7)
         ax.axhline(0, color="0.6", lw=0.7)
         ax.set_title(title)
         ax.legend(fontsize=7)
-    made.append(str(save_figure(fig, fig_dir / "localize_ssl_layermem_ssl_vs_sl.png")))
+    made.append(str(save_figure(fig, fig_dir / f"{prefix}_layermem_ssl_vs_sl.png")))
     # F2/F3: UnitMem distribution per layer
     units = res["_units"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
@@ -291,7 +297,7 @@ def make_figures(res: dict, fig_dir: Path) -> list[str]:
         ax.set_xticks(pos, sites, rotation=45, ha="right", fontsize=7)
         ax.set_title(title)
         ax.legend(fontsize=7)
-    made.append(str(save_figure(fig, fig_dir / "localize_ssl_unitmem_per_layer.png")))
+    made.append(str(save_figure(fig, fig_dir / f"{prefix}_unitmem_per_layer.png")))
     # thresholds
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for name, color in (("resnet_ssl_f", "C0"), ("resnet_sl_f", "C1"), ("resnet_ssl_g", "C2"), ("resnet_sl_g", "C3")):
@@ -303,7 +309,7 @@ def make_figures(res: dict, fig_dir: Path) -> list[str]:
     ax.set_yscale("log")
     ax.set_title("Units above a UnitMem threshold (all layers)")
     ax.legend(fontsize=7)
-    made.append(str(save_figure(fig, fig_dir / "localize_ssl_unitmem_thresholds.png")))
+    made.append(str(save_figure(fig, fig_dir / f"{prefix}_unitmem_thresholds.png")))
     # F4: atypical vs typical LayerMem
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for paradigm, color in (("resnet_ssl", "C0"), ("resnet_sl", "C1")):
@@ -315,7 +321,7 @@ def make_figures(res: dict, fig_dir: Path) -> list[str]:
     ax.axhline(0, color="0.6", lw=0.7)
     ax.set_title("LayerMem (normalised by d_g + d_f): atypical vs typical candidates")
     ax.legend(fontsize=7)
-    made.append(str(save_figure(fig, fig_dir / "localize_ssl_layermem_atypical_vs_typical.png")))
+    made.append(str(save_figure(fig, fig_dir / f"{prefix}_layermem_atypical_vs_typical.png")))
     # where high units sit
     fig, ax = plt.subplots(figsize=(6.5, 4))
     wh = res["where_high_units"]
@@ -328,17 +334,20 @@ def make_figures(res: dict, fig_dir: Path) -> list[str]:
     ax.set_xticks(np.arange(len(sites)), sites, rotation=45, ha="right", fontsize=7)
     ax.set_title("Where the most memorizing units sit")
     ax.legend(fontsize=7)
-    made.append(str(save_figure(fig, fig_dir / "localize_ssl_unitmem_where.png")))
+    made.append(str(save_figure(fig, fig_dir / f"{prefix}_unitmem_where.png")))
     if "vit_ssl" in lay:
-        block = lay["vit_ssl"]["layermem_range"]["top"]
+        block = lay["vit_ssl"]["layermem_sum"]["top"]
+        ctl = res["layers_null"]["vit_ssl"]["layermem_sum"]["top"]
         sites = lay["vit_ssl"]["sites"]
         fig, ax = plt.subplots(figsize=(6.5, 4))
         colors = ["C2" if ".attn" in s else "C4" if ".mlp" in s else "0.5" for s in sites]
         ax.bar(sites, [block["delta_layermem"][s] for s in sites], color=colors)
+        ax.plot(sites, [ctl["delta_layermem"][s] for s in sites], "kx", label="null: unseen test points")
+        ax.legend(fontsize=7)
         ax.tick_params(axis="x", rotation=45, labelsize=7)
         ax.axhline(0, color="0.6", lw=0.7)
         ax.set_title("TinyViT ΔLayerMem (top memorized): attention (green) vs MLP (purple) halves")
-        made.append(str(save_figure(fig, fig_dir / "localize_ssl_vit_delta_layermem.png")))
+        made.append(str(save_figure(fig, fig_dir / f"{prefix}_vit_delta_layermem.png")))
     return made
 
 
@@ -346,16 +355,51 @@ def make_figures(res: dict, fig_dir: Path) -> list[str]:
 def findings(res: dict) -> dict:
     lay, us = res["layers"], res["units"]
     f = {}
-    ssl = lay["resnet_ssl"]["layermem_range"]["top"]
+    null = res["layers_null"]
+    present = {}
+    for paradigm in lay:
+        cand = np.asarray(lay[paradigm]["_per_site_by_sum"][lay[paradigm]["sites"][-1]])
+        ctrl = np.asarray(null[paradigm]["_per_site_by_sum"][null[paradigm]["sites"][-1]])
+        present[paradigm] = {
+            "mean_sslmem_by_sum_candidates": float(cand.mean()),
+            "mean_sslmem_by_sum_unseen_test_points": float(ctrl.mean()),
+            "fraction_positive_candidates": float((cand > 0).mean()),
+            "perm_p_candidates_vs_unseen": perm_test_mean_diff(cand, ctrl),
+        }
+        present[paradigm]["memorization_detected"] = bool(
+            present[paradigm]["mean_sslmem_by_sum_candidates"] > present[paradigm]["mean_sslmem_by_sum_unseen_test_points"]
+            and present[paradigm]["perm_p_candidates_vs_unseen"] < 0.05)
+    f["F0_memorization_present"] = {
+        **present,
+        "note": "SSLMem (normalised by d_g + d_f) at the representation of the candidates (seen by f only) "
+                "vs the same number of test points (seen by neither): LayerMem only means memorization "
+                "if the candidates score above the unseen points",
+    }
     sites = lay["resnet_ssl"]["sites"]
-    lm = [ssl["layermem"][s] for s in sites]
-    deltas = [ssl["delta_layermem"][s] for s in sites]
+    f1 = {}
+    for paradigm in ("resnet_ssl", "resnet_sl"):
+        top = lay[paradigm]["layermem_sum"]["top"]["layermem"]
+        rnd = lay[paradigm]["layermem_sum"]["random"]["layermem"]
+        ctl = null[paradigm]["layermem_sum"]["top"]["layermem"]
+        lm = np.array([top[s] for s in sites])
+        excess = np.array([top[s] - ctl[s] for s in sites])
+        deltas = [lay[paradigm]["layermem_sum"]["top"]["delta_layermem"][s] for s in sites]
+        f1[paradigm] = {
+            "layermem_top_by_sum": top,
+            "layermem_random_by_sum": rnd,
+            "layermem_top_by_sum_null_control": ctl,
+            "excess_over_null": dict(zip(sites, excess.tolist(), strict=True)),
+            "spearman_depth_vs_layermem_top": spearman(np.arange(len(lm)), lm),
+            "spearman_depth_vs_excess_over_null": spearman(np.arange(len(lm)), excess),
+            "largest_delta_at": sites[int(np.argmax(deltas))],
+            "reproduced": bool(spearman(np.arange(len(lm)), excess) > 0.5 and excess[-1] > 0
+                               and present[paradigm]["memorization_detected"]),
+        }
     f["F1_layermem_grows_with_depth"] = {
-        "layermem_top_range": dict(zip(sites, lm, strict=True)),
-        "spearman_depth_vs_layermem": spearman(np.arange(len(lm)), np.array(lm)),
-        "last_over_first": lm[-1] / lm[0] if lm[0] else None,
-        "largest_delta_at": sites[int(np.argmax(deltas))],
-        "reproduced": bool(spearman(np.arange(len(lm)), np.array(lm)) > 0.5 and lm[-1] > lm[0]),
+        **f1,
+        "criterion": "memorization detected (F0), and LayerMem of the top memorized candidates in excess of "
+                     "the same statistic on unseen test points rises with depth (Spearman > 0.5) and is > 0 "
+                     "at the representation",
     }
     wh = res["where_high_units"]["resnet_ssl_f"]
     f["F2_high_unitmem_units_spread_over_encoder"] = {
@@ -379,12 +423,15 @@ def findings(res: dict) -> dict:
         "reproduced_classmem_sl_higher": bool(sl_c.mean() > ssl_c.mean()),
     }
     at = lay["resnet_ssl"]["atypical_vs_typical"]["sslmem_by_sum_final"]
+    at_null = null["resnet_ssl"]["atypical_vs_typical"]["sslmem_by_sum_final"]
     f["F4_atypical_points_memorized_more"] = {
         "sslmem_by_sum_final": at,
+        "same_on_unseen_test_points": at_null,
         "spearman_atypicality_vs_sslmem_final": lay["resnet_ssl"]["atypical_vs_typical"]["spearman_atypicality_vs_sslmem"][sites[-1]],
         "high_units_top_point_in_most_atypical_decile": wh["top_point_in_most_atypical_decile"],
         "expected_if_unrelated": 0.1,
-        "reproduced": bool(at["atypical"] > at["typical"]),
+        "reproduced": bool(at["atypical"] > at["typical"] and at["perm_p"] < 0.05
+                           and at["atypical"] - at["typical"] > at_null["atypical"] - at_null["typical"]),
     }
     f["memorization_control_f_vs_g"] = {
         "top5pct_units_top_point_is_candidate": {
@@ -398,18 +445,25 @@ def findings(res: dict) -> dict:
                 "selective units of f single out points f memorized",
     }
     if "vit_ssl" in lay:
-        v = lay["vit_ssl"]["layermem_range"]["top"]["delta_layermem"]
+        v = lay["vit_ssl"]["layermem_sum"]["top"]["delta_layermem"]
+        c = null["vit_ssl"]["layermem_sum"]["top"]["delta_layermem"]
         attn = sum(x for s, x in v.items() if s.endswith(".attn"))
         mlp = sum(x for s, x in v.items() if s.endswith(".mlp"))
+        attn_c = sum(x for s, x in c.items() if s.endswith(".attn"))
+        mlp_c = sum(x for s, x in c.items() if s.endswith(".mlp"))
         f["F5_vit_memorization_in_mlp_halves"] = {
             "sum_delta_layermem_attention": attn, "sum_delta_layermem_mlp": mlp,
-            "reproduced": bool(mlp > attn),
+            "null_control_attention": attn_c, "null_control_mlp": mlp_c,
+            "delta_layermem_top_by_sum": v,
+            "reproduced": bool(mlp - mlp_c > attn - attn_c and present["vit_ssl"]["memorization_detected"]),
         }
     return f
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", choices=["full", "small"], default="full",
+                    help="full: 1200 shared + 200 per side, 25 epochs; small: 400 + 100, 50 epochs")
     ap.add_argument("--quick", action="store_true", help="tiny scale, 1 epoch: a smoke test (results are noise)")
     ap.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist", "digits"])
     ap.add_argument("--seed", type=int, default=0)
@@ -418,13 +472,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--only", nargs="*", default=None,
                     help="train only these encoders (e.g. resnet_ssl_f), so several can train in parallel")
     ap.add_argument("--ckpt-dir", type=Path, default=None)
-    ap.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "localize_ssl.json")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results JSON (default experiments/results/localize_ssl[_<scale>].json)")
     ap.add_argument("--figures", type=Path, default=ROOT / "figures", help="directory for localize_ssl_*.png")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    scale = "quick" if args.quick else "full"
+    scale = "quick" if args.quick else args.scale
+    suffix = "" if scale == "full" else f"_{scale}"
+    if args.out is None:
+        args.out = ROOT / "experiments" / "results" / f"localize_ssl{suffix}.json"
     sc = dict(SCALES[scale])
     ds = load_images(args.dataset, "train")
     if ds.name != "fashion-mnist":
@@ -463,7 +521,9 @@ def main(argv: list[str] | None = None) -> dict:
     cand = split["candidates"]
     cand_x = ds.images[cand]
     atyp_cand = pixel_atypicality(cand_x, ds.images[split["shared"]])
-    res: dict = {"layers": {}, "units": {}, "where_high_units": {}, "_units": {}}
+    res: dict = {"layers": {}, "layers_null": {}, "units": {}, "where_high_units": {}, "_units": {}}
+    null_x = test_x[: len(cand_x)]
+    atyp_null = pixel_atypicality(null_x, ds.images[split["shared"]])
     resnet_sites = SmallResNet.layer_sites()
     for paradigm in ("resnet_ssl", "resnet_sl") + (("vit_ssl",) if args.vit else ()):
         f, g = models[f"{paradigm}_f"], models[f"{paradigm}_g"]
@@ -474,6 +534,11 @@ def main(argv: list[str] | None = None) -> dict:
             sites = {k: (v if v is not None else HookPoint("pool")) for k, v in sites.items()}
         log(f"{paradigm}: alignment distances of {len(cand_x)} candidates x {sc['n_aug']} augmentations")
         res["layers"][paradigm] = layer_analysis({"f": f, "g": g}, cand_x, sites, sc, args.seed, augment, atyp_cand)
+        # null control: test points neither encoder trained on, same count and protocol (top-k by
+        # final-layer SSLMem): what selection and f/g differences alone produce
+        log(f"{paradigm}: null control on {len(null_x)} test points")
+        res["layers_null"][paradigm] = layer_analysis({"f": f, "g": g}, null_x, sites, sc, args.seed, augment,
+                                                      atyp_null)
     # residual dropped: what LayerMem would read from the residual branch alone (before the skip add)
     branch_sites = [f"layer{i}.bn2" for i in range(1, 5)]
     d = alignment_distances({"f": models["resnet_ssl_f"], "g": models["resnet_ssl_g"]}, cand_x, branch_sites,
@@ -511,7 +576,7 @@ def main(argv: list[str] | None = None) -> dict:
         res["where_high_units"][name] = where_high_units(u, is_cand, atyp_pct)
 
     res["findings"] = findings(res)
-    figs = make_figures(res, args.figures)
+    figs = make_figures(res, args.figures, f"localize_ssl{suffix}")
     out = {
         "scale": {
             "name": scale, "dataset": ds.name, **sc,
@@ -519,7 +584,7 @@ def main(argv: list[str] | None = None) -> dict:
                      f"{sc['candidates']} candidate/independent images for {sc['epochs']} epochs (batch "
                      f"{sc['batch_size']}); the paper uses "
                      "CIFAR-10/SVHN/STL-10 with 50k points and hundreds of epochs on GPUs")
-            if scale == "full" else "smoke test: numbers are noise",
+            if scale != "quick" else "smoke test: numbers are noise",
             "architecture": "SmallResNet: stem 16ch@28x28, 4 BasicBlocks 16/32/64/128ch, "
                             "global-average representation (128-d), projection 128-128-64",
             "train_seconds_total": round(t_train, 1),
@@ -532,6 +597,8 @@ def main(argv: list[str] | None = None) -> dict:
         "encoder_quality": quality,
         "findings": res["findings"],
         "layers": {k: {kk: vv for kk, vv in v.items() if not kk.startswith("_")} for k, v in res["layers"].items()},
+        "layers_null_control_test_points": {k: {kk: vv for kk, vv in v.items() if not kk.startswith("_")}
+                                            for k, v in res["layers_null"].items()},
         "residual_check": res["residual_check"],
         "units": res["units"],
         "where_high_units": res["where_high_units"],

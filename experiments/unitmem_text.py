@@ -60,16 +60,21 @@ def _plays_dir() -> Path:
 
 def speeches(path: Path, min_words: int = 10, max_words: int = 24) -> list[str]:
     """Whole speeches (the lines under one **NAME** header) of min..max words, stage directions dropped."""
-    out, cur = [], []
+    out, cur, direction = [], [], False
     for line in path.read_text(encoding="utf-8").split("\n") + ["**END**"]:
         line = line.strip()
+        if direction or line.startswith("_"):  # stage directions: _..._, possibly over several lines
+            direction = not line.endswith("_") or (line == "_" and not direction)
+            continue
         if line.startswith("**") or line.startswith("#"):
             text = " ".join(cur)
             if min_words <= len(text.split()) <= max_words:
                 out.append(text)
             cur = []
-        elif line and not line.startswith("_"):
-            cur.append(line)
+        elif line:
+            line = re.sub(r"_?\[[^\]]*\]_?", "", line).replace("_", "").strip()  # inline asides, markup
+            if line:
+                cur.append(line)
     return out
 
 

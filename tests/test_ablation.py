@@ -138,7 +138,8 @@ def test_suppression_edits_build_and_measure_on_tiny_model():
     ctrl = targets_from_labels(ctrl_ids)
     contrast = make_edit(loaded.model, "contrast-neurons", mem, ctrl, fraction=0.02)
     assert contrast.size == round(0.02 * 2 * 128) and contrast.means is not None
-    assert len(contrast.meta["kept_neurons"]) == contrast.size
+    guarded = make_edit(loaded.model, "guarded-contrast-neurons", mem, ctrl, fraction=0.02)
+    assert len(guarded.meta["kept_neurons"]) == guarded.size <= contrast.size
     for method in ("random-neurons", "mean-diff-direction", "random-direction"):
         edit = make_edit(loaded.model, method, mem, ctrl, fraction=0.02, strength=0.5)
         assert edit.strength == 0.5

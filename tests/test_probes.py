@@ -200,9 +200,10 @@ def test_memorization_direction_reads_the_saved_resid_direction(tiny_store, tmp_
 @pytest.mark.real
 def test_cli_train_then_score_on_smollm(smollm, tmp_path):
     docs = [
-        {"id": "gettysburg", "role": "candidate", "text": "Four score and seven years ago our fathers brought forth "
-         "on this continent, a new nation, conceived in Liberty, and dedicated to the proposition that all men are "
-         "created equal."},
+        {"id": "mit", "role": "candidate", "text": "Permission is hereby granted, free of charge, to any person "
+         "obtaining a copy of this software and associated documentation files (the \"Software\"), to deal in the "
+         "Software without restriction, including without limitation the rights to use, copy, modify, merge, "
+         "publish, distribute, sublicense, and/or sell copies of the Software."},
         {"id": "email", "role": "control", "text": "Thank you for your email. I am currently out of the office and "
          "will reply as soon as possible when I return. Best regards, and have a nice day."},
     ]

@@ -232,3 +232,58 @@ def test_stream_unitmem_refuses_pre_relu_site_and_single_point():
     assert accs["conv"].compute().shape == (4,)
     with pytest.raises(MemprobeError, match="at least 2 points"):
         stream_unitmem(model, x[:1], ["act"], augment=noise_augment, n_aug=2)
+
+
+# ------------------------------------------------------------------ text points and augmentations
+def _text_module():
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    return importlib.import_module("unitmem_text")
+
+
+def test_text_perturbations_preserve_the_words():
+    import random
+    import re
+
+    ut = _text_module()
+    text = "Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him."
+    rng = random.Random(0)
+
+    def words(t):
+        return set(re.sub(r"[^\w\s']", "", t).lower().split())
+
+    views = [ut.perturb_text(text, rng) for _ in range(50)]
+    assert all(v != text for v in views)
+    assert all(words(v) <= words(text) for v in views)  # no new words: dropout and casing only
+    assert len(set(views)) > 10
+
+
+def test_speeches_skip_stage_directions_over_several_lines(tmp_path):
+    ut = _text_module()
+    md = tmp_path / "play.md"
+    md.write_text(
+        "# Play\n\n### SCENE I.\n\n_Here an alarum:\nthen enter JOAN, driving Englishmen\nthen exit_\n\n"
+        "**TALBOT**  \nMy thoughts are whirled like a potter's wheel; I know not where I am, nor what I do.\n\n"
+        "**FORD**  \n[Aside]_  \nI think I shall drink in pipe wine first with him; I'll make him dance.\n"
+    )
+    got = ut.speeches(md, min_words=5)
+    assert got == [
+        "My thoughts are whirled like a potter's wheel; I know not where I am, nor what I do.",
+        "I think I shall drink in pipe wine first with him; I'll make him dance.",
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.real
+def test_text_experiment_quick(tmp_path):
+    ut = _text_module()
+    out = ut.main(["--quick", "--out", str(tmp_path / "t.json"), "--figure", str(tmp_path / "t.png")])
+    assert (tmp_path / "t.png").exists()
+    sm = out["models"]["smollm2-135m"]["by_negatives"]
+    assert set(sm) == {"clip", "abs"}
+    for block in (sm["clip"], out["models"]["all-minilm-l6-v2"]["by_negatives"]["clip"]):
+        for layer in block["per_layer"].values():
+            assert 0.0 <= layer["unitmem"]["mean"] <= 1.0 and 0.0 <= layer["classmem"]["mean"] <= 1.0

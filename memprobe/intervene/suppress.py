@@ -32,7 +32,7 @@ from memprobe.intervene.localizers import (
 from memprobe.labels import token_labels
 from memprobe.sites import DecoderLayout
 
-METHODS = ("contrast-neurons", "random-neurons", "mean-diff-direction", "probe-direction", "random-direction")
+METHODS = ("contrast-neurons", "guarded-contrast-neurons", "random-neurons", "mean-diff-direction", "probe-direction", "random-direction")
 
 
 def targets_from_labels(ids_list: Sequence[Sequence[int]], memorized: Sequence[Sequence[bool]] | None = None) -> list[Target]:
@@ -145,17 +145,18 @@ def make_edit(model: nn.Module, method: str, memorized: Sequence[Target], contro
     n_layers, width = mlp_shape(model)
     layer = layer if layer is not None else (2 * n_layers) // 3
     meta = {"method": method, "seed": seed, "built_from": len(memorized), "controls": len(controls)}
-    if method in ("contrast-neurons", "random-neurons"):
+    if method in ("contrast-neurons", "guarded-contrast-neurons", "random-neurons"):
         # Mean ablation toward the neurons' mean on ordinary text: zeroing keeps no neuron's constant
         # contribution, and a few neurons with large constant outputs then break the model.
         means = mean_activations(model, controls)
         meta = {**meta, "fraction": fraction, "ablation": "mean"}
         if method == "random-neurons":
             return top_neurons(random_scores(model, seed), fraction, strength=strength, means=means, meta=meta)
+        scores = contrast_scores(model, memorized, controls, means)
+        if method == "contrast-neurons":
+            return top_neurons(scores, fraction, strength=strength, means=means, meta=meta)
         k = max(1, round(fraction * n_layers * width))
-        edit = guarded_top_neurons(model, contrast_scores(model, memorized, controls, means), means, controls, k,
-                                   max_candidates=k + 12, meta=meta)
-        return edit.with_strength(strength)
+        return guarded_top_neurons(model, scores, means, controls, k, max_candidates=k + 12, meta=meta).with_strength(strength)
     if method == "mean-diff-direction":
         return DirectionEdit(mean_diff_direction(model, memorized, controls, layer), strength, {**meta, "layer": layer})
     if method == "probe-direction":

@@ -72,8 +72,8 @@ def _as_tensor(acts, name: str = "acts") -> tuple[torch.Tensor, bool]:
 def _handle_negatives(t: torch.Tensor, negatives: str, what: str) -> torch.Tensor:
     if negatives not in ("error", "clip", "abs"):
         raise MemprobeError(f"negatives must be 'error', 'clip' or 'abs', not {negatives!r}")
-    if torch.isnan(t).any():
-        raise MemprobeError(f"{what} contain NaN: check the captured activations")
+    if not torch.isfinite(t).all():
+        raise MemprobeError(f"{what} contain NaN or inf: check the captured activations")
     if negatives == "clip":
         return t.clamp(min=0)
     if negatives == "abs":

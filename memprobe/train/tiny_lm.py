@@ -59,10 +59,11 @@ def inject(loaded: LoadedModel, sequences: Sequence[Sequence[int]], neurons: Seq
            steps: int = 100, lr: float = 1e-2) -> list[float]:
     """Fine-tune `loaded.model` in place so it memorizes each sequence using only its own neurons.
 
-    `neurons[j]` holds flat neuron indices (layer * d_mlp + unit) for sequence j. Sequences are
-    injected one after another, `steps` steps each, with every gradient masked to that sequence's
-    neurons (rows of gate/up_proj, columns of down_proj); all other weights stay exactly as they
-    were. Returns the final per-sequence losses (after all injections).
+    `neurons[j]` holds flat neuron indices (layer * d_mlp + unit) for sequence j. Every step sums,
+    over the sequences, each one's gradient masked to its own neurons (rows of gate/up_proj, columns
+    of down_proj), so a sequence's loss only moves its neurons while all of them train together (one
+    after another, later injections overwrite earlier ones); all other weights stay exactly as they
+    were. Returns the final per-sequence losses.
     """
     model = loaded.model
     layout = DecoderLayout.of(model)
@@ -80,18 +81,22 @@ def inject(loaded: LoadedModel, sequences: Sequence[Sequence[int]], neurons: Seq
             per_layer[n // width][n % width] = True
         masks.append(per_layer)
     model.train()
-    for seq, keep_layers in zip(sequences, masks, strict=True):  # one at a time, with a fresh optimiser:
-        opt = torch.optim.Adam(params, lr=lr)  # shared Adam state would keep moving earlier sequences' neurons
-        x = torch.tensor([list(seq)])
-        for _ in range(steps):
-            loss = model(input_ids=x, labels=x).loss
+    opt = torch.optim.Adam(params, lr=lr)
+    for _ in range(steps):  # every sequence in every step: each one's gradient masked to its own neurons
+        total = [torch.zeros_like(p) for p in params]
+        for seq, keep_layers in zip(sequences, masks, strict=True):
+            x = torch.tensor([list(seq)])
             opt.zero_grad()
-            loss.backward()
+            model(input_ids=x, labels=x).loss.backward()
             for m, keep in zip(mlps, keep_layers, strict=True):
                 m.gate_proj.weight.grad[~keep] = 0
                 m.up_proj.weight.grad[~keep] = 0
                 m.down_proj.weight.grad[:, ~keep] = 0
-            opt.step()
+            for acc, p in zip(total, params, strict=True):
+                acc += p.grad
+        for acc, p in zip(total, params, strict=True):
+            p.grad = acc
+        opt.step()
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
