@@ -171,8 +171,8 @@ def test_label_documents_records_and_summary(tiny):
 def test_validation_errors(tiny):
     with pytest.raises(MemprobeError, match="'empty'"):
         label_documents(tiny, [{"id": "empty", "text": "  "}])
-    with pytest.raises(MemprobeError, match=r"'long' is 601 tokens.*refused.*split"):
-        label_documents(tiny, [{"id": "long", "text": "x" * 600}])
+    with pytest.raises(MemprobeError, match=r"'long' is 2101 tokens.*refused.*split"):
+        label_documents(tiny, [{"id": "long", "text": "x" * 2100}])
     with pytest.raises(MemprobeError, match="min_prob"):
         token_labels(tiny.model, [[1, 2]], min_prob=1.5)
     with pytest.raises(MemprobeError, match="twice"):
