@@ -9,7 +9,7 @@ the same document (the second copy, marked by `span`, is predictable in context,
 Sources never decide what is memorized: `memprobe.labels` does. Every document has `kind`, `genre`,
 `source`, `licence`, `role` ("candidate" = real text the model may have seen; "control" = made here),
 and `split_group` (documents of one family, e.g. a text and its perturbed copy, share it, so a split
-by group never puts a text's edited copy on the other side). docs/corpus.md lists every source.
+by group never puts a text's edited copy on the other side). The README lists every source and its licence.
 """
 
 from __future__ import annotations
