@@ -3,10 +3,10 @@
 Reports
 - time: UnitMem at all 9 post-ReLU sites of the SimCLR SmallResNet (496 units) in one streaming pass
   (`memprobe.localize.stream_unitmem`) vs. the bare forward passes it needs (the same augmented
-  views through the encoder with no hooks and no UnitMem). Paired ratio: batch by batch, the bare
-  forward and the hooked forward + UnitMem update of the same views, interleaved (robust to load
-  changing on a shared machine). End-to-end ratio: `stream_unitmem` over all points (its own
-  process) vs. augmentation + bare forward time. Target: ratio <= 1.2.
+  views through the encoder with no hooks and no UnitMem). Ratios are paired: batch by batch, the
+  bare forward and the hooked forward + UnitMem update of the same views, interleaved (robust to
+  load changing on a shared machine), without and with the augmentation time added to both.
+  `stream_unitmem`'s own wall time over all points is reported too. Target: ratio <= 1.2.
 - memory: peak RSS of separate processes streaming N = 1k, 3k, 10k points, against the in-memory
   variant that holds all (points, augmentations, units) activations: the streaming state is
   O(units) (3 x 496 x 8 bytes), so its peak must not grow with N.
@@ -153,12 +153,9 @@ def main() -> None:
               "inmemory": [run_child("inmemory", n, args) for n in args.inmemory_sizes]}
     rss = [m["peak_rss_mb"] for m in memory["stream"]]
     full = next(m for m in memory["stream"] if m["points"] == args.points)
-    bare = timing["paired"]["augment_s"] + timing["paired"]["bare_forward_s"]
-    timing["end_to_end"] = {
-        "stream_unitmem_s": full["seconds"], "bare_augment_plus_forward_s": bare, "ratio": full["seconds"] / bare,
-        "note": "stream_unitmem (separate process) vs the same augmentations + bare forwards timed in the "
-                "paired run: different moments on a shared machine, so noisier than the paired ratio",
-    }
+    pr = timing["paired"]
+    pr["ratio_with_augmentation"] = (pr["augment_s"] + pr["hooked_forward_plus_unitmem_s"]) / (
+        pr["augment_s"] + pr["bare_forward_s"])
     result = {
         "encoder": timing["encoder"],
         "points": args.points,
@@ -166,18 +163,21 @@ def main() -> None:
         "units": memory["stream"][-1]["units"],
         "sites": SmallResNet.unit_sites(),
         "time": timing,
-        "ratio_end_to_end": timing["end_to_end"]["ratio"],
-        "ratio_paired": timing["paired"]["ratio"],
+        "ratio_forward_only": pr["ratio"],
+        "ratio_with_augmentation": pr["ratio_with_augmentation"],
+        "stream_unitmem_seconds": full["seconds"],
         "target_ratio": 1.2,
-        "meets_target": bool(timing["paired"]["ratio"] <= 1.2 and timing["end_to_end"]["ratio"] <= 1.2),
+        "meets_target": bool(pr["ratio"] <= 1.2 and pr["ratio_with_augmentation"] <= 1.2),
         "memory": memory,
         "stream_peak_rss_mb_by_points": {m["points"]: m["peak_rss_mb"] for m in memory["stream"]},
         "stream_peak_rss_growth_mb": max(rss) - min(rss),
         "stream_state_bytes": memory["stream"][-1]["state_bytes"],
         "inmemory_peak_rss_mb_by_points": {m["points"]: m["peak_rss_mb"] for m in memory["inmemory"]},
         "threads": args.threads,
-        "note": "timings on a shared 2-core machine; the paired ratio interleaves bare and hooked "
-                "forwards of the same views batch by batch, so load changes affect both alike",
+        "note": "timings on a shared 2-core machine under varying load: the ratios interleave, batch by "
+                "batch, the bare forward and the hooked forward + UnitMem update of the same views (same "
+                "code path as stream_unitmem), so load changes affect both alike; stream_unitmem_seconds is "
+                "the function's own wall time over all points, in a separate process at another moment",
     }
     save_results(args.out, result, seed=0)
     print(f"wrote {args.out}")

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
-import pytest
+import os
 
-from memprobe.models import LoadedModel, load_model
+# One thread per process: tests run subprocesses beside the main one on a 2-core machine, and two
+# OpenMP threads per process spin-wait against each other (small-model training then crawls).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from memprobe.models import LoadedModel, load_model  # noqa: E402
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture(params=["tiny-llama", "tiny-gemma3"])
