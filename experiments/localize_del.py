@@ -14,7 +14,6 @@ left to the INJ model.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -28,7 +27,7 @@ from memprobe.intervene import localizers as L
 from memprobe.intervene.ablation import hooked_edit
 from memprobe.labels import sequence_labels, token_labels
 from memprobe.models import load_model
-from memprobe.results import save_results, write_json
+from memprobe.results import experiment_parser, save_results, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "cache" / "intervene" / "del"
@@ -53,11 +52,7 @@ def _measure(model, edit, mem_ids, ctrl_ids) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=ROOT / "experiments" / "results", help="results directory")
-    ap.add_argument("--figures", type=Path, default=ROOT / "figures", help="figures directory")
+    ap = experiment_parser(__doc__, ROOT)
     ap.add_argument("--sequences", type=int, default=4)
     ap.add_argument("--fraction", type=float, default=0.005)
     args = ap.parse_args(argv)

@@ -11,7 +11,6 @@ injected neurons found in the method's top k% of all neurons. Time per sequence 
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import time
@@ -24,7 +23,7 @@ from memprobe.corpora import bundled_corpus
 from memprobe.intervene import localizers as L
 from memprobe.labels import token_labels
 from memprobe.plots import save_figure
-from memprobe.results import save_results
+from memprobe.results import experiment_parser, save_results
 from memprobe.train.tiny_lm import inject, train_tiny_lm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,11 +34,7 @@ KS = (0.05, 0.1)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=ROOT / "experiments" / "results", help="results directory")
-    ap.add_argument("--figures", type=Path, default=ROOT / "figures", help="figures directory")
+    ap = experiment_parser(__doc__, ROOT)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)

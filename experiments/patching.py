@@ -12,7 +12,6 @@ nnsight and records the largest disagreement between backends.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -24,17 +23,13 @@ from memprobe.corpora import bundled_corpus
 from memprobe.intervene.patching import SITE_KINDS, activation_patching, corrupt_prefix
 from memprobe.models import load_model
 from memprobe.plots import save_figure
-from memprobe.results import save_results
+from memprobe.results import experiment_parser, save_results
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=ROOT / "experiments" / "results", help="results directory")
-    ap.add_argument("--figures", type=Path, default=ROOT / "figures", help="figures directory")
+    ap = experiment_parser(__doc__, ROOT)
     ap.add_argument("--prefix", type=int, default=14, help="prefix tokens (positions patched)")
     ap.add_argument("--swaps", type=int, default=3)
     args = ap.parse_args(argv)

@@ -13,7 +13,6 @@ is saved, exported as a HF directory, and re-measured through plain transformers
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ from memprobe.intervene.suppress import (
 from memprobe.labels import token_labels
 from memprobe.models import load_model
 from memprobe.plots import save_figure
-from memprobe.results import save_results, write_json
+from memprobe.results import experiment_parser, save_results, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "cache" / "intervene"
@@ -81,11 +80,7 @@ def _full_setup(seed: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=ROOT / "experiments" / "results", help="results directory")
-    ap.add_argument("--figures", type=Path, default=ROOT / "figures", help="figures directory")
+    ap = experiment_parser(__doc__, ROOT)
     ap.add_argument("--max-docs", type=int, default=8, help="documents per split part (CPU budget)")
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 
 
-def _plain(value: Any) -> Any:
+def _plain(value: Any) -> argparse.ArgumentParser:
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -61,3 +62,13 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
 def save_results(path: str | Path, results: dict[str, Any], *, seed: int | None, **extra: Any) -> Path:
     """Save `results` under "results" with a "provenance" block beside it."""
     return write_json(path, {"provenance": provenance(seed, **extra), "results": results})
+
+
+def experiment_parser(doc: str | None, root: Path) -> argparse.ArgumentParser:
+    """The options every experiment script shares: --quick, --seed, --out (results), --figures."""
+    ap = argparse.ArgumentParser(description=(doc or "").split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, for tests (point --out/--figures elsewhere)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=root / "experiments" / "results", help="results directory")
+    ap.add_argument("--figures", type=Path, default=root / "figures", help="figures directory")
+    return ap
