@@ -222,7 +222,9 @@ class Audit:
             for e, into in ((edit, curve), (random_edit, random_curve)):
                 row = evaluate(model, held_mem, held_ctrl, e.with_strength(strength))
                 into.append({"strength": strength, **row, **_changes(row, base)})
-        chosen = max((r for r in curve if r["ppl_change"] <= 0.05), key=lambda r: r["suppression"], default=curve[0])
+        within = [r for r in curve if r["ppl_change"] <= PPL_BUDGET]
+        # The strongest edit within the perplexity budget; if none fits, the mildest one, flagged as such.
+        chosen = {**(max(within, key=lambda r: r["suppression"]) if within else curve[0]), "within_budget": bool(within)}
         final = edit.with_strength(chosen["strength"])
         save_edit(final, self.out / "edit.safetensors")
         export_patched(self.loaded, final, self.out / "patched-model", provenance=provenance(self.config.seed))
@@ -281,9 +283,10 @@ class Audit:
         return summary
 
 
+PPL_BUDGET = 0.05  # largest perplexity increase on control texts that a shipped patch may cost
 SUPPRESSION_METHOD = "contrast-neurons"
 SUPPRESSION_FRACTION = 0.00025
-SUPPRESSION_STRENGTHS = (0.5, 1.0, 1.5, 2.0)
+SUPPRESSION_STRENGTHS = (0.1, 0.25, 0.5, 1.0)
 
 
 def _n_neurons(model) -> int:

@@ -184,7 +184,10 @@ def render_report(out: str | Path, path: str | Path) -> Path:
     if sup.get("status") == "ok":
         c = sup["chosen"]
         rnd = next((r for r in sup["random_neurons"] if r["strength"] == c["strength"]), None)
-        inner = (f"<p>{_esc(sup['method'])} ({sup['size']} neurons, strength {c['strength']}): memorized-token rate on "
+        warn = ("" if c.get("within_budget", True) else
+                '<p class="note">No strength tried kept the perplexity increase within +5%: the exported patch is '
+                "the mildest one, and it damages the model. Treat it as a diagnosis, not a fix.</p>")
+        inner = warn + (f"<p>{_esc(sup['method'])} ({sup['size']} neurons, strength {c['strength']}): memorized-token rate on "
                  f"held-out memorized texts down {100 * c['suppression']:.0f}% (relative), perplexity on control texts "
                  f"{100 * c['ppl_change']:+.1f}%, top-1 accuracy {100 * c['top1_change']:+.1f} points."
                  + (f" Random neurons of the same number: {100 * rnd['suppression']:.0f}% and {100 * rnd['ppl_change']:+.1f}%." if rnd else "")
