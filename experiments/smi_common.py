@@ -8,6 +8,7 @@ the early loss and the early logit margin. Shadow models on balanced 50% splits 
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -34,6 +35,22 @@ from memprobe.predict import (
 from memprobe.train.classifier import TrainConfig, predict_logits, train_classifier
 
 PAPER_FPR_AT_TPR75 = {"psmi": 0.073, "loss": 0.083, "logit_gap": 0.093}
+
+
+def study_parser(doc: str | None, cache: str) -> argparse.ArgumentParser:
+    """Options both SMI studies share (shadow count, training, PSMI directions, label noise, outputs)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--shadows", type=int, default=32)
+    ap.add_argument("--epochs", type=int, default=80)
+    ap.add_argument("--directions", type=int, default=2000)
+    ap.add_argument("--noise", type=float, default=0.03)
+    ap.add_argument("--memorized-fraction", type=float, default=0.10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=Path("experiments/results"))
+    ap.add_argument("--figures", type=Path, default=Path("figures"))
+    ap.add_argument("--cache", type=Path, default=Path(cache))
+    return ap
 
 
 def add_label_noise(labels: np.ndarray, fraction: float, n_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -10,12 +10,9 @@ half and >= 32 shadows on balanced halves. Everything about the scale goes into 
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import numpy as np
 import torch
-from smi_common import add_label_noise, make_figures, run_study
+from smi_common import add_label_noise, make_figures, run_study, study_parser
 
 from memprobe.datasets import load_images
 from memprobe.results import save_results
@@ -23,18 +20,8 @@ from memprobe.train.classifier import TrainConfig, mlp
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
+    ap = study_parser(__doc__, "cache/smi_fashion")
     ap.add_argument("--n-samples", type=int, default=4000)
-    ap.add_argument("--shadows", type=int, default=32)
-    ap.add_argument("--epochs", type=int, default=80)
-    ap.add_argument("--directions", type=int, default=2000)
-    ap.add_argument("--noise", type=float, default=0.03)
-    ap.add_argument("--memorized-fraction", type=float, default=0.10)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=Path("experiments/results"))
-    ap.add_argument("--figures", type=Path, default=Path("figures"))
-    ap.add_argument("--cache", type=Path, default=Path("cache/smi_fashion"))
     args = ap.parse_args()
     if args.quick:
         args.n_samples, args.shadows, args.epochs, args.directions = 600, 4, 8, 200

@@ -13,14 +13,13 @@ frozen encoder layers ("frozen:layerN", which do not depend on training: a fixed
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from smi_common import add_label_noise, make_figures, run_study
+from smi_common import add_label_noise, make_figures, run_study, study_parser
 
 from memprobe.backends.torch_hooks import HookPoint, run_with_hooks
 from memprobe.errors import MemprobeError
@@ -84,19 +83,9 @@ def encode(texts: list[str], cache: Path, batch_size: int = 64) -> tuple[dict[st
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
+    ap = study_parser(__doc__, "cache/smi_text")
     ap.add_argument("--per-play", type=int, default=500)
     ap.add_argument("--min-words", type=int, default=6)
-    ap.add_argument("--shadows", type=int, default=32)
-    ap.add_argument("--epochs", type=int, default=80)
-    ap.add_argument("--directions", type=int, default=2000)
-    ap.add_argument("--noise", type=float, default=0.03)
-    ap.add_argument("--memorized-fraction", type=float, default=0.10)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=Path("experiments/results"))
-    ap.add_argument("--figures", type=Path, default=Path("figures"))
-    ap.add_argument("--cache", type=Path, default=Path("cache/smi_text"))
     args = ap.parse_args()
     if args.quick:
         args.per_play, args.shadows, args.epochs, args.directions = 60, 4, 10, 200

@@ -8,7 +8,6 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
 
 from memprobe.corpora import bundled_corpus, passages, perturb
 from memprobe.errors import MemprobeError
@@ -17,15 +16,6 @@ from memprobe.models import tiny_model
 
 MACHINE_KINDS = {"licence", "boilerplate", "python-text", "shakespeare", "speech", "literature", "scripture",
                  "perturbed", "novel", "formulaic", "code", "pii", "repetition"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a shared, oversubscribed CPU two threads can be 100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -22,15 +22,6 @@ from memprobe.models import tiny_model
 V = 10
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a shared, oversubscribed CPU two threads can be 100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class SuccessorLM(torch.nn.Module):
     """After token t it predicts (t + 1) % V with probability P[t]; the rest is spread evenly.
 

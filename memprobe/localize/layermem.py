@@ -264,18 +264,13 @@ def residual_sites(model: nn.Module) -> dict[str, HookPoint]:
     """
     names = dict(model.named_modules())
     out: dict[str, HookPoint] = {}
-    for prefix in ("encoder.layer", "bert.encoder.layer", "model.encoder.layer"):
+    # (block prefix, module after attention, read its input or output): BERT blocks, then Llama blocks.
+    layouts = [(p, "attention", "output") for p in ("encoder.layer", "bert.encoder.layer", "model.encoder.layer")]
+    layouts += [(p, "post_attention_layernorm", "input") for p in ("model.layers", "layers")]
+    for prefix, attn, io in layouts:
         i = 0
-        while f"{prefix}.{i}" in names:
-            out[f"L{i}.attn"] = HookPoint(f"{prefix}.{i}.attention", "output")
-            out[f"L{i}.mlp"] = HookPoint(f"{prefix}.{i}", "output")
-            i += 1
-        if out:
-            return out
-    for prefix in ("model.layers", "layers"):
-        i = 0
-        while f"{prefix}.{i}.post_attention_layernorm" in names:
-            out[f"L{i}.attn"] = HookPoint(f"{prefix}.{i}.post_attention_layernorm", "input")
+        while f"{prefix}.{i}.{attn}" in names:
+            out[f"L{i}.attn"] = HookPoint(f"{prefix}.{i}.{attn}", io)
             out[f"L{i}.mlp"] = HookPoint(f"{prefix}.{i}", "output")
             i += 1
         if out:
