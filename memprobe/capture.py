@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,20 +139,41 @@ def capture(
     pad = pad_id(loaded)
     device = loaded.device
     bar = tqdm(total=sum(lengths[i] for i in pending), unit="tok", desc="capture", disable=not progress)
-    for group in batches(lengths, pending, batch_tokens):
-        ids, mask = pad_batch([tokenized[i].token_ids for i in group], pad)
-        acts = runner.run(ids.to(device), mask.to(device), sites)
-        keep = mask.bool()
-        rows = {s: acts[s][keep.to(acts[s].device)].cpu() for s in sites}  # row-major: doc by doc
-        doc_index = torch.cat([torch.full((lengths[i],), i, dtype=torch.long) for i in group])
-        position = torch.cat([torch.arange(lengths[i]) for i in group])
-        token_id = ids[keep]
-        columns = _columns(token_columns, [tokenized[i] for i in group])
-        writer.write_shard(group, rows, doc_index, position, token_id, columns)
-        bar.update(int(keep.sum()))
+    # One writer thread serialises, hashes and fsyncs shard n while the model runs batch n+1 (hashing,
+    # writes and fsync release the GIL). At most one shard waits, so memory stays bounded by two batches.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="memprobe-store") as pool:
+        in_flight: Future | None = None
+        for group in batches(lengths, pending, batch_tokens):
+            ids, mask = pad_batch([tokenized[i].token_ids for i in group], pad)
+            acts = runner.run(ids.to(device), mask.to(device), sites)
+            keep = mask.bool()
+            rows = {s: _rows(acts[s], keep) for s in sites}  # row-major: doc by doc
+            doc_index = torch.cat([torch.full((lengths[i],), i, dtype=torch.long) for i in group])
+            position = torch.cat([torch.arange(lengths[i]) for i in group])
+            token_id = ids[keep]
+            columns = _columns(token_columns, [tokenized[i] for i in group])
+            if in_flight is not None:
+                bar.update(in_flight.result())
+            in_flight = pool.submit(_commit, writer, group, rows, doc_index, position, token_id, columns)
+        if in_flight is not None:
+            bar.update(in_flight.result())
     bar.close()
     writer.finish()
     return ActivationStore.open(out)
+
+
+def _rows(acts: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The (tokens, width) rows of a (batch, seq, width) activation that are real tokens, not padding."""
+    if bool(keep.all()):
+        return acts.reshape(-1, acts.shape[-1]).cpu()  # a view when nothing is padded: no copy
+    return acts[keep.to(acts.device)].cpu()
+
+
+def _commit(writer: StoreWriter, group: list[int], rows: dict[str, torch.Tensor], doc_index: torch.Tensor,
+            position: torch.Tensor, token_id: torch.Tensor, columns: dict[str, torch.Tensor] | None) -> int:
+    """Write one shard (runs on the writer thread); returns its row count for the progress bar."""
+    writer.write_shard(group, rows, doc_index, position, token_id, columns)
+    return int(doc_index.numel())
 
 
 def _widths(runner, sites: list[str], loaded: LoadedModel) -> dict[str, int]:

@@ -1,3 +1,4 @@
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,37 @@ def test_matches_direct_loop(data):
     ref = loop_psmi(x, y, theta)
     np.testing.assert_allclose(pointwise_smi(x, y, directions=theta, dtype="float64"), ref, atol=1e-10)
     np.testing.assert_allclose(pointwise_smi(x, y, directions=theta), ref, atol=2e-4)  # float32 default
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="no C++ compiler")
+def test_fused_kernel_matches_plain_ops(data):
+    """The torch.compile kernel (used for big problems) gives the plain kernel's values, both reductions."""
+    from memprobe.predict import smi
+
+    x, y = data
+    theta = random_directions(40, 16, seed=3)
+    plain = PointwiseSMI(directions=theta, compile=False)
+    fused = PointwiseSMI(directions=theta, compile=True)
+    np.testing.assert_allclose(fused.fit_score_samples(x, y), plain.fit_score_samples(x, y), atol=1e-5)
+    np.testing.assert_allclose(fused.sliced_mi_per_direction(x, y), plain.sliced_mi_per_direction(x, y), atol=1e-5)
+    np.testing.assert_allclose(fused.fit(x, y).score_samples(x, y), plain.score_samples(x, y), atol=1e-5)
+    assert smi._COMPILED and smi._COMPILED[0] is not None  # compiled for real, not the fallback
+    far = x.copy()
+    far[0] += 300.0  # so far from every class that the one-pass kernel's mixture sum underflows
+    expected = PointwiseSMI(directions=theta, compile=False).fit_score_samples(far, y)
+    got = PointwiseSMI(directions=theta, compile=True).fit_score_samples(far, y)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_fit_then_score_equals_one_pass(data):
+    """fit_score_samples (one projection) and fit + score_samples (two) are the same numbers."""
+    x, y = data
+    theta = random_directions(40, 16, seed=4)
+    est = PointwiseSMI(directions=theta, dtype="float64")
+    np.testing.assert_allclose(est.fit_score_samples(x, y), est.fit(x, y).score_samples(x, y), atol=1e-12)
+    tiny = PointwiseSMI(directions=theta, dtype="float64", max_block_elements=1000)  # falls back to two passes
+    np.testing.assert_allclose(tiny.fit_score_samples(x, y), est.score_samples(x, y), atol=1e-12)
 
 
 def test_large_offsets_do_not_cost_float32_precision(data):

@@ -278,6 +278,61 @@ def test_killed_capture_resumes_without_lost_or_duplicated_rows(tmp_path: Path) 
     store.verify()
 
 
+def test_shards_are_standard_safetensors_files(tmp_path: Path) -> None:
+    """memprobe writes shards itself (zero-copy); plain safetensors must read them identically."""
+    from safetensors.torch import load_file
+
+    docs = documents(3)
+    w = writer(tmp_path / "s", docs, dtype="bfloat16")
+    w.write_shard(**batch(docs, [0, 1, 2]))
+    w.finish()
+    store = memprobe.open_store(tmp_path / "s")
+    plain = load_file(tmp_path / "s/shard-00000.safetensors")
+    for site in SITES:
+        assert torch.equal(plain[site], store.read(site))
+    assert torch.equal(plain["__column__.memorized"], store.column("memorized"))
+
+
+@pytest.mark.parametrize("where", [12, -1])  # inside the JSON header; the last byte of the data
+def test_any_flipped_byte_fails_verify(tmp_path: Path, where: int) -> None:
+    docs = documents(2)
+    w = writer(tmp_path / "s", docs)
+    w.write_shard(**batch(docs, [0, 1]))
+    w.finish()
+    shard = tmp_path / "s/shard-00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[where] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(MemprobeError, match="shard-00000.safetensors is corrupt"):
+        memprobe.open_store(tmp_path / "s").verify()
+
+
+def test_stores_with_sha256_checksums_still_verify(tmp_path: Path) -> None:
+    """Shards written before xxh3 carry sha256 sums (and a whole-file sha256): they read and verify."""
+    import hashlib
+    import json
+
+    docs = documents(2)
+    w = writer(tmp_path / "s", docs)
+    w.write_shard(**batch(docs, [0, 1]))
+    w.finish()
+    manifest_file = tmp_path / "s/manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    shard = manifest["shards"][0]
+    data = (tmp_path / "s" / shard["file"]).read_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    info = json.loads(data[8:header_end])
+    shard.pop("checksum")
+    shard["sha256"] = hashlib.sha256(data).hexdigest()
+    shard["tensors"] = {"__header__": hashlib.sha256(data[:header_end]).hexdigest()} | {
+        name: hashlib.sha256(data[header_end + v["data_offsets"][0]: header_end + v["data_offsets"][1]]).hexdigest()
+        for name, v in info.items() if name != "__metadata__"}
+    manifest_file.write_text(json.dumps(manifest))
+    store = memprobe.open_store(tmp_path / "s")
+    store.verify()
+    assert store.read(SITES[0]).shape[0] == len(store)
+
+
 def test_flipped_byte_is_reported_never_read(tmp_path: Path) -> None:
     docs = documents(3)
     w = writer(tmp_path / "s", docs)

@@ -8,9 +8,11 @@ mislabelled or atypical one) gets a low PSMI: Dentan et al. use that, early in t
 a model will memorize.
 
 Why it is fast: one matmul projects a block of samples on a block of directions; class means come from the
-class means in feature space, class variances from the class-centred projections (numerically stable in
-float32); the mixture log-density is one fused logsumexp over classes. Blocks bound the memory whatever
-the number of samples and directions.
+class means in feature space; the per-element work (C class log-densities, their logsumexp, the own-class
+term) runs as one fused kernel (torch.compile, when a C++ compiler is there; plain torch ops otherwise).
+`pointwise_smi` fits and scores the same samples, so it projects them once: each block of directions is
+projected for all samples, its class variances are taken from those projections, and the same projections
+are scored. Blocks bound the memory whatever the number of samples and directions.
 
 Guards (documented, never silent NaN): a class with fewer than 2 samples, NaN/inf features, labels and
 features of different lengths raise MemprobeError. Zero variance of a class along a direction is floored at
@@ -21,6 +23,7 @@ constant within a class gives large finite values, not inf or NaN.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -95,6 +98,66 @@ def _block_sizes(n: int, k: int, n_classes: int, max_block_elements: int) -> tup
     return n_block, k_block
 
 
+def _log_ratio_sums(z: torch.Tensor, own: torch.Tensor, means: torch.Tensor, inv: torch.Tensor,
+                    a: torch.Tensor, own_log_prior: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sum over `dim` of log N(z | own class) - log sum_c pi_c N(z | c) for z (rows, dirs).
+
+    means, inv = -1/(2 var), a = log pi - log(var)/2: (C, dirs); own: class index per row; own_log_prior:
+    (rows, 1). The -log(2 pi)/2 cancels in the ratio. Every term is finite (variances are floored), so the
+    logsumexp needs no inf handling. Written without in-place ops so torch.compile can fuse it.
+    """
+    logp = a[:, None, :] + inv[:, None, :] * (z[None] - means[:, None, :]).square()
+    top = logp.amax(0)
+    mixture = top + (logp - top).exp().sum(0).log()
+    mine = a[own] - own_log_prior + inv[own] * (z - means[own]).square()
+    return (mine - mixture).sum(dim)
+
+
+def _shifted_log_ratio_sums(z: torch.Tensor, own: torch.Tensor, means: torch.Tensor, inv: torch.Tensor,
+                            a: torch.Tensor, own_log_prior: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_log_ratio_sums` with one pass over the classes instead of two, plus the smallest mixture sum.
+
+    Every class log-density is at most its a_c (the squared term is <= 0), so max_c a_c is a shift that
+    can never overflow, known before looking at z. It can underflow for a point far from every class;
+    the caller then redoes the block with the max-shifted kernel (`_log_ratio_sums`).
+    """
+    shift = a.amax(0)
+    mix = (a[:, None, :] - shift + inv[:, None, :] * (z[None] - means[:, None, :]).square()).exp().sum(0)
+    mine = a[own] - own_log_prior + inv[own] * (z - means[own]).square()
+    return (mine - shift - mix.log()).sum(dim), mix.amin()
+
+
+_COMPILED: list = []  # [compiled kernel] once built, [None] when torch.compile is unavailable here
+_COMPILE_MIN_ELEMENTS = 20_000_000  # below this (rows x dirs x classes) compiling costs more than it saves
+_UNDERFLOW = 1e-30  # a mixture sum below this has lost float32 precision: recompute with the safe shift
+
+
+def _kernel(n_elements: int, use_compile: bool | None):
+    """The fused kernel for big problems (compiled once per process), plain torch for small ones."""
+    if use_compile is False or (use_compile is None and n_elements < _COMPILE_MIN_ELEMENTS):
+        return _log_ratio_sums
+    if not _COMPILED:
+        try:
+            fused = torch.compile(_shifted_log_ratio_sums, dynamic=True)
+            probe = torch.zeros(3, 2)
+            fused(probe, torch.zeros(3, dtype=torch.long), probe[:2], probe[:2] - 1, probe[:2],
+                  probe[:, :1], 1)
+            _COMPILED.append(fused)
+        except Exception as exc:  # no C++ compiler, unsupported platform: the plain kernel is exact too
+            warnings.warn(f"torch.compile unavailable ({type(exc).__name__}); PSMI uses plain torch ops, "
+                          "about 2x slower", stacklevel=3)
+            _COMPILED.append(None)
+    if _COMPILED[0] is None:
+        return _log_ratio_sums
+    fused = _COMPILED[0]
+
+    def run(*args) -> torch.Tensor:
+        sums, smallest = fused(*args)
+        return _log_ratio_sums(*args) if float(smallest) < _UNDERFLOW else sums
+
+    return run
+
+
 class PointwiseSMI(BaseEstimator):
     """Per-class 1-D Gaussians along random directions; `score_samples` gives each sample's PSMI.
 
@@ -103,17 +166,20 @@ class PointwiseSMI(BaseEstimator):
 
     Parameters: n_directions, seed (used when `directions` is None); directions (k, d) used as given after
     normalising; var_floor (relative variance floor, see module doc); max_block_elements (memory bound:
-    the largest temporary tensor holds about this many float32 values); dtype ("float32" or "float64").
+    the largest temporary tensor holds about this many values); dtype ("float32" or "float64");
+    compile (None: fuse the per-element work with torch.compile for large problems; True/False: always/never).
     """
 
     def __init__(self, n_directions: int = 2000, seed: int = 0, directions: np.ndarray | None = None,
-                 var_floor: float = 1e-6, max_block_elements: int = 2**21, dtype: str = "float32"):
+                 var_floor: float = 1e-6, max_block_elements: int = 2**24, dtype: str = "float32",
+                 compile: bool | None = None):
         self.n_directions = n_directions
         self.seed = seed
         self.directions = directions
         self.var_floor = var_floor
         self.max_block_elements = max_block_elements
         self.dtype = dtype
+        self.compile = compile
 
     def _torch_dtype(self) -> torch.dtype:
         if self.dtype not in ("float32", "float64"):
@@ -139,20 +205,62 @@ class PointwiseSMI(BaseEstimator):
             for k0 in range(0, k, k_block):
                 z = centred @ theta[k0:k0 + k_block].T
                 sq[:, k0:k0 + k_block] += onehot[:, rows] @ z.square_()
-        within = sq / counts[:, None]  # biased (MLE) class variances along each direction
         priors = counts / counts.sum()
         center = priors @ class_means  # projections are taken about the data mean (large offsets cancel)
         means = (class_means - center) @ theta.T  # (C, k)
-        overall = (priors[:, None] * (within + (means - priors @ means) ** 2)).sum(0)  # law of total variance
-        floor = torch.clamp(self.var_floor * overall, min=_ABS_VAR_FLOOR)
-        self.classes_ = classes
-        self.center_ = center
-        self.directions_ = theta
-        self.priors_ = priors
+        self.classes_, self.center_, self.directions_, self.priors_ = classes, center, theta, priors
         self.means_ = means
-        self.variances_ = torch.maximum(within, floor)
+        self.variances_ = self._floored(sq / counts[:, None], means, priors)  # biased (MLE) variances
         self.n_features_in_ = x.shape[1]
         return self
+
+    def _floored(self, within: torch.Tensor, means: torch.Tensor, priors: torch.Tensor) -> torch.Tensor:
+        """Class variances floored at var_floor x the projection's overall variance (law of total variance)."""
+        overall = (priors[:, None] * (within + (means - priors @ means) ** 2)).sum(0)
+        return torch.maximum(within, torch.clamp(self.var_floor * overall, min=_ABS_VAR_FLOOR))
+
+    def fit_score_samples(self, X: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor) -> np.ndarray:
+        """`fit(X, y).score_samples(X, y)`, projecting X once per block of directions instead of twice.
+
+        All samples are projected on a block of directions (n x block values, within max_block_elements);
+        the block's class variances and the scores both come from that one projection. When even 16
+        directions for all samples exceed the memory bound, it falls back to fit then score.
+        """
+        dtype = self._torch_dtype()
+        x = _as_features(X, dtype)
+        n = x.shape[0]
+        k_block = min(256, self.max_block_elements // n)
+        if k_block < 16:
+            return self.fit(x, y).score_samples(x, y)
+        idx, classes = _as_labels(y, n)
+        theta = _as_directions(self.directions, self.n_directions, x.shape[1], self.seed, dtype)
+        n_classes, k = classes.size, theta.shape[0]
+        counts = torch.bincount(idx, minlength=n_classes).to(dtype)
+        onehot = torch.nn.functional.one_hot(idx, n_classes).to(dtype).T.contiguous()
+        class_means = (onehot @ x) / counts[:, None]
+        priors = counts / counts.sum()
+        center = priors @ class_means
+        centred = x - center
+        means = (class_means - center) @ theta.T
+        log_priors = torch.log(priors)
+        own_log_prior = log_priors[idx][:, None]
+        kernel = _kernel(n * k * n_classes, self.compile)
+        n_chunk = max(1, self.max_block_elements // (n_classes * k_block))  # rows per kernel call
+        variances, total = torch.empty(n_classes, k, dtype=dtype), torch.zeros(n, dtype=dtype)
+        for k0 in range(0, k, k_block):
+            sl = slice(k0, k0 + k_block)
+            z = centred @ theta[sl].T  # (n, block): the only projection of these directions
+            mu = means[:, sl]
+            sq = onehot @ (z - mu[idx]).square()  # within-class sums of squares, (C, block)
+            var = self._floored(sq / counts[:, None], mu, priors)
+            variances[:, sl] = var
+            inv, a = -0.5 / var, log_priors[:, None] - 0.5 * torch.log(var)
+            for n0 in range(0, n, n_chunk):
+                rows = slice(n0, n0 + n_chunk)
+                total[rows] += kernel(z[rows], idx[rows], mu, inv, a, own_log_prior[rows], 1)
+        self.classes_, self.center_, self.directions_, self.priors_ = classes, center, theta, priors
+        self.means_, self.variances_, self.n_features_in_ = means, variances, x.shape[1]
+        return (total / k).numpy()
 
     def _per_direction_terms(self, X: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor,
                              reduce: str) -> torch.Tensor:
@@ -172,28 +280,23 @@ class PointwiseSMI(BaseEstimator):
         idx = torch.from_numpy(pos.astype(np.int64))
         n, k, n_classes = x.shape[0], self.means_.shape[1], self.means_.shape[0]
         n_block, k_block = _block_sizes(n, k, n_classes, self.max_block_elements)
-        # log pi_c N(z | mu_c, v_c) = a_c + (z - mu_c)^2 * b_c  (the -log(2 pi)/2 cancels in the ratio)
         inv = -0.5 / self.variances_
         log_priors = torch.log(self.priors_)
         a = log_priors[:, None] - 0.5 * torch.log(self.variances_)
+        kernel = _kernel(n * k * n_classes, self.compile)
         out = torch.zeros(n if reduce == "samples" else k, dtype=dtype)
         for n0 in range(0, n, n_block):
             rows = idx[n0:n0 + n_block]
             centred = x[n0:n0 + n_block] - self.center_
+            own_log_prior = log_priors[rows][:, None]
             for k0 in range(0, k, k_block):
                 sl = slice(k0, k0 + k_block)
-                mu, b, a_blk = self.means_[:, sl], inv[:, sl], a[:, sl]
                 z = centred @ self.directions_[sl].T  # (rows, dirs)
-                dev = (z[None] - mu[:, None, :]).square_()  # (C, rows, dirs)
-                logp = dev.mul_(b[:, None, :]).add_(a_blk[:, None, :])
-                own = logp.gather(0, rows[None, :, None].expand(1, -1, z.shape[1]))[0]
-                own -= log_priors[rows][:, None]
-                top = logp.amax(0)  # every term is finite (variances are floored): no inf handling needed
-                terms = own.sub_(top).sub_(logp.sub_(top).exp_().sum(0).log_())
                 if reduce == "samples":
-                    out[n0:n0 + n_block] += terms.sum(1)
+                    out[n0:n0 + n_block] += kernel(z, rows, self.means_[:, sl], inv[:, sl], a[:, sl],
+                                                   own_log_prior, 1)
                 else:
-                    out[sl] += terms.sum(0)
+                    out[sl] += kernel(z, rows, self.means_[:, sl], inv[:, sl], a[:, sl], own_log_prior, 0)
         return out / (k if reduce == "samples" else n)
 
     def score_samples(self, X: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -212,10 +315,10 @@ def pointwise_smi(features: np.ndarray | torch.Tensor, labels: np.ndarray | torc
 
     `directions` (k, d) are used as given after normalising to unit length; otherwise `n_directions`
     uniform directions are drawn with `seed`. Extra keyword arguments go to PointwiseSMI
-    (var_floor, max_block_elements, dtype).
+    (var_floor, max_block_elements, dtype, compile).
     """
     est = PointwiseSMI(n_directions=n_directions, seed=seed, directions=directions, **kwargs)
-    return est.fit(features, labels).score_samples(features, labels)
+    return est.fit_score_samples(features, labels)
 
 
 def _knn_mi_1d(z: torch.Tensor, idx: torch.Tensor, n_classes: int, n_neighbors: int) -> torch.Tensor:
