@@ -87,6 +87,8 @@ class Audit:
     def texts(self, path: Path) -> None:
         from memprobe.corpora import bundled_corpus
 
+        # --quick keeps 3 texts per kind, so it samples only the model-sample controls it keeps (2 prompts)
+        prompts = 2 if self.config.quick else None
         if self.config.texts:
             docs = read_jsonl(self.config.texts)
             if not docs:
@@ -94,9 +96,10 @@ class Audit:
             # Users' texts are candidates unless they say otherwise; controls come from the bundled corpus.
             docs = [{"role": "candidate", "split_group": d["id"], **d} for d in docs]
             if not any(d["role"] == "control" for d in docs):
-                docs += [d for d in bundled_corpus(self.loaded, seed=self.config.seed) if d.get("role") == "control"]
+                docs += [d for d in bundled_corpus(self.loaded, seed=self.config.seed, sample_prompts=prompts)
+                         if d.get("role") == "control"]
         else:
-            docs = bundled_corpus(self.loaded, seed=self.config.seed)
+            docs = bundled_corpus(self.loaded, seed=self.config.seed, sample_prompts=prompts)
         if self.config.quick:
             docs = _quick_subset(docs, per_kind=3)
         write_jsonl(path, docs)
@@ -192,6 +195,7 @@ class Audit:
         """Build a suppression edit on half the memorized texts; measure it on the other half."""
         from memprobe.intervene.ablation import save_edit
         from memprobe.intervene.export import export_patched
+        from memprobe.intervene.localizers import mean_activations
         from memprobe.intervene.suppress import (
             evaluate,
             make_edit,
@@ -214,9 +218,11 @@ class Audit:
         model = self.loaded.model
         held_mem, held_ctrl = ids["heldout_memorized"], ids["heldout_control"] or ids["build_control"]
         base = evaluate(model, held_mem, held_ctrl)
-        edit = make_edit(model, SUPPRESSION_METHOD, mem, ctrl, fraction=SUPPRESSION_FRACTION, seed=self.config.seed)
+        means = mean_activations(model, ctrl)
+        edit = make_edit(model, SUPPRESSION_METHOD, mem, ctrl, fraction=SUPPRESSION_FRACTION, seed=self.config.seed,
+                         means=means)
         random_edit = make_edit(model, "random-neurons", mem, ctrl, fraction=edit.size / _n_neurons(model),
-                                seed=self.config.seed)
+                                seed=self.config.seed, means=means)
         curve, random_curve = [], []
         for strength in SUPPRESSION_STRENGTHS:
             for e, into in ((edit, curve), (random_edit, random_curve)):

@@ -363,12 +363,16 @@ def _repetitions(seed: int) -> list[dict[str, Any]]:
     return docs
 
 
-def _model_samples(loaded: Any, seed: int) -> list[dict[str, Any]]:
-    """Text the model itself finds likely: temperature sampling from neutral prompts, seeded."""
+def _model_samples(loaded: Any, seed: int, n_prompts: int | None = None) -> list[dict[str, Any]]:
+    """Text the model itself finds likely: temperature sampling from neutral prompts, seeded.
+
+    `n_prompts` keeps the first prompts only; their samples are the same as in the full set (the
+    prompts draw from one seeded generator in order), so a short corpus is a prefix of the full one.
+    """
     generator = torch.Generator().manual_seed(seed)
     special = set(loaded.tokenizer.all_special_ids)
     docs = []
-    for p, prompt in enumerate(SAMPLE_PROMPTS):
+    for p, prompt in enumerate(SAMPLE_PROMPTS[:n_prompts]):
         ids = loaded.encode(prompt)
         prefixes = torch.tensor([ids] * SAMPLES_PER_PROMPT, dtype=torch.long)
         sampled = continue_tokens(loaded.model, prefixes, SAMPLE_TOKENS, temperature=SAMPLE_TEMPERATURE,
@@ -383,9 +387,11 @@ def _model_samples(loaded: Any, seed: int) -> list[dict[str, Any]]:
     return docs
 
 
-def bundled_corpus(loaded: Any = None, *, seed: int = 0, include_model_samples: bool = True) -> list[dict[str, Any]]:
+def bundled_corpus(loaded: Any = None, *, seed: int = 0, include_model_samples: bool = True,
+                   sample_prompts: int | None = None) -> list[dict[str, Any]]:
     """The whole corpus, the same for the same seed (and model). Model samples need `loaded`; without
-    it they are left out with a warning. Missing machine sources are left out with a warning too."""
+    it they are left out with a warning. Missing machine sources are left out with a warning too.
+    `sample_prompts` limits the model samples to the first prompts (sampling is the slow part)."""
     famous = [*_licences(), *_licence_notices(), *_python_texts(), *_shakespeare(),
               *_data_file("famous_texts.jsonl", "candidate")]
     rng = random.Random(seed)
@@ -397,5 +403,5 @@ def bundled_corpus(loaded: Any = None, *, seed: int = 0, include_model_samples: 
             warnings.warn("bundled corpus: no model given, so the model-sample controls are left out; "
                           "pass loaded=load_model(...) to include them", stacklevel=2)
         else:
-            docs += _model_samples(loaded, seed)
+            docs += _model_samples(loaded, seed, sample_prompts)
     return docs

@@ -120,7 +120,8 @@ def token_labels(
 
 def _labels_from_logits(logits: torch.Tensor, ids: torch.Tensor, min_prob: float) -> TokenLabels:
     n = logits.shape[0]
-    logp = torch.log_softmax(logits[:-1].double(), dim=-1)  # row t predicts token t+1
+    # float32: log_softmax is accurate to ~1e-7 there, and float64 over a 49k vocabulary cost 10% of labelling
+    logp = torch.log_softmax(logits[:-1].float(), dim=-1)  # row t predicts token t+1
     targets = ids[1:n].to(logp.device)
     target_logp = logp.gather(-1, targets[:, None])[:, 0]
     top_logp, argmax = logp.max(-1)
@@ -282,9 +283,13 @@ def label_documents(
     prefix_len: int = 32,
     suffix_len: int = 32,
     batch_size: int = 8,
+    generate_batch_size: int = 32,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Label `{"id", "text", ...}` documents with `loaded` (a LoadedModel); JSONL-ready records.
+
+    `generate_batch_size` windows are extended together by greedy decoding: each decoding step is
+    dominated by per-call overhead and the LM head, so 32 at a time is 2.6x faster than 8 on a CPU.
 
     Each record keeps the document's fields and adds token ids, per-token arrays (null where
     undefined), the sequence labels of the window at offset 0, and the labeller's settings. A
@@ -294,7 +299,8 @@ def label_documents(
     encoded = _check_documents(loaded, docs)
     tokens = token_labels(loaded.model, encoded, min_prob=min_prob, batch_size=batch_size, progress=progress)
     seqs = sequence_labels(
-        loaded.model, encoded, prefix_len=prefix_len, suffix_len=suffix_len, batch_size=batch_size, progress=progress
+        loaded.model, encoded, prefix_len=prefix_len, suffix_len=suffix_len, batch_size=generate_batch_size,
+        progress=progress,
     )
     settings = {"model": loaded.name, "min_prob": min_prob, "prefix_len": prefix_len, "suffix_len": suffix_len}
     records = []

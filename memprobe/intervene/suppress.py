@@ -140,15 +140,19 @@ def probe_direction(loaded: Any, layer: int) -> torch.Tensor:
 
 def make_edit(model: nn.Module, method: str, memorized: Sequence[Target], controls: Sequence[Target], *,
               fraction: float = 0.005, strength: float = 1.0, seed: int = 0, layer: int | None = None,
-              loaded: Any = None) -> Edit:
-    """Build one suppression edit by `method` from memorized and control targets."""
+              loaded: Any = None, means: torch.Tensor | None = None) -> Edit:
+    """Build one suppression edit by `method` from memorized and control targets.
+
+    `means`: the neurons' mean activations on the controls, when the caller already has them (neuron
+    methods ablate toward them; computing them is a forward pass over every control text).
+    """
     n_layers, width = mlp_shape(model)
     layer = layer if layer is not None else (2 * n_layers) // 3
     meta = {"method": method, "seed": seed, "built_from": len(memorized), "controls": len(controls)}
     if method in ("contrast-neurons", "guarded-contrast-neurons", "random-neurons"):
         # Mean ablation toward the neurons' mean on ordinary text: zeroing keeps no neuron's constant
         # contribution, and a few neurons with large constant outputs then break the model.
-        means = mean_activations(model, controls)
+        means = mean_activations(model, controls) if means is None else means
         meta = {**meta, "fraction": fraction, "ablation": "mean"}
         if method == "random-neurons":
             return top_neurons(random_scores(model, seed), fraction, strength=strength, means=means, meta=meta)

@@ -60,19 +60,25 @@ def fit_logistic_batch(
     scale = torch.where(var > _EPS, var.sqrt(), torch.ones_like(var))
     u = torch.zeros((S, P, D), dtype=dtype, requires_grad=True)
     b = torch.zeros((S, P), dtype=dtype, requires_grad=True)
-
-    def logits() -> torch.Tensor:
-        raw = u / scale
-        return torch.bmm(X, raw.transpose(1, 2)).transpose(1, 2) + (b - (mean * raw).sum(-1))[..., None]
+    XT = X.transpose(1, 2).contiguous()  # (S, D, N): both products below are plain contiguous GEMMs
 
     opt = torch.optim.LBFGS([u, b], lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=tol * 1e-3,
                             history_size=20, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
-        opt.zero_grad()
-        nll = F.binary_cross_entropy_with_logits(logits(), Y.expand(S, P, N), reduction="none")
-        loss = (nll * w).sum() + (alpha[None, :, None] / 2 * u * u).sum()
-        loss.backward()
+        # Closed-form gradient instead of autograd: autograd's bmm backward took 12x the forward here
+        # (a slow CPU path for the transposed batched product), and this is the probes' inner loop.
+        with torch.no_grad():
+            raw = u / scale
+            z = torch.bmm(raw, XT) + (b - (mean * raw).sum(-1))[..., None]  # (S, P, N) logits
+            target = Y.expand(S, P, N)
+            loss = (F.binary_cross_entropy_with_logits(z, target, reduction="none") * w).sum()
+            loss = loss + (alpha[None, :, None] / 2 * u * u).sum()
+            r = (torch.sigmoid(z) - target) * w  # d loss / d logit
+            g_c = r.sum(-1)
+            g_raw = torch.bmm(r, X)
+            u.grad = (g_raw - g_c[..., None] * mean) / scale + alpha[None, :, None] * u
+            b.grad = g_c
         return loss
 
     opt.step(closure)
