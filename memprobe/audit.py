@@ -42,9 +42,10 @@ class Audit:
     def __init__(self, config: AuditConfig, out: str | Path) -> None:
         self.config = config
         self.out = Path(out)
-        self.timings: dict[str, float] = {}
         self._loaded = None
         self._claim_directory()
+        timings = self.out / "timings.json"
+        self.timings: dict[str, float] = json.loads(timings.read_text()) if timings.exists() else {}
 
     def _claim_directory(self) -> None:
         marker = self.out / "audit-config.json"
@@ -80,6 +81,7 @@ class Audit:
         t = time.perf_counter()
         fn(path)
         self.timings[name] = time.perf_counter() - t
+        write_json(self.out / "timings.json", self.timings)  # kept, so a resumed audit reports every step
         return path
 
     # -- steps ------------------------------------------------------------------------------
