@@ -74,6 +74,8 @@ def test_audit_finds_localizes_and_suppresses(memorizing_model, tmp_path):
     # a re-run reuses every finished step
     again = _audit("--model", str(model), "--texts", str(texts), "--out", str(out), "--quick")
     assert again.returncode == 0 and again.stdout.count("reusing") >= 7
+    steps = json.loads((out / "results.json").read_text())["timings_s"]  # first run's timings survive the re-run
+    assert {"label", "capture", "probe sweep", "suppression patch"} <= set(steps) and all(v > 0 for v in steps.values())
 
     page = check_page(out / "report.html")
     assert page.ok, page
