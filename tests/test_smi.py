@@ -57,25 +57,44 @@ def test_matches_direct_loop(data):
     np.testing.assert_allclose(pointwise_smi(x, y, directions=theta), ref, atol=2e-4)  # float32 default
 
 
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="no C++ compiler")
-def test_fused_kernel_matches_plain_ops(data):
-    """The torch.compile kernel (used for big problems) gives the plain kernel's values, both reductions."""
-    from memprobe.predict import smi
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
+def test_native_kernel_matches_plain_ops(data):
+    """The C kernel (used for float32 when it builds) gives the plain torch values, far points included."""
+    from memprobe.predict import native
 
     x, y = data
     theta = random_directions(40, 16, seed=3)
-    plain = PointwiseSMI(directions=theta, compile=False)
-    fused = PointwiseSMI(directions=theta, compile=True)
-    np.testing.assert_allclose(fused.fit_score_samples(x, y), plain.fit_score_samples(x, y), atol=1e-5)
-    np.testing.assert_allclose(fused.sliced_mi_per_direction(x, y), plain.sliced_mi_per_direction(x, y), atol=1e-5)
-    np.testing.assert_allclose(fused.fit(x, y).score_samples(x, y), plain.score_samples(x, y), atol=1e-5)
-    assert smi._COMPILED and smi._COMPILED[0] is not None  # compiled for real, not the fallback
+    plain = PointwiseSMI(directions=theta, native=False)
+    fast = PointwiseSMI(directions=theta, native=True)
+    np.testing.assert_allclose(fast.fit_score_samples(x, y), plain.fit_score_samples(x, y), atol=2e-5)
+    np.testing.assert_allclose(fast.fit(x, y).score_samples(x, y), plain.score_samples(x, y), atol=2e-5)
+    np.testing.assert_allclose(fast.variances_, plain.variances_, rtol=1e-5)
+    assert native.load() is not None  # the compiled kernel ran, not the fallback
     far = x.copy()
-    far[0] += 300.0  # so far from every class that the one-pass kernel's mixture sum underflows
-    expected = PointwiseSMI(directions=theta, compile=False).fit_score_samples(far, y)
-    got = PointwiseSMI(directions=theta, compile=True).fit_score_samples(far, y)
+    far[0] += 300.0  # so far from every class that unshifted class densities underflow to 0
+    expected = PointwiseSMI(directions=theta, native=False, dtype="float64").fit_score_samples(far, y)
+    got = PointwiseSMI(directions=theta, native=True).fit_score_samples(far, y)
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+    with pytest.raises(MemprobeError, match="float32 only"):
+        PointwiseSMI(directions=theta, native=True, dtype="float64").fit_score_samples(x, y)
+
+
+def test_native_kernel_absent_falls_back(data, tmp_path, monkeypatch):
+    """No compiler: load() gives None, PSMI still works (plain torch) and native=True says what to do."""
+    from memprobe.predict import native
+
+    monkeypatch.setattr(native, "_LOADED", [])
+    monkeypatch.setattr(native, "CACHE_DIR", tmp_path)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    assert native.load() is None
+    assert not list((tmp_path / "kernels").glob("*"))  # nothing half-built left behind
+    x, y = data
+    theta = random_directions(8, 16, seed=3)
+    np.testing.assert_allclose(pointwise_smi(x, y, directions=theta),
+                               pointwise_smi(x, y, directions=theta, native=False))
+    with pytest.raises(MemprobeError, match="install a C compiler"):
+        pointwise_smi(x, y, directions=theta, native=True)
 
 
 def test_fit_then_score_equals_one_pass(data):

@@ -9,7 +9,8 @@ a model will memorize.
 
 Why it is fast: one matmul projects a block of samples on a block of directions; class means come from the
 class means in feature space; the per-element work (C class log-densities, their logsumexp, the own-class
-term) runs as one fused kernel (torch.compile, when a C++ compiler is there; plain torch ops otherwise).
+term) and the class variances run in a small C kernel (`native.py`, built with the system compiler on first
+use; plain torch ops when there is none).
 `pointwise_smi` fits and scores the same samples, so it projects them once: each block of directions is
 projected for all samples, its class variances are taken from those projections, and the same projections
 are scored. Blocks bound the memory whatever the number of samples and directions.
@@ -23,15 +24,16 @@ constant within a class gives large finite values, not inf or NaN.
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator
 
 from memprobe.errors import MemprobeError
+from memprobe.predict import native
 
 _ABS_VAR_FLOOR = 1e-12
+_LOG2E = 1 / math.log(2)
 
 
 def random_directions(n_directions: int, dim: int, seed: int = 0) -> np.ndarray:
@@ -49,6 +51,8 @@ def _as_features(features: np.ndarray | torch.Tensor, dtype: torch.dtype) -> tor
     if x.shape[0] == 0 or x.shape[1] == 0:
         raise MemprobeError(f"features are empty (shape {tuple(x.shape)})")
     x = x.to(dtype)
+    if torch.isfinite(x.sum()):  # one cheap pass; any NaN or inf makes it non-finite (overflow: checked below)
+        return x
     step = max(1, 2**20 // x.shape[1])  # in row blocks: isfinite on the whole array costs ~2x its size
     bad_rows = torch.cat([(~torch.isfinite(x[i:i + step])).sum(1) for i in range(0, x.shape[0], step)])
     if bad_rows.any():
@@ -104,7 +108,7 @@ def _log_ratio_sums(z: torch.Tensor, own: torch.Tensor, means: torch.Tensor, inv
 
     means, inv = -1/(2 var), a = log pi - log(var)/2: (C, dirs); own: class index per row; own_log_prior:
     (rows, 1). The -log(2 pi)/2 cancels in the ratio. Every term is finite (variances are floored), so the
-    logsumexp needs no inf handling. Written without in-place ops so torch.compile can fuse it.
+    logsumexp needs no inf handling. The plain-torch path; the C kernel computes the same in one pass.
     """
     logp = a[:, None, :] + inv[:, None, :] * (z[None] - means[:, None, :]).square()
     top = logp.amax(0)
@@ -113,49 +117,28 @@ def _log_ratio_sums(z: torch.Tensor, own: torch.Tensor, means: torch.Tensor, inv
     return (mine - mixture).sum(dim)
 
 
-def _shifted_log_ratio_sums(z: torch.Tensor, own: torch.Tensor, means: torch.Tensor, inv: torch.Tensor,
-                            a: torch.Tensor, own_log_prior: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_log_ratio_sums` with one pass over the classes instead of two, plus the smallest mixture sum.
-
-    Every class log-density is at most its a_c (the squared term is <= 0), so max_c a_c is a shift that
-    can never overflow, known before looking at z. It can underflow for a point far from every class;
-    the caller then redoes the block with the max-shifted kernel (`_log_ratio_sums`).
-    """
-    shift = a.amax(0)
-    mix = (a[:, None, :] - shift + inv[:, None, :] * (z[None] - means[:, None, :]).square()).exp().sum(0)
-    mine = a[own] - own_log_prior + inv[own] * (z - means[own]).square()
-    return (mine - shift - mix.log()).sum(dim), mix.amin()
-
-
-_COMPILED: list = []  # [compiled kernel] once built, [None] when torch.compile is unavailable here
-_COMPILE_MIN_ELEMENTS = 20_000_000  # below this (rows x dirs x classes) compiling costs more than it saves
-_UNDERFLOW = 1e-30  # a mixture sum below this has lost float32 precision: recompute with the safe shift
+def _native_kernel(use_native: bool | None, dtype: torch.dtype):
+    """The C kernel (`native.py`) when asked for or available, else None (plain torch ops, same values)."""
+    if use_native is False:
+        return None
+    if dtype != torch.float32:
+        if use_native:
+            raise MemprobeError("the native PSMI kernel is float32 only: pass dtype='float32' or native=None")
+        return None
+    lib = native.load()
+    if lib is None and use_native:
+        raise MemprobeError("native=True but the PSMI C kernel could not be built: install a C compiler "
+                            "(cc, or set CC) or pass native=None to fall back to torch ops")
+    return lib
 
 
-def _kernel(n_elements: int, use_compile: bool | None):
-    """The fused kernel for big problems (compiled once per process), plain torch for small ones."""
-    if use_compile is False or (use_compile is None and n_elements < _COMPILE_MIN_ELEMENTS):
-        return _log_ratio_sums
-    if not _COMPILED:
-        try:
-            fused = torch.compile(_shifted_log_ratio_sums, dynamic=True)
-            probe = torch.zeros(3, 2)
-            fused(probe, torch.zeros(3, dtype=torch.long), probe[:2], probe[:2] - 1, probe[:2],
-                  probe[:, :1], 1)
-            _COMPILED.append(fused)
-        except Exception as exc:  # no C++ compiler, unsupported platform: the plain kernel is exact too
-            warnings.warn(f"torch.compile unavailable ({type(exc).__name__}); PSMI uses plain torch ops, "
-                          "about 2x slower", stacklevel=3)
-            _COMPILED.append(None)
-    if _COMPILED[0] is None:
-        return _log_ratio_sums
-    fused = _COMPILED[0]
-
-    def run(*args) -> torch.Tensor:
-        sums, smallest = fused(*args)
-        return _log_ratio_sums(*args) if float(smallest) < _UNDERFLOW else sums
-
-    return run
+def _native_log_ratio_sums(lib, z: torch.Tensor, own: torch.Tensor, means: torch.Tensor, var: torch.Tensor,
+                           log_priors: torch.Tensor) -> torch.Tensor:
+    """`_log_ratio_sums(..., dim=1)` in nats through the C kernel, which works in base 2."""
+    inv2 = (-_LOG2E / 2) / var
+    a2 = _LOG2E * (log_priors[:, None] - 0.5 * torch.log(var))
+    sums = native.log_ratio_sums(lib, z.contiguous(), own, means.contiguous(), inv2, a2)
+    return math.log(2) * sums - z.shape[1] * log_priors[own]
 
 
 class PointwiseSMI(BaseEstimator):
@@ -167,19 +150,20 @@ class PointwiseSMI(BaseEstimator):
     Parameters: n_directions, seed (used when `directions` is None); directions (k, d) used as given after
     normalising; var_floor (relative variance floor, see module doc); max_block_elements (memory bound:
     the largest temporary tensor holds about this many values); dtype ("float32" or "float64");
-    compile (None: fuse the per-element work with torch.compile for large problems; True/False: always/never).
+    native (None: the C kernel of `native.py` for float32 when it builds, else plain torch ops; True: require
+    it; False: plain torch ops).
     """
 
     def __init__(self, n_directions: int = 2000, seed: int = 0, directions: np.ndarray | None = None,
                  var_floor: float = 1e-6, max_block_elements: int = 2**24, dtype: str = "float32",
-                 compile: bool | None = None):
+                 native: bool | None = None):
         self.n_directions = n_directions
         self.seed = seed
         self.directions = directions
         self.var_floor = var_floor
         self.max_block_elements = max_block_elements
         self.dtype = dtype
-        self.compile = compile
+        self.native = native
 
     def _torch_dtype(self) -> torch.dtype:
         if self.dtype not in ("float32", "float64"):
@@ -244,20 +228,28 @@ class PointwiseSMI(BaseEstimator):
         means = (class_means - center) @ theta.T
         log_priors = torch.log(priors)
         own_log_prior = log_priors[idx][:, None]
-        kernel = _kernel(n * k * n_classes, self.compile)
-        n_chunk = max(1, self.max_block_elements // (n_classes * k_block))  # rows per kernel call
+        lib = _native_kernel(self.native, dtype)
+        n_chunk = max(1, self.max_block_elements // (n_classes * k_block))  # rows per plain-torch call
         variances, total = torch.empty(n_classes, k, dtype=dtype), torch.zeros(n, dtype=dtype)
+        buffer = torch.empty(n * k_block, dtype=dtype)  # reused: fresh pages for each block cost ~10%
         for k0 in range(0, k, k_block):
             sl = slice(k0, k0 + k_block)
-            z = centred @ theta[sl].T  # (n, block): the only projection of these directions
-            mu = means[:, sl]
-            sq = onehot @ (z - mu[idx]).square()  # within-class sums of squares, (C, block)
+            width = theta[sl].shape[0]
+            z = torch.mm(centred, theta[sl].T, out=buffer[:n * width].view(n, width))  # the only projection
+            mu = means[:, sl].contiguous()
+            if lib is not None:
+                sq = native.class_square_sums(lib, z, idx, mu)
+            else:
+                sq = onehot @ (z - mu[idx]).square()  # within-class sums of squares, (C, block)
             var = self._floored(sq / counts[:, None], mu, priors)
             variances[:, sl] = var
+            if lib is not None:
+                total += _native_log_ratio_sums(lib, z, idx, mu, var, log_priors)
+                continue
             inv, a = -0.5 / var, log_priors[:, None] - 0.5 * torch.log(var)
             for n0 in range(0, n, n_chunk):
                 rows = slice(n0, n0 + n_chunk)
-                total[rows] += kernel(z[rows], idx[rows], mu, inv, a, own_log_prior[rows], 1)
+                total[rows] += _log_ratio_sums(z[rows], idx[rows], mu, inv, a, own_log_prior[rows], 1)
         self.classes_, self.center_, self.directions_, self.priors_ = classes, center, theta, priors
         self.means_, self.variances_, self.n_features_in_ = means, variances, x.shape[1]
         return (total / k).numpy()
@@ -283,7 +275,7 @@ class PointwiseSMI(BaseEstimator):
         inv = -0.5 / self.variances_
         log_priors = torch.log(self.priors_)
         a = log_priors[:, None] - 0.5 * torch.log(self.variances_)
-        kernel = _kernel(n * k * n_classes, self.compile)
+        lib = _native_kernel(self.native, dtype) if reduce == "samples" else None
         out = torch.zeros(n if reduce == "samples" else k, dtype=dtype)
         for n0 in range(0, n, n_block):
             rows = idx[n0:n0 + n_block]
@@ -292,11 +284,15 @@ class PointwiseSMI(BaseEstimator):
             for k0 in range(0, k, k_block):
                 sl = slice(k0, k0 + k_block)
                 z = centred @ self.directions_[sl].T  # (rows, dirs)
-                if reduce == "samples":
-                    out[n0:n0 + n_block] += kernel(z, rows, self.means_[:, sl], inv[:, sl], a[:, sl],
-                                                   own_log_prior, 1)
+                if lib is not None:
+                    out[n0:n0 + n_block] += _native_log_ratio_sums(lib, z, rows, self.means_[:, sl],
+                                                                   self.variances_[:, sl], log_priors)
+                elif reduce == "samples":
+                    out[n0:n0 + n_block] += _log_ratio_sums(z, rows, self.means_[:, sl], inv[:, sl], a[:, sl],
+                                                            own_log_prior, 1)
                 else:
-                    out[sl] += kernel(z, rows, self.means_[:, sl], inv[:, sl], a[:, sl], own_log_prior, 0)
+                    out[sl] += _log_ratio_sums(z, rows, self.means_[:, sl], inv[:, sl], a[:, sl],
+                                               own_log_prior, 0)
         return out / (k if reduce == "samples" else n)
 
     def score_samples(self, X: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -315,7 +311,7 @@ def pointwise_smi(features: np.ndarray | torch.Tensor, labels: np.ndarray | torc
 
     `directions` (k, d) are used as given after normalising to unit length; otherwise `n_directions`
     uniform directions are drawn with `seed`. Extra keyword arguments go to PointwiseSMI
-    (var_floor, max_block_elements, dtype, compile).
+    (var_floor, max_block_elements, dtype, native).
     """
     est = PointwiseSMI(n_directions=n_directions, seed=seed, directions=directions, **kwargs)
     return est.fit_score_samples(features, labels)
