@@ -52,7 +52,7 @@ from memprobe.probes import (
     save_directions,
     save_probe,
 )
-from memprobe.probes.artefact import FEATURE_OFFSET, default_probe_dir
+from memprobe.probes.artefact import DEFAULT_WINDOW, FEATURE_OFFSET, default_probe_dir
 from memprobe.probes.sweep import balanced_weights
 from memprobe.results import save_results
 from memprobe.sites import layer_of, site_kind
@@ -116,8 +116,10 @@ def cached_cv(cache: Path, sweep: ProbeSweep, store: Any, rows: np.ndarray, y: n
               **kwargs: Any) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
     """sweep.cross_validate, saved under `cache` keyed by its inputs, so a rerun skips the sweep."""
     mask = kwargs.get("trainable")
+    window = [] if sweep.window == 1 else [sweep.window]  # window-1 sweeps keep their earlier cache key
     key = _digest([rows.tolist(), y.tolist(), folds.tolist(), None if mask is None else mask.tolist(), sweep.alpha,
-                   sweep.max_iter, {k: v for k, v in kwargs.items() if k != "trainable"}])
+                   sweep.max_iter, {k: v for k, v in kwargs.items() if k not in ("trainable", "doc_start")},
+                   *window])
     path = cache / f"sweep-{key}.npz"
     if path.exists():
         z = np.load(path)
@@ -145,9 +147,9 @@ def baselines_block(tokens: TokenSet, mask: np.ndarray, labels: np.ndarray, n_bo
 
 
 def sparse_curve(store: Any, site: str, rows: np.ndarray, y: np.ndarray, folds: np.ndarray, train_ok: np.ndarray,
-                 eval_mask: np.ndarray, fold_coef: np.ndarray) -> dict[int, float]:
+                 eval_mask: np.ndarray, fold_coef: np.ndarray, window: int, doc_start: np.ndarray) -> dict[int, float]:
     """Out-of-fold AUC of top-k probes: each fold ranks neurons by its own dense probe, then refits."""
-    X = read_rows(store, site, rows).double().numpy()
+    X = read_rows(store, site, rows, window=window, doc_start=doc_start).double().numpy()
     out = {}
     for k in (k for k in K_GRID if k <= X.shape[1]):
         scores = np.empty(len(y))
@@ -167,13 +169,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                              max_words=args.max_words)
     n_boot = 50 if args.quick else args.n_boot
     rows = tokens.store_rows(store, FEATURE_OFFSET)
+    doc_start = tokens.store_doc_starts(store)
     y = tokens.label
     is_rep = tokens.category == REPETITION
     main_mask = ~is_rep  # memorized vs confident controls
     folds = group_folds(tokens.group, y, n_folds=N_FOLDS, seed=args.seed)
-    sweep = ProbeSweep(alpha=ALPHA, max_iter=MAX_ITER, progress=True)
+    sweep = ProbeSweep(alpha=ALPHA, max_iter=MAX_ITER, progress=True, window=args.window)
     oof, shuffled, fold_coef = cached_cv(args.cache, sweep, store, rows, y, folds, n_shuffled=1, seed=args.seed,
-                                         trainable=main_mask)
+                                         trainable=main_mask, doc_start=doc_start)
     sites = [s for s in store.sites if s in oof]
     per_site = {}
     for s in sites:
@@ -184,12 +187,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     best = max(sites, key=lambda s: per_site[s]["probe"]["roc_auc"])
     baselines = baselines_block(tokens, main_mask, y, n_boot, args.seed)
 
+    # Slonski's per-token probe (one position, window 1) beside the windowed one, same folds and tokens
+    per_token = {}
+    if args.window != 1:
+        single = ProbeSweep(alpha=ALPHA, max_iter=MAX_ITER, progress=True)
+        oof1, _, _ = cached_cv(args.cache, single, store, rows, y, folds, n_shuffled=1, seed=args.seed,
+                               trainable=main_mask)
+        auc1 = {s: roc_auc(oof1[s][main_mask], y[main_mask]) for s in sites}
+        best1 = max(sites, key=auc1.__getitem__)
+        per_token = {"best_site": best1, "auc_per_site": auc1, "at_best_site": detection(
+            oof1[best1][main_mask], y[main_mask], tokens.doc_id[main_mask], n_boot=n_boot, seed=args.seed)}
+
     # negatives by kind at the best site: which controls look memorized?
     by_kind = {}
     for kind in sorted(set(tokens.kind[tokens.category == CONTROL].tolist())):
         m = (tokens.category == MEMORIZED) | ((tokens.category == CONTROL) & (tokens.kind == kind))
         by_kind[kind] = {"probe_auc": roc_auc(oof[best][m], y[m]), "target_prob_auc": roc_auc(tokens.target_prob[m], y[m]),
                          "control_tokens": int(((tokens.category == CONTROL) & (tokens.kind == kind)).sum())}
+
+    # lexical baseline: the same probe on the first block's residual stream, where a window is little more
+    # than a bag of the recent tokens; perturbed famous texts share nearly all their words with the originals
+    lexical_site = min((s for s in sites if site_kind(s) == "hook_resid_post"), key=layer_of)
+    lexical = {"site": lexical_site, **per_site[lexical_site]["probe"], "by_kind": {
+        kind: roc_auc(oof[lexical_site][m], y[m]) for kind in by_kind
+        for m in [(tokens.category == MEMORIZED) | ((tokens.category == CONTROL) & (tokens.kind == kind))]}}
 
     # in-context repetition, scored by probes that never saw it
     repetition = {}
@@ -205,7 +226,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         # can a probe tell them apart when trained to? memorized (1) vs repetition (0), same folds
         rep_oof, _, _ = cached_cv(args.cache, sweep, store, rows, y, folds, n_shuffled=0, seed=args.seed,
-                                  trainable=rep_mask)
+                                  trainable=rep_mask, doc_start=doc_start)
         repetition["trained_memorized_vs_repetition_auc"] = {s: roc_auc(rep_oof[s][rep_mask], y[rep_mask]) for s in sites}
 
     # cross-genre: train on legal/technical/filler memorized texts, test on literature/speech/scripture
@@ -214,7 +235,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if (y[main_mask][train_g] == 1).any() and (y[main_mask][test_g] == 1).any():
         sub_rows, sub_y, sub_docs = rows[main_mask], y[main_mask], tokens.doc_id[main_mask]
         cg_sites = [s for s in sites if site_kind(s) == "hook_resid_post" or s == best]  # CPU budget
-        cg = sweep.run(store, sub_rows, sub_y[None].astype(float), balanced_weights(sub_y, train_g)[None], cg_sites)
+        cg = sweep.run(store, sub_rows, sub_y[None].astype(float), balanced_weights(sub_y, train_g)[None], cg_sites,
+                       doc_start[main_mask])
         cg_oof = {s: cg.scores[s][0] for s in cg_sites}
         cg_auc = {s: roc_auc(cg_oof[s][test_g], sub_y[test_g]) for s in cg_sites}
         best_cg = max(cg_sites, key=cg_auc.__getitem__)
@@ -234,15 +256,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # sparse probes at the best site
     n_f = len(np.unique(folds))
-    curve = sparse_curve(store, best, rows, y, folds, main_mask, main_mask, fold_coef[best][:n_f])
+    curve = sparse_curve(store, best, rows, y, folds, main_mask, main_mask, fold_coef[best][:n_f], args.window,
+                         doc_start)
     dense = per_site[best]["probe"]["roc_auc"]
     target = 0.95 * dense
     needed = next((k for k, v in curve.items() if v >= target), None)
 
     # the final probe at the best site, on all (non-repetition) tokens: top neurons and the shipped artefact
-    final = sweep.fit(store, rows[main_mask], y[main_mask], sites=[best])[best]
+    final = sweep.fit(store, rows[main_mask], y[main_mask], sites=[best], doc_start=doc_start[main_mask])[best]
     order = np.argsort(-np.abs(final.standardized_coef_))[:20]
-    X_best = read_rows(store, best, rows[main_mask]).numpy()
+    X_best = read_rows(store, best, rows[main_mask], window=args.window, doc_start=doc_start[main_mask]).numpy()
     ym = y[main_mask]
     top_neurons = [{"neuron": int(i), "name": f"{best}[{int(i)}]", "standardized_weight": float(final.standardized_coef_[i]),
                     "mean_memorized": float(X_best[ym == 1, i].mean()), "mean_control": float(X_best[ym == 0, i].mean())}
@@ -252,18 +275,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "min_doc_fraction": 0.5, "labeler": records[0]["labeler"], "data": "bundled corpus (seed "
                     f"{args.seed}), texts cut to {args.max_words} words", "site_selection": f"best of {len(sites)} sites "
                     f"by {N_FOLDS}-fold document-grouped CV AUC ({dense:.3f})",
-                    "made_by": "experiments/probe_layers.py"}
-        save_probe(default_probe_dir(loaded.name), final, site=best, model_info=loaded.info, training=training)
+                    "made_by": "experiments/probe_layers.py", "window": args.window}
+        save_probe(default_probe_dir(loaded.name), final, site=best, model_info=loaded.info, training=training,
+                   window=args.window)
+        # Steering directions act on one position's residual stream, so they come from per-token probes
         resid = [s for s in sites if site_kind(s) == "hook_resid_post"]
-        every_layer = sweep.fit(store, rows[main_mask], y[main_mask], sites=resid)
+        per_position = ProbeSweep(alpha=ALPHA, max_iter=MAX_ITER, progress=True)
+        every_layer = per_position.fit(store, rows[main_mask], y[main_mask], sites=resid)
         save_directions(default_probe_dir(loaded.name), {s: p.coef_[0] for s, p in every_layer.items()})
 
     results = {
         "model": loaded.info, "sites": SITES, "n_folds": N_FOLDS, "alpha": ALPHA, "max_iter": MAX_ITER,
-        "feature_position": "activation at t-1 scores token t", "n_boot": n_boot, "quick": args.quick,
+        "feature_position": "activation at t-1 scores token t", "window": args.window,
+        "window_meaning": "feature = mean activation over positions max(start, t-window) .. t-1 of the text",
+        "per_token_probe_window_1": per_token, "n_boot": n_boot, "quick": args.quick,
         "max_words": args.max_words,
         "token_counts": tokens.counts(), "documents": len(set(tokens.doc_id.tolist())),
         "best_site": best, "best": per_site[best], "baselines": baselines, "per_site": per_site,
+        "lexical_baseline_probe": lexical,
         "negatives_by_kind_at_best_site": by_kind, "repetition": repetition, "cross_genre": cross_genre,
         "sparse": {"site": best, "dense_auc": dense, "auc_by_k": curve, "neurons_for_95pct_of_dense": needed},
         "top_neurons": top_neurons, "seconds": time.time() - t0,
@@ -320,12 +349,21 @@ def markdown_table(results: dict) -> str:
     lines = [f"Model {results['model']['name']} ({results['model'].get('quantization')}); "
              f"{results['token_counts']['memorized']['tokens']} memorized vs "
              f"{results['token_counts']['control']['tokens']} confident control tokens in {results['documents']} "
-             f"documents; {results['n_folds']}-fold document-grouped CV; 95% document-bootstrap CIs.", "",
+             f"documents; {results['n_folds']}-fold document-grouped CV; 95% document-bootstrap CIs; probe features "
+             f"average the activations of the {results.get('window', 1)} positions before each token.", "",
              "| score (held-out documents) | ROC-AUC | TPR at 1% FPR |", "|---|---|---|",
              f"| probe at best site `{results['best_site']}` | {_fmt(best['probe'], 'roc_auc')} | "
              f"{_fmt(best['probe'], 'tpr_at_fpr_0.01')} |",
              f"| same site, shuffled-label probe | {_fmt(best['shuffled_labels_probe'], 'roc_auc')} | "
              f"{_fmt(best['shuffled_labels_probe'], 'tpr_at_fpr_0.01')} |"]
+    lex = results.get("lexical_baseline_probe")
+    if lex:
+        lines.append(f"| lexical baseline: same probe at `{lex['site']}` | {_fmt(lex, 'roc_auc')} | "
+                     f"{_fmt(lex, 'tpr_at_fpr_0.01')} |")
+    one = results.get("per_token_probe_window_1")
+    if one:
+        lines.append(f"| per-token probe (window 1) at its best site `{one['best_site']}` | "
+                     f"{_fmt(one['at_best_site'], 'roc_auc')} | {_fmt(one['at_best_site'], 'tpr_at_fpr_0.01')} |")
     for name, block in base.items():
         lines.append(f"| baseline: {name} | {_fmt(block, 'roc_auc')} | {_fmt(block, 'tpr_at_fpr_0.01')} |")
     cg = results["cross_genre"]
@@ -345,6 +383,10 @@ def markdown_table(results: dict) -> str:
                   f"1%-control-FPR threshold; a probe trained to separate them reaches "
                   f"{rep['trained_memorized_vs_repetition_auc'][b]:.3f} "
                   f"(best site {max(rep['trained_memorized_vs_repetition_auc'].values()):.3f})."]
+    by_kind = results["negatives_by_kind_at_best_site"]
+    lines += ["", "AUC against each kind of control (memorized tokens vs that kind only): " + "; ".join(
+        f"{kind} {v['probe_auc']:.3f} (target prob {v['target_prob_auc']:.3f}"
+        + (f", lexical baseline {lex['by_kind'][kind]:.3f}" if lex else "") + ")" for kind, v in by_kind.items()) + "."]
     sp = results["sparse"]
     lines += ["", f"Sparse probes at `{sp['site']}`: {sp['neurons_for_95pct_of_dense']} neurons reach 95% of the "
               f"dense AUC ({sp['dense_auc']:.3f}); AUC by k: "
@@ -359,6 +401,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-boot", type=int, default=200, help="document-bootstrap draws per interval")
     p.add_argument("--max-words", type=int, default=80, help="cut corpus texts to this many words (CPU budget)")
+    p.add_argument("--window", type=int, default=DEFAULT_WINDOW,
+                   help="probe features average this many positions before each token (1: Slonski's per-token probe)")
     p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results")
     p.add_argument("--figures", type=Path, default=ROOT / "figures")
     p.add_argument("--cache", type=Path, help="default: cache/probe_layers/<model> (<model>-quick with --quick)")

@@ -29,8 +29,9 @@ from memprobe.probes.artefact import FEATURE_OFFSET
 from memprobe.results import save_results
 
 
-def transfer(a: str, b: str, args: argparse.Namespace, best_site: str) -> dict:
-    """A's probe at `best_site` on B's model samples vs A's memorized tokens (both held out)."""
+def transfer(a: str, b: str, args: argparse.Namespace, best_site: str, window: int) -> dict:
+    """A's probe at `best_site` (features over `window` positions, as probe_layers used) on B's model samples
+    vs A's memorized tokens (both held out)."""
 
     def cache(model: str) -> Path:
         return args.cache_root / (model + ("-quick" if args.quick else ""))
@@ -39,11 +40,12 @@ def transfer(a: str, b: str, args: argparse.Namespace, best_site: str) -> dict:
                                              max_words=args.max_words[a])
     main = tokens.category != "repetition"
     tokens = tokens.subset(main)
-    rows, y = tokens.store_rows(store, FEATURE_OFFSET), tokens.label
-    sweep = ProbeSweep(alpha=ALPHA, max_iter=MAX_ITER, progress=False)
+    rows, y, starts = tokens.store_rows(store, FEATURE_OFFSET), tokens.label, tokens.store_doc_starts(store)
+    sweep = ProbeSweep(alpha=ALPHA, max_iter=MAX_ITER, progress=False, window=window)
     folds = group_folds(tokens.group, y, n_folds=N_FOLDS, seed=args.seed)
-    oof, _, _ = sweep.cross_validate(store, rows, y, folds, sites=[best_site], n_shuffled=0, seed=args.seed)
-    probe = sweep.fit(store, rows, y, sites=[best_site])[best_site]
+    oof, _, _ = sweep.cross_validate(store, rows, y, folds, sites=[best_site], n_shuffled=0, seed=args.seed,
+                                     doc_start=starts)
+    probe = sweep.fit(store, rows, y, sites=[best_site], doc_start=starts)[best_site]
 
     _, other_records, _, _ = prepare(b, cache(b), quick=args.quick, seed=args.seed, max_words=args.max_words[b])
     other_docs = [json.loads(line) for line in (cache(b) / f"docs-seed{args.seed}.jsonl").open()]
@@ -52,8 +54,9 @@ def transfer(a: str, b: str, args: argparse.Namespace, best_site: str) -> dict:
     if args.quick:  # as in probe_layers --quick: a random model is confident about nothing
         sample_records = [{**r, "memorized": [False] + [True] * (r["n_tokens"] - 1)} for r in sample_records]
     sample_tokens = build_token_set(sample_records)
-    sample_store = capture(loaded, samples, [best_site], cache(a) / f"samples-of-{b}", progress=False)
-    X = read_rows(sample_store, best_site, sample_tokens.store_rows(sample_store, FEATURE_OFFSET)).numpy()
+    sample_store = capture(loaded, samples, [best_site], cache(a) / f"samples-of-{b}-{best_site}", progress=False)
+    X = read_rows(sample_store, best_site, sample_tokens.store_rows(sample_store, FEATURE_OFFSET), window=window,
+                  doc_start=sample_tokens.store_doc_starts(sample_store)).numpy()
     foreign = probe.decision_function(X)
 
     pos = y == 1
@@ -67,7 +70,7 @@ def transfer(a: str, b: str, args: argparse.Namespace, best_site: str) -> dict:
     mem_a = {r["id"] for r in records if is_memorized_document(r)}
     mem_b = {r["id"] for r in other_records if is_memorized_document(r)}
     return {
-        "probe_model": a, "samples_from": b, "site": best_site,
+        "probe_model": a, "samples_from": b, "site": best_site, "window": window,
         "memorized_tokens": int(pos.sum()), "foreign_sample_tokens": len(foreign),
         "probe_memorized_vs_foreign_samples": detection(scores, labels, docs, n_boot=n_boot, seed=args.seed),
         "target_prob_memorized_vs_foreign_samples": detection(conf, labels, docs, n_boot=n_boot, seed=args.seed),
@@ -92,15 +95,16 @@ def main() -> None:
     torch.set_num_threads(1)
     a, b = ("tiny-llama", "tiny-gemma3") if args.quick else ("smollm2-135m", "gemma3-270m")
     args.max_words = {a: 40, b: 40} if args.quick else {a: 80, b: 40}  # as the probe_layers runs used
-    best = {}
+    best, window = {}, {}
     for m in (a, b):
         name = "probe_layers" if m == "smollm2-135m" else f"probe_layers_{m.replace('-', '_')}"
         path = args.out / f"{name}.json"
         if not path.exists():
             raise SystemExit(f"run experiments/probe_layers.py --model {m}{' --quick' if args.quick else ''} "
                              f"--out {args.out} first: {path} is missing")
-        best[m] = json.loads(path.read_text())["results"]["best_site"]
-    results = {"pairs": [transfer(a, b, args, best[a]), transfer(b, a, args, best[b])]}
+        layers = json.loads(path.read_text())["results"]
+        best[m], window[m] = layers["best_site"], layers.get("window", 1)
+    results = {"pairs": [transfer(a, b, args, best[a], window[a]), transfer(b, a, args, best[b], window[b])]}
     path = save_results(args.out / ("probe_transfer_quick.json" if args.quick else "probe_transfer.json"), results,
                         seed=args.seed)
     for r in results["pairs"]:

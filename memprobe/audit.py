@@ -130,6 +130,7 @@ class Audit:
         from memprobe.memdata import REPETITION, build_token_set, group_folds
         from memprobe.metrics import roc_auc
         from memprobe.probes import ProbeSweep, detection, read_rows
+        from memprobe.probes.artefact import DEFAULT_WINDOW
         from memprobe.store import ActivationStore
 
         records = read_jsonl(self.out / "labels.jsonl")
@@ -143,13 +144,13 @@ class Audit:
                 f"{len(positives)} memorized and {len(negatives)} control document families: probes need at "
                 "least 2 of each to be trained and tested on different documents")})
             return
-        rows = tokens.store_rows(store, -1)
+        rows, starts = tokens.store_rows(store, -1), tokens.store_doc_starts(store)
         # A screening sweep: 3 folds and a short L-BFGS budget keep the audit within minutes on a CPU;
         # experiments/probe_layers.py runs the full 5-fold evaluation with bootstrap intervals.
         folds = group_folds(tokens.group, y, n_folds=min(3, len(positives)), seed=self.config.seed)
-        sweep = ProbeSweep(max_iter=60, progress=True)
+        sweep = ProbeSweep(max_iter=60, progress=True, window=DEFAULT_WINDOW)
         oof, shuffled, _ = sweep.cross_validate(store, rows, y, folds, n_shuffled=1, seed=self.config.seed,
-                                                trainable=main)
+                                                trainable=main, doc_start=starts)
         n_boot = 0 if self.config.quick else 100
         per_site = {s: {"probe": detection(oof[s][main], y[main], tokens.doc_id[main], n_boot=n_boot, seed=self.config.seed),
                         "shuffled_labels_auc": roc_auc(shuffled[s][main], y[main])} for s in oof}
@@ -160,15 +161,15 @@ class Audit:
         top_neurons = []
         if mlp_sites:
             best_mlp = max(mlp_sites, key=lambda s: per_site[s]["probe"]["roc_auc"])
-            probe = sweep.fit(store, rows[main], y[main], sites=[best_mlp])[best_mlp]
-            X = read_rows(store, best_mlp, rows[main]).numpy()
+            probe = sweep.fit(store, rows[main], y[main], sites=[best_mlp], doc_start=starts[main])[best_mlp]
+            X = read_rows(store, best_mlp, rows[main], window=DEFAULT_WINDOW, doc_start=starts[main]).numpy()
             ym = y[main]
             for i in np.argsort(-np.abs(probe.standardized_coef_))[:15]:
                 top_neurons.append({"neuron": f"{best_mlp}[{int(i)}]", "weight": float(probe.standardized_coef_[i]),
                                     "mean_memorized": float(X[ym == 1, i].mean()), "mean_control": float(X[ym == 0, i].mean())})
         _probe_heatmap({s: v["probe"]["roc_auc"] for s, v in per_site.items()}, self.out / "figures" / "probe_auc.png")
         write_json(path, {"status": "ok", "best_site": best, "per_site": per_site, "baselines": baselines,
-                          "top_neurons": top_neurons, "token_counts": tokens.counts(),
+                          "top_neurons": top_neurons, "token_counts": tokens.counts(), "window": DEFAULT_WINDOW,
                           "split": f"{int(folds.max()) + 1}-fold cross-validation grouped by document family"})
 
     def patching(self, path: Path) -> None:

@@ -79,8 +79,12 @@ class TokenSet:
         offset -1 (the default) reads the activation at the position that *predicts* the token, so
         a probe sees only what the model knew before the token; 0 reads the token's own position.
         """
+        return self.store_doc_starts(store) + self.position + offset
+
+    def store_doc_starts(self, store: Any) -> np.ndarray:
+        """First store row of each token's document: where a windowed feature must stop looking back."""
         starts = {doc: store.doc_rows(doc).start for doc in dict.fromkeys(self.doc_id.tolist())}
-        return np.array([starts[d] for d in self.doc_id.tolist()], dtype=np.int64) + self.position + offset
+        return np.array([starts[d] for d in self.doc_id.tolist()], dtype=np.int64)
 
 
 def is_memorized_document(record: dict[str, Any], min_doc_fraction: float = 0.5) -> bool:

@@ -167,7 +167,9 @@ def render_report(out: str | Path, path: str | Path) -> Path:
         rows = [{"score": f"probe at {probes['best_site']}", "auc": best["roc_auc"], "tpr": best["tpr_at_fpr_0.01"]}]
         rows += [{"score": f"baseline: {k}", "auc": v["roc_auc"], "tpr": v["tpr_at_fpr_0.01"]} for k, v in probes["baselines"].items()]
         inner = html_table(rows, ["score", "auc", "tpr"], ["score", "ROC-AUC", "TPR at 1% FPR"])
-        inner += f"<p class=meta>{_esc(probes['split'])}.</p>" + figure(out / "figures" / "probe_auc.png", "probe AUC per site and layer")
+        window = probes.get("window", 1)
+        feature = "one position" if window == 1 else f"the mean activation over the {window} positions before each token"
+        inner += f"<p class=meta>{_esc(probes['split'])}; probe features: {_esc(feature)}.</p>" + figure(out / "figures" / "probe_auc.png", "probe AUC per site and layer")
         inner += "<h3>Top neurons</h3>" + html_table(probes["top_neurons"], ["neuron", "weight", "mean_memorized", "mean_control"])
     else:
         inner = _skipped(probes)

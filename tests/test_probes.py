@@ -149,6 +149,47 @@ def test_artefact_round_trip_and_scores_use_the_previous_position(tiny_store, tm
         np.testing.assert_allclose(rec["scores"][1:], expect, atol=1e-4)
 
 
+def test_windowed_features_stay_in_their_text_and_match_the_scoring_path(tiny_store, tmp_path):
+    """read_rows(window=w) (training) and window_mean (scoring) give the same feature; windows stop at the
+    start of their text; a saved windowed probe scores with its window."""
+    from memprobe.errors import MemprobeError
+    from memprobe.probes import window_mean
+
+    loaded, store = tiny_store
+    site, w = "blocks.1.hook_resid_post", 3
+    starts = np.array([store.doc_rows(t["id"]).start for t in TEXTS])
+    rows = np.arange(len(store))
+    ordered = np.sort(starts)
+    doc_start = ordered[np.searchsorted(ordered, rows, side="right") - 1]
+    feats = read_rows(store, site, rows, window=w, doc_start=doc_start)
+    plain = read_rows(store, site, rows)
+    for text, start in zip(TEXTS, starts, strict=True):
+        r = store.doc_rows(text["id"])
+        seq = plain[r]
+        torch.testing.assert_close(feats[r], window_mean(seq[None], w)[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(feats[start], seq[0])  # first token: nothing before it in the text
+        torch.testing.assert_close(feats[start + 4], seq[2:5].mean(0), atol=1e-6, rtol=1e-6)
+    with pytest.raises(MemprobeError, match="needs doc_start"):
+        read_rows(store, site, rows, window=w)
+    with pytest.raises(MemprobeError, match="positive integer"):
+        read_rows(store, site, rows, window=0)
+    y = (store.rows.token_id.numpy() % 2).astype(int)
+    probe = LogisticProbe(alpha=0.1).fit(feats.double().numpy(), y)
+    save_probe(tmp_path / "p", probe, site=site, model_info=loaded.info, training={}, window=w)
+    loaded_probe, config = load_probe(tmp_path / "p")
+    assert config["window"] == w
+    records = score_documents(loaded, TEXTS, loaded_probe, config)
+    for rec in records:
+        r = store.doc_rows(rec["id"])
+        expect = loaded_probe.predict_proba(feats[r][:-1].double().numpy())[:, 1]
+        np.testing.assert_allclose(rec["scores"][1:], expect, atol=1e-4)
+    sweep = ProbeSweep(alpha=0.1, max_iter=50, progress=False, window=w)
+    with pytest.raises(MemprobeError, match="needs doc_start"):
+        sweep.fit(store, rows, y, sites=[site])
+    fitted = sweep.fit(store, rows, y, sites=[site], doc_start=doc_start)[site]
+    assert fitted.score(feats.numpy(), y) > 0.5
+
+
 def test_cli_score_writes_the_contract_and_refuses_another_model(tiny_store, tmp_path, capsys):
     loaded, store = tiny_store
     site = "blocks.0.hook_resid_post"

@@ -17,8 +17,9 @@ from memprobe.probes.artefact import (
 from memprobe.probes.cli import register_cli
 from memprobe.probes.estimators import LogisticProbe, TopKProbe, fit_logistic_batch
 from memprobe.probes.evaluate import detection, document_bootstrap
-from memprobe.probes.sweep import ProbeSweep, read_rows
+from memprobe.probes.features import read_rows, window_mean
+from memprobe.probes.sweep import ProbeSweep
 
 __all__ = ["LogisticProbe", "ProbeSweep", "TopKProbe", "default_probe_dir", "detection", "document_bootstrap",
            "fit_logistic_batch", "load_probe", "memorization_direction", "read_rows", "register_cli",
-           "save_directions", "save_probe", "score_documents", "train_probe"]
+           "save_directions", "save_probe", "score_documents", "train_probe", "window_mean"]

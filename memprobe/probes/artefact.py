@@ -23,6 +23,7 @@ from memprobe.probes.estimators import LogisticProbe
 WEIGHTS, CONFIG, DIRECTIONS = "probe.safetensors", "probe.json", "directions.safetensors"
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "data" / "probes"
 FEATURE_OFFSET = -1  # token t is scored from the activation at t-1, the state that predicts it
+DEFAULT_WINDOW = 16  # positions averaged per feature (memprobe.probes.features); chosen on smollm2, see README
 
 
 def default_probe_dir(model_name: str) -> Path:
@@ -31,7 +32,7 @@ def default_probe_dir(model_name: str) -> Path:
 
 
 def save_probe(out_dir: str | Path, probe: LogisticProbe, *, site: str, model_info: dict[str, Any],
-               training: dict[str, Any]) -> Path:
+               training: dict[str, Any], window: int = 1) -> Path:
     """Write the probe's direction and offset (plus standardisation) and a JSON description."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -39,9 +40,11 @@ def save_probe(out_dir: str | Path, probe: LogisticProbe, *, site: str, model_in
                "intercept": torch.as_tensor(np.asarray(probe.intercept_, dtype=np.float32)),
                "standardized_coef": torch.as_tensor(np.asarray(probe.standardized_coef_, dtype=np.float32))}
     save_file(tensors, out / WEIGHTS, metadata={"format": "memprobe-probe"})
+    feature = "activation[t-1]" if window == 1 else f"mean(activation[max(0, t-{window}) .. t-1])"
     config = {"format": "memprobe-probe", "version": 1, "site": site, "feature_offset": FEATURE_OFFSET,
-              "model": model_info, "estimator": {"class": type(probe).__name__, **probe.get_params()},
-              "score": "sigmoid(activation[t-1] @ coef + intercept): probability that token t is memorized",
+              "window": window, "model": model_info,
+              "estimator": {"class": type(probe).__name__, **probe.get_params()},
+              "score": f"sigmoid({feature} @ coef + intercept): probability that token t is memorized",
               "training": training}
     (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return out
@@ -79,6 +82,7 @@ def load_probe(path: str | Path) -> tuple[LogisticProbe, dict[str, Any]]:
         raise MemprobeError(f"no probe at {path}: expected {WEIGHTS} and {CONFIG}; train one with "
                             "`memprobe probe train --model M --out DIR`")
     config = json.loads((path / CONFIG).read_text())
+    config.setdefault("window", 1)  # probes written before windows existed read one position
     tensors = load_file(path / WEIGHTS)
     probe = LogisticProbe(**{k: v for k, v in config["estimator"].items() if k != "class"})
     probe.classes_ = np.array([0, 1])
@@ -90,16 +94,17 @@ def load_probe(path: str | Path) -> tuple[LogisticProbe, dict[str, Any]]:
 
 
 def train_probe(loaded: Any, docs: Sequence[dict[str, Any]], *, site: str, alpha: float = 1e-2,
-                min_doc_fraction: float = 0.5, progress: bool = False) -> tuple[LogisticProbe, dict[str, Any]]:
+                min_doc_fraction: float = 0.5, window: int = DEFAULT_WINDOW, progress: bool = False,
+                ) -> tuple[LogisticProbe, dict[str, Any]]:
     """Label `docs` with the model, select memorized vs confident control tokens, fit a probe at `site`.
 
     Documents need `role` ("candidate" or "control"); repetition documents are not trained on.
-    Returns the probe and a description of its training data.
+    Returns the probe and a description of its training data (which records the window).
     """
     from memprobe.capture import capture
     from memprobe.labels import label_documents
     from memprobe.memdata import REPETITION, build_token_set
-    from memprobe.probes.sweep import read_rows
+    from memprobe.probes.features import read_rows
 
     records = label_documents(loaded, docs, progress=progress)
     tokens = build_token_set(records, min_doc_fraction=min_doc_fraction)
@@ -110,10 +115,11 @@ def train_probe(loaded: Any, docs: Sequence[dict[str, Any]], *, site: str, alpha
     used = set(tokens.doc_id.tolist())
     with tempfile.TemporaryDirectory(prefix="memprobe-probe-") as tmp:
         store = capture(loaded, [d for d in docs if d["id"] in used], [site], tmp, progress=progress)
-        X = read_rows(store, site, tokens.store_rows(store, FEATURE_OFFSET)).numpy().astype(np.float64)
+        X = read_rows(store, site, tokens.store_rows(store, FEATURE_OFFSET), window=window,
+                      doc_start=tokens.store_doc_starts(store)).numpy().astype(np.float64)
     probe = LogisticProbe(alpha=alpha, class_weight="balanced").fit(X, tokens.label)
     training = {"documents": len(used), "tokens": tokens.counts(), "min_doc_fraction": min_doc_fraction,
-                "labeler": records[0]["labeler"] if records else None}
+                "labeler": records[0]["labeler"] if records else None, "window": window}
     return probe, training
 
 
@@ -123,6 +129,7 @@ def score_documents(loaded: Any, docs: Sequence[dict[str, Any]], probe: Logistic
     """Per-token memorization probabilities: {"id", "token_ids", "scores"} with scores[0] None."""
     from memprobe.backends import make_backend
     from memprobe.capture import batches, pad_batch, pad_id, tokenize_documents
+    from memprobe.probes.features import window_mean
 
     expected = config["model"].get("name")
     if expected != loaded.info.get("name"):
@@ -140,6 +147,7 @@ def score_documents(loaded: Any, docs: Sequence[dict[str, Any]], probe: Logistic
     for group in batches(lengths, range(len(tokenized)), batch_tokens):
         ids, mask = pad_batch([tokenized[i].token_ids for i in group], pad_id(loaded))
         acts = runner.run(ids.to(loaded.device), mask.to(loaded.device), [site])[site].float().cpu()
+        acts = window_mean(acts, int(config.get("window", 1)))
         probs = torch.sigmoid(acts @ coef + intercept)
         for row, i in enumerate(group):
             n = lengths[i]

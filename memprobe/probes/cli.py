@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from memprobe.probes.artefact import DEFAULT_WINDOW
+
 
 def _train(args: argparse.Namespace) -> int:
     from memprobe.corpora import bundled_corpus
@@ -17,9 +19,9 @@ def _train(args: argparse.Namespace) -> int:
     site = args.site or f"blocks.{loaded.model.config.num_hidden_layers // 2}.hook_resid_post"
     (site,) = resolve(loaded.model, site) if "*" not in site else (site,)
     probe, training = train_probe(loaded, docs, site=site, alpha=args.alpha, min_doc_fraction=args.min_doc_fraction,
-                                  progress=True)
+                                  window=args.window, progress=True)
     training["data"] = args.data or f"bundled corpus (seed {args.seed})"
-    out = save_probe(args.out, probe, site=site, model_info=loaded.info, training=training)
+    out = save_probe(args.out, probe, site=site, model_info=loaded.info, training=training, window=args.window)
     counts = training["tokens"]
     print(f"trained a probe at {site} on {counts['memorized']['tokens']} memorized and "
           f"{counts['control']['tokens']} confident control tokens; wrote {out}")
@@ -53,6 +55,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--alpha", type=float, default=1e-2, help="L2 penalty on standardised weights")
     train.add_argument("--min-doc-fraction", type=float, default=0.5,
                        help="a candidate text counts as memorized when this share of its tokens is")
+    train.add_argument("--window", type=int, default=DEFAULT_WINDOW,
+                       help="average the activations of this many positions before each token (1: that position only)")
     train.add_argument("--seed", type=int, default=0, help="seed of the bundled corpus")
     train.set_defaults(handler=_train)
 

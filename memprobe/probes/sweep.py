@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from memprobe.errors import MemprobeError
 from memprobe.probes.estimators import LogisticProbe, fit_logistic_batch
+from memprobe.probes.features import read_rows
 
 
 @dataclass(frozen=True)
@@ -28,12 +29,6 @@ class SweepFit:
     scores: dict[str, np.ndarray]  # site -> (P, N)
     standardized_coef: dict[str, np.ndarray]  # site -> (P, D)
     fits: dict[str, dict[str, np.ndarray]]  # site -> coef (P, D), intercept (P,), mean, scale
-
-
-def read_rows(store: Any, site: str, rows: np.ndarray) -> torch.Tensor:
-    """Float32 features of `rows` at `site`, reading only the store range that covers them."""
-    lo, hi = int(rows.min()), int(rows.max()) + 1
-    return store.read(site, lo, hi)[torch.as_tensor(rows - lo)].float()
 
 
 def balanced_weights(y: np.ndarray, train: np.ndarray) -> np.ndarray:
@@ -48,10 +43,15 @@ def balanced_weights(y: np.ndarray, train: np.ndarray) -> np.ndarray:
 
 
 class ProbeSweep:
-    """Dense logistic probes (see LogisticProbe) for many sites, fitted together."""
+    """Dense logistic probes (see LogisticProbe) for many sites, fitted together.
+
+    window: features are the mean activation over that many positions (memprobe.probes.features); with
+    window > 1 every method needs `doc_start`, the first store row of each row's document.
+    """
 
     def __init__(self, alpha: float = 1e-2, max_iter: int = 200, tol: float = 1e-6, memory_mb: int = 768,
-                 progress: bool = True) -> None:
+                 progress: bool = True, window: int = 1) -> None:
+        self.window = window
         self.alpha = alpha
         self.max_iter = max_iter
         self.tol = tol
@@ -71,7 +71,7 @@ class ProbeSweep:
         return groups
 
     def run(self, store: Any, rows: np.ndarray, targets: np.ndarray, weights: np.ndarray,
-            sites: Sequence[str] | None = None) -> SweepFit:
+            sites: Sequence[str] | None = None, doc_start: np.ndarray | None = None) -> SweepFit:
         """Fit problem p (targets[p], weights[p] over `rows`) at every site; score every row."""
         sites = list(store.sites if sites is None else sites)
         rows = np.asarray(rows, dtype=np.int64)
@@ -80,7 +80,7 @@ class ProbeSweep:
         scores, coefs, fits = {}, {}, {}
         groups = self._site_groups(store, sites, len(rows))
         for group in tqdm(groups, desc="probe sweep", disable=not self.progress):
-            X = torch.stack([read_rows(store, s, rows) for s in group])
+            X = torch.stack([read_rows(store, s, rows, window=self.window, doc_start=doc_start) for s in group])
             fit = fit_logistic_batch(X, Y, W, alpha=self.alpha, max_iter=self.max_iter, tol=self.tol)
             logits = torch.bmm(X, fit.coef.transpose(1, 2)).transpose(1, 2) + fit.intercept[..., None]
             for i, site in enumerate(group):
@@ -93,7 +93,7 @@ class ProbeSweep:
 
     def cross_validate(self, store: Any, rows: np.ndarray, y: np.ndarray, folds: np.ndarray, *,
                        sites: Sequence[str] | None = None, n_shuffled: int = 1, seed: int = 0,
-                       trainable: np.ndarray | None = None,
+                       trainable: np.ndarray | None = None, doc_start: np.ndarray | None = None,
                        ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], SweepFit]:
         """Out-of-fold scores per site: each row is scored by the probe of the fold that left it out.
 
@@ -114,7 +114,7 @@ class ProbeSweep:
                     t[train] = rng.permutation(t[train])
                 targets.append(t)
                 weights.append(balanced_weights(t.astype(int), train))
-        fit = self.run(store, rows, np.stack(targets), np.stack(weights), sites)
+        fit = self.run(store, rows, np.stack(targets), np.stack(weights), sites, doc_start)
         n_f = len(fold_ids)
         oof, shuffled = {}, {}
         for site, s in fit.scores.items():
@@ -129,11 +129,11 @@ class ProbeSweep:
         return oof, shuffled, fit
 
     def fit(self, store: Any, rows: np.ndarray, y: np.ndarray, sites: Sequence[str] | None = None,
-            ) -> dict[str, LogisticProbe]:
+            doc_start: np.ndarray | None = None) -> dict[str, LogisticProbe]:
         """One class-balanced LogisticProbe per site trained on all `rows`."""
         y = np.asarray(y).astype(int)
         fit = self.run(store, rows, y[None].astype(np.float64),
-                       balanced_weights(y, np.ones(len(y), dtype=bool))[None], sites)
+                       balanced_weights(y, np.ones(len(y), dtype=bool))[None], sites, doc_start)
         probes = {}
         for site in fit.sites:
             probe = LogisticProbe(alpha=self.alpha, max_iter=self.max_iter, tol=self.tol, class_weight="balanced")
