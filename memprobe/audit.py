@@ -195,16 +195,13 @@ class Audit:
         save_figure(fig, self.out / "figures" / "patching.png", script="memprobe audit")
 
     def suppress(self, path: Path) -> None:
-        """Build a suppression edit on half the memorized texts; measure it on the other half."""
+        """Learn a suppression edit on half the memorized texts; measure it on the other half."""
+        import numpy as np
+
         from memprobe.intervene.ablation import save_edit
         from memprobe.intervene.export import export_patched
-        from memprobe.intervene.localizers import mean_activations
-        from memprobe.intervene.suppress import (
-            evaluate,
-            make_edit,
-            split_memorized,
-            targets_from_labels,
-        )
+        from memprobe.intervene.suppress import evaluate, split_memorized, targets_from_labels
+        from memprobe.intervene.weight_edit import random_low_rank_like, train_low_rank_edit
         from memprobe.results import provenance
 
         records = read_jsonl(self.out / "labels.jsonl")
@@ -217,15 +214,14 @@ class Audit:
         cut = 64
         ids = {k: [r["token_ids"][:cut] for r in v] for k, v in parts.items()}
         mem = targets_from_labels(ids["build_memorized"], [r["memorized"][:cut] for r in parts["build_memorized"]])
-        ctrl = targets_from_labels(ids["build_control"])
+        rng = np.random.default_rng(self.config.seed)  # training cost grows with the controls: a sample of them
+        keep = sorted(rng.permutation(len(ids["build_control"]))[:MAX_TRAIN_CONTROLS].tolist())
+        ctrl = targets_from_labels([ids["build_control"][i] for i in keep])
         model = self.loaded.model
         held_mem, held_ctrl = ids["heldout_memorized"], ids["heldout_control"] or ids["build_control"]
         base = evaluate(model, held_mem, held_ctrl)
-        means = mean_activations(model, ctrl)
-        edit = make_edit(model, SUPPRESSION_METHOD, mem, ctrl, fraction=SUPPRESSION_FRACTION, seed=self.config.seed,
-                         means=means)
-        random_edit = make_edit(model, "random-neurons", mem, ctrl, fraction=edit.size / _n_neurons(model),
-                                seed=self.config.seed, means=means)
+        edit = train_low_rank_edit(model, mem, ctrl, seed=self.config.seed, max_tokens=cut)
+        random_edit = random_low_rank_like(edit, seed=self.config.seed)
         curve, random_curve = [], []
         for strength in SUPPRESSION_STRENGTHS:
             for e, into in ((edit, curve), (random_edit, random_curve)):
@@ -238,7 +234,7 @@ class Audit:
         save_edit(final, self.out / "edit.safetensors")
         export_patched(self.loaded, final, self.out / "patched-model", provenance=provenance(self.config.seed))
         write_json(path, {"status": "ok", "method": SUPPRESSION_METHOD, "size": edit.size, "base": base,
-                          "curve": curve, "random_neurons": random_curve, "chosen": chosen,
+                          "training": edit.meta, "curve": curve, "random_baseline": random_curve, "chosen": chosen,
                           "split_sizes": {k: len(v) for k, v in parts.items()},
                           "heldout_ids": [r["id"] for r in parts["heldout_memorized"]],
                           "patched_model": str((self.out / "patched-model").resolve())})
@@ -293,16 +289,9 @@ class Audit:
 
 
 PPL_BUDGET = 0.05  # largest perplexity increase on control texts that a shipped patch may cost
-SUPPRESSION_METHOD = "contrast-neurons"
-SUPPRESSION_FRACTION = 0.00025
-SUPPRESSION_STRENGTHS = (0.1, 0.25, 0.5, 1.0)
-
-
-def _n_neurons(model) -> int:
-    from memprobe.intervene.localizers import mlp_shape
-
-    layers, width = mlp_shape(model)
-    return layers * width
+SUPPRESSION_METHOD = "low-rank-edit"  # memprobe.intervene.weight_edit; see README for why not neuron ablation
+SUPPRESSION_STRENGTHS = (0.25, 0.5, 1.0, 1.5)
+MAX_TRAIN_CONTROLS = 16
 
 
 def _changes(row: dict[str, float], base: dict[str, float]) -> dict[str, float]:
@@ -318,7 +307,7 @@ def _pareto_figure(curve: list[dict], random_curve: list[dict], path: Path) -> N
     from memprobe.plots import save_figure
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for rows, label, style in ((curve, SUPPRESSION_METHOD, "o-"), (random_curve, "random neurons (same size)", "s--")):
+    for rows, label, style in ((curve, SUPPRESSION_METHOD, "o-"), (random_curve, "random edit (same size)", "s--")):
         ax.plot([100 * r["ppl_change"] for r in rows], [100 * r["suppression"] for r in rows], style, label=label)
         for r in rows:
             ax.annotate(f"x{r['strength']}", (100 * r["ppl_change"], 100 * r["suppression"]), fontsize=7)

@@ -185,14 +185,15 @@ def render_report(out: str | Path, path: str | Path) -> Path:
     sup = _load(out, "suppression")
     if sup.get("status") == "ok":
         c = sup["chosen"]
-        rnd = next((r for r in sup["random_neurons"] if r["strength"] == c["strength"]), None)
+        rnd = next((r for r in sup.get("random_baseline", sup.get("random_neurons", [])) if r["strength"] == c["strength"]), None)
         warn = ("" if c.get("within_budget", True) else
                 '<p class="note">No strength tried kept the perplexity increase within +5%: the exported patch is '
                 "the mildest one, and it damages the model. Treat it as a diagnosis, not a fix.</p>")
-        inner = warn + (f"<p>{_esc(sup['method'])} ({sup['size']} neurons, strength {c['strength']}): memorized-token rate on "
+        unit = "rank summed over layers" if sup["method"] == "low-rank-edit" else "neurons"
+        inner = warn + (f"<p>{_esc(sup['method'])} (size {sup['size']}, {unit}; strength {c['strength']}): memorized-token rate on "
                  f"held-out memorized texts down {100 * c['suppression']:.0f}% (relative), perplexity on control texts "
                  f"{100 * c['ppl_change']:+.1f}%, top-1 accuracy {100 * c['top1_change']:+.1f} points."
-                 + (f" Random neurons of the same number: {100 * rnd['suppression']:.0f}% and {100 * rnd['ppl_change']:+.1f}%." if rnd else "")
+                 + (f" A random edit of the same size: {100 * rnd['suppression']:.0f}% and {100 * rnd['ppl_change']:+.1f}%." if rnd else "")
                  + "</p>" + figure(out / "figures" / "suppression.png", "suppression vs cost as the strength varies")
                  + "<h3>Load the patched model</h3>"
                  + f"<pre>from transformers import AutoModelForCausalLM, AutoTokenizer\n"

@@ -9,6 +9,7 @@ from memprobe.backends import make_backend
 from memprobe.errors import MemprobeError
 from memprobe.intervene.ablation import (
     DirectionEdit,
+    LowRankEdit,
     NeuronEdit,
     apply_in_trace,
     hooked_edit,
@@ -25,7 +26,9 @@ def _edits(d_model: int = 64) -> list:
     neurons = NeuronEdit({0: torch.tensor([1, 5, 9]), 1: torch.tensor([3])}, strength=0.7)
     mean = NeuronEdit({1: torch.tensor([2, 4])}, 1.0, means={1: torch.tensor([0.3, -0.2])})
     direction = DirectionEdit(torch.randn(d_model, generator=torch.Generator().manual_seed(0)), 0.8)
-    return [neurons, mean, direction]
+    g = torch.Generator().manual_seed(1)
+    low_rank = LowRankEdit({1: (torch.randn(2, 128, generator=g), torch.randn(d_model, 2, generator=g) * 0.1)}, 0.6)
+    return [neurons, mean, direction, low_rank]
 
 
 def _plain(loaded, edit, ids):
@@ -33,7 +36,7 @@ def _plain(loaded, edit, ids):
         return loaded.model(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("which", [0, 1, 2])
+@pytest.mark.parametrize("which", [0, 1, 2, 3])
 def test_lens_and_nnsight_hooks_match_plain_hooks(which):
     loaded = load_model("tiny-llama")
     edit = _edits()[which]
@@ -79,10 +82,12 @@ def test_edit_file_round_trip(tmp_path):
     for n, edit in enumerate(_edits()):
         back = load_edit(save_edit(edit, tmp_path / f"e{n}.safetensors"))
         assert back.kind == edit.kind and back.strength == edit.strength
-        x = torch.randn(2, 3, 128 if back.kind == "neurons" else 64)
+        x = torch.randn(2, 3, 128 if back.kind in ("neurons", "low-rank") else 64)
         if back.kind == "neurons":
             for layer in (0, 1):
                 torch.testing.assert_close(back.apply(layer, x), edit.apply(layer, x))
+        elif back.kind == "low-rank":
+            torch.testing.assert_close(back.delta(1, x), edit.delta(1, x))
         else:
             torch.testing.assert_close(back.apply(x), edit.apply(x))
 
@@ -94,6 +99,8 @@ def test_bad_edits_are_refused(tmp_path):
         NeuronEdit({0: torch.tensor([1, 2])}, means={0: torch.tensor([0.0])})
     with pytest.raises(MemprobeError):
         load_edit(tmp_path / "missing.safetensors")
+    with pytest.raises(MemprobeError, match="rank"):
+        LowRankEdit({0: (torch.zeros(2, 8), torch.zeros(4, 3))})
     with pytest.raises(MemprobeError, match="post-norms"):
         with hooked_edit(load_model("tiny-gemma3").model, _edits()[2]):
             pass
@@ -175,3 +182,42 @@ def test_injection_changes_only_the_chosen_neurons():
         changed = set(diff.any(1).nonzero().flatten().tolist()) if "down_proj" not in name else \
             set(diff.any(0).nonzero().flatten().tolist())
         assert changed <= units, name
+
+
+def test_learned_low_rank_edit_lowers_memorized_tokens_and_spares_controls():
+    from memprobe.intervene.suppress import targets_from_labels
+    from memprobe.intervene.weight_edit import random_low_rank_like, train_low_rank_edit
+    from memprobe.train.tiny_lm import train_tiny_lm
+
+    famous = [TEXT + " obtaining a copy", "To be, or not to be, that is the question: whether tis nobler"]
+    loaded = train_tiny_lm(famous, steps=80, seq_len=48, batch=4, lr=1e-2, seed=0)  # memorizes both
+    mem_ids = [loaded.encode(t) for t in famous]
+    ctrl_ids = [loaded.encode("a quiet yellow market by the river at seven"), loaded.encode("import numpy as np")]
+    mem = targets_from_labels(mem_ids, [[True] * len(i) for i in mem_ids])
+    ctrl = targets_from_labels(ctrl_ids)
+
+    def target_logprob(ids, edit=None):
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            if edit is None:
+                logits = loaded.model(input_ids=x).logits
+            else:
+                with hooked_edit(loaded.model, edit):
+                    logits = loaded.model(input_ids=x).logits
+        return torch.log_softmax(logits[0, :-1], -1).gather(-1, x[0, 1:, None]).squeeze(-1)
+
+    assert torch.cat([target_logprob(i) for i in mem_ids]).exp().mean() > 0.5  # memorized before the edit
+    edit = train_low_rank_edit(loaded.model, mem, ctrl, rank=2, steps=25, lr=2e-2, kl_weight=10.0, seed=0)
+    assert set(edit.factors) == {0} and edit.size == 2 and edit.meta["method"] == "low-rank-edit"
+    assert all(p.requires_grad for p in loaded.model.parameters())  # parameters left as they were found
+    mem_drop = torch.cat([target_logprob(i) - target_logprob(i, edit) for i in mem_ids]).mean()
+    ctrl_change = torch.cat([(target_logprob(i) - target_logprob(i, edit)).abs() for i in ctrl_ids]).mean()
+    assert mem_drop > 0.5 and ctrl_change < mem_drop / 2  # measured: 1.02 vs 0.34 nats
+    again = train_low_rank_edit(loaded.model, mem, ctrl, rank=2, steps=25, lr=2e-2, kl_weight=10.0, seed=0)
+    torch.testing.assert_close(again.weight_delta(0), edit.weight_delta(0))  # deterministic for a seed
+    rnd = random_low_rank_like(edit, seed=1)
+    assert float(rnd.weight_delta(0).norm()) == pytest.approx(float(edit.weight_delta(0).norm()), rel=1e-4)
+    with pytest.raises(MemprobeError, match="needs memorized texts"):
+        train_low_rank_edit(loaded.model, [], ctrl)
+    with pytest.raises(MemprobeError, match="layers must lie"):
+        train_low_rank_edit(loaded.model, mem, ctrl, layers=[5])

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from memprobe.errors import MemprobeError
-from memprobe.intervene.ablation import DirectionEdit, NeuronEdit, hooked_edit
+from memprobe.intervene.ablation import DirectionEdit, LowRankEdit, NeuronEdit, hooked_edit
 from memprobe.intervene.export import PATCH_FILE, export_patched, patched_model
 from memprobe.models import LoadedModel, load_model
 
@@ -36,6 +36,8 @@ EDITS = {
     "mean": NeuronEdit({0: torch.tensor([2, 4])}, 0.9, means={0: torch.tensor([0.5, -0.25])}),
     "direction": DirectionEdit(torch.randn(64, generator=torch.Generator().manual_seed(3)), 1.0),
     "half-direction": DirectionEdit(torch.randn(64, generator=torch.Generator().manual_seed(4)), 0.5),
+    "low-rank": LowRankEdit({0: (torch.randn(3, 128, generator=torch.Generator().manual_seed(5)),
+                                 torch.randn(64, 3, generator=torch.Generator().manual_seed(6)) * 0.1)}, 0.7),
 }
 
 
@@ -76,7 +78,7 @@ PLAIN_LOADER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("name", ["mean", "direction"])
+@pytest.mark.parametrize("name", ["mean", "direction", "low-rank"])
 def test_exported_dir_loads_with_plain_transformers(tmp_path, name):
     loaded = _tied_tiny()
     edit = EDITS[name]

@@ -10,6 +10,9 @@ baked into the weights by `memprobe.intervene.export`, so a user can check one a
 - `DirectionEdit`: every write to the residual stream (token embedding, each attention output, each
   MLP output) loses `strength` times its component along a unit direction d: x -> x - s (x.d) d.
   With strength 1 the residual stream never holds any d component (the "projection out" steer).
+- `LowRankEdit`: each chosen layer's MLP output weight gains `strength` x B A (rank r): the MLP output
+  becomes down_proj(h) + s B (A h) for the neurons' activations h. Learned by `memprobe.intervene.
+  weight_edit` (unlikelihood on memorized tokens, KL to the original model on ordinary text).
 """
 
 from __future__ import annotations
@@ -106,7 +109,43 @@ class DirectionEdit:
         return DirectionEdit(self.direction, strength, dict(self.meta))
 
 
-Edit = NeuronEdit | DirectionEdit
+@dataclass
+class LowRankEdit:
+    """Add strength x B @ A to the MLP output weight (`down_proj`) of each layer in `factors`."""
+
+    factors: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (A (rank, d_mlp), B (d_model, rank))
+    strength: float = 1.0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    kind = "low-rank"
+
+    def __post_init__(self) -> None:
+        self.factors = {int(k): (torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32))
+                        for k, (a, b) in self.factors.items()}
+        for layer, (a, b) in self.factors.items():
+            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+                raise MemprobeError(f"layer {layer}: need A (rank, d_mlp) and B (d_model, rank), got "
+                                    f"{tuple(a.shape)} and {tuple(b.shape)}")
+
+    @property
+    def size(self) -> int:
+        return sum(a.shape[0] for a, _ in self.factors.values())
+
+    def delta(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """What the edit adds to `layer`'s MLP output, given the neurons' activations (..., d_mlp)."""
+        a, b = self.factors[layer]
+        return self.strength * ((hidden @ a.to(hidden.device, hidden.dtype).T) @ b.to(hidden.device, hidden.dtype).T)
+
+    def weight_delta(self, layer: int) -> torch.Tensor:
+        """The (d_model, d_mlp) matrix added to `down_proj.weight`."""
+        a, b = self.factors[layer]
+        return self.strength * (b @ a)
+
+    def with_strength(self, strength: float) -> LowRankEdit:
+        return LowRankEdit(self.factors, strength, dict(self.meta))
+
+
+Edit = NeuronEdit | DirectionEdit | LowRankEdit
 
 
 def save_edit(edit: Edit, path: str | Path) -> Path:
@@ -119,6 +158,9 @@ def save_edit(edit: Edit, path: str | Path) -> Path:
             tensors[f"neurons.{layer}"] = idx.contiguous()
             if edit.means is not None:
                 tensors[f"means.{layer}"] = edit.means[layer].contiguous()
+    elif isinstance(edit, LowRankEdit):
+        for layer, (a, b) in edit.factors.items():
+            tensors[f"A.{layer}"], tensors[f"B.{layer}"] = a.contiguous(), b.contiguous()
     else:
         tensors["direction"] = edit.direction.contiguous()
     header = {"kind": edit.kind, "strength": edit.strength, "meta": edit.meta}
@@ -140,6 +182,10 @@ def load_edit(path: str | Path) -> Edit:
         neurons = {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("neurons.")}
         means = {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("means.")} or None
         return NeuronEdit(neurons, header["strength"], means, header.get("meta", {}))
+    if header.get("kind") == "low-rank":
+        layers = sorted(int(k.split(".")[1]) for k in tensors if k.startswith("A."))
+        return LowRankEdit({i: (tensors[f"A.{i}"], tensors[f"B.{i}"]) for i in layers}, header["strength"],
+                           header.get("meta", {}))
     if header.get("kind") == "direction":
         return DirectionEdit(tensors["direction"], header["strength"], header.get("meta", {}))
     raise MemprobeError(f"{path} is not a memprobe edit file (no 'memprobe_edit' header)")
@@ -174,6 +220,11 @@ def hooked_edit(model: nn.Module, edit: Edit) -> Iterator[nn.Module]:
                     return (edit.apply(layer, args[0]), *args[1:])
 
                 handles.append(down.register_forward_pre_hook(pre))
+        elif isinstance(edit, LowRankEdit):
+            for layer in edit.factors:
+                down = model.get_submodule(f"{layout.block(layer)}.mlp.down_proj")
+                handles.append(down.register_forward_hook(
+                    lambda _m, args, out, layer=layer: out + edit.delta(layer, args[0])))
         else:
             for path in _residual_writers(model):
                 def post(_m, _args, out):
@@ -193,6 +244,20 @@ def lens_hooks(edit: Edit, n_layers: int) -> list[tuple[str, Callable]]:
     if isinstance(edit, NeuronEdit):
         return [(f"blocks.{layer}.mlp.hook_post", lambda act, hook, layer=layer: edit.apply(layer, act))
                 for layer in sorted(edit.neurons)]
+    if isinstance(edit, LowRankEdit):  # read the neurons at hook_post, add the delta at hook_mlp_out
+        hidden: dict[int, torch.Tensor] = {}
+
+        def keep(act, hook, layer):
+            hidden[layer] = act
+
+        def add(out, hook, layer):
+            return out + edit.delta(layer, hidden.pop(layer))
+
+        hooks = []
+        for layer in sorted(edit.factors):
+            hooks += [(f"blocks.{layer}.mlp.hook_post", lambda act, hook, layer=layer: keep(act, hook, layer)),
+                      (f"blocks.{layer}.hook_mlp_out", lambda out, hook, layer=layer: add(out, hook, layer))]
+        return hooks
 
     def project(act, hook):
         return edit.apply(act)
@@ -221,6 +286,12 @@ def apply_in_trace(wrapped: Any, edit: Edit) -> None:
         for layer in sorted(edit.neurons):
             env = _envoy(wrapped, f"{layout.block(layer)}.mlp.down_proj")
             env.input = edit.apply(layer, env.input)
+        return
+    if isinstance(edit, LowRankEdit):
+        for layer in sorted(edit.factors):
+            env = _envoy(wrapped, f"{layout.block(layer)}.mlp.down_proj")
+            hidden = env.input
+            env.output = env.output + edit.delta(layer, hidden)
         return
     for path in _residual_writers(model):
         env = _envoy(wrapped, path)

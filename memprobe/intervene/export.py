@@ -7,6 +7,7 @@ not need memprobe. Every edit here is folded exactly (up to float rounding), not
 - mean ablation toward m_i                 -> the same, plus the constant s * m_i * W[:, i] added to a
   `down_proj` bias. Llama has no MLP bias by default, so the config gets `mlp_bias=True` and the new
   gate/up biases are zero (exact). Architectures without an `mlp_bias` switch refuse mean ablation;
+- a low-rank MLP output edit s B A       -> added to `down_proj.weight` (exact, any architecture);
 - removing s x the component along d from residual writes -> P = I - s d d^T left-multiplies
   `o_proj.weight` and `down_proj.weight` (and their biases) and right-multiplies the embedding
   matrix; when the embedding is tied to the unembedding, the output head is untied first, keeping
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from memprobe.errors import MemprobeError
-from memprobe.intervene.ablation import Edit, NeuronEdit, load_edit
+from memprobe.intervene.ablation import Edit, LowRankEdit, NeuronEdit, load_edit
 from memprobe.sites import DecoderLayout
 
 PATCH_FILE = "memprobe_patch.json"
@@ -55,6 +56,11 @@ def baked_state(model: nn.Module, edit: Edit) -> tuple[dict[str, torch.Tensor], 
             if needs_bias:
                 state[f"{key}.bias"] += edit.strength * (w[:, idx] @ edit.means[layer].to(w.dtype))
             w[:, idx] *= 1.0 - edit.strength
+        return state, config
+    if isinstance(edit, LowRankEdit):
+        for layer in edit.factors:
+            w = state[f"{layout.block(layer)}.mlp.down_proj.weight"]
+            w += edit.weight_delta(layer).to(w.dtype)
         return state, config
     if layout.post_norms:
         raise MemprobeError("direction edits cannot be baked into models with post-norms (Gemma-style)")
@@ -134,9 +140,10 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("patch", help="write a HF model directory with memorization suppression baked in")
     p.add_argument("--model", default="smollm2-135m", help="registered name or local HF/GGUF path")
     p.add_argument("--out", required=True, help="new directory for the patched model")
-    p.add_argument("--method", default="contrast-neurons", help=f"how to build the edit: {', '.join(METHODS)}")
+    p.add_argument("--method", default="low-rank-edit", help=f"how to build the edit: {', '.join(METHODS)}")
     p.add_argument("--strength", type=float, default=None,
-                   help="fraction of the neurons/direction removed (1 = full ablation; default 1)")
+                   help="scale of the edit: fraction of the neurons/direction removed, or of the learned "
+                        "weight change (default 1)")
     p.add_argument("--fraction", type=float, default=0.00025,
                    help="share of all MLP neurons a neuron method edits (default: 12 of smollm2's 46,080)")
     p.add_argument("--edit", help="a saved edit (.safetensors from save_edit / experiments/suppress.py) instead of --method")

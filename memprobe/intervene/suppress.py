@@ -32,7 +32,8 @@ from memprobe.intervene.localizers import (
 from memprobe.labels import token_labels
 from memprobe.sites import DecoderLayout
 
-METHODS = ("contrast-neurons", "guarded-contrast-neurons", "random-neurons", "mean-diff-direction", "probe-direction", "random-direction")
+METHODS = ("low-rank-edit", "contrast-neurons", "guarded-contrast-neurons", "random-neurons", "mean-diff-direction",
+           "probe-direction", "random-direction")
 
 
 def targets_from_labels(ids_list: Sequence[Sequence[int]], memorized: Sequence[Sequence[bool]] | None = None) -> list[Target]:
@@ -161,6 +162,11 @@ def make_edit(model: nn.Module, method: str, memorized: Sequence[Target], contro
             return top_neurons(scores, fraction, strength=strength, means=means, meta=meta)
         k = max(1, round(fraction * n_layers * width))
         return guarded_top_neurons(model, scores, means, controls, k, max_candidates=k + 12, meta=meta).with_strength(strength)
+    if method == "low-rank-edit":
+        from memprobe.intervene.weight_edit import train_low_rank_edit
+
+        edit = train_low_rank_edit(model, memorized, controls, seed=seed)
+        return edit.with_strength(strength)
     if method == "mean-diff-direction":
         return DirectionEdit(mean_diff_direction(model, memorized, controls, layer), strength, {**meta, "layer": layer})
     if method == "probe-direction":

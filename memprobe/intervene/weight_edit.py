@@ -1,0 +1,125 @@
+"""Learn a low-rank edit of MLP output weights that suppresses memorized tokens (a `LowRankEdit`).
+
+Why learned, not selected: ablating the neurons that score highest for memorized tokens also removes
+what they do for ordinary text, and a few of them break the model (experiments/suppress.py). Here the
+edit is fitted to the trade-off itself: a rank-r change B A of `down_proj` at a band of layers, trained
+with an unlikelihood loss, -log(1 - p(token)), on the memorized tokens of the build texts (pushing
+their probability below the labeller's confidence threshold without rewarding any other token) plus
+`kl_weight` x KL(original || edited) on every token of ordinary control texts (keeping the model
+unchanged there). The base model is frozen; only A and B train. A low rank keeps the edit from
+storing text-specific facts, so it has to find what memorized recitation shares across texts; it is
+judged on memorized texts it was not built from.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from memprobe.errors import MemprobeError
+from memprobe.intervene.ablation import LowRankEdit
+from memprobe.intervene.localizers import Target, mlp_shape
+from memprobe.sites import DecoderLayout
+
+
+def _batch(targets: Sequence[Target]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids, attention mask and the positions to score, all (n, T)."""
+    width = max(len(t.token_ids) for t in targets)
+    ids = torch.zeros(len(targets), width, dtype=torch.long)
+    mask = torch.zeros(len(targets), width, dtype=torch.long)
+    pos = torch.zeros(len(targets), width, dtype=torch.bool)
+    for i, t in enumerate(targets):
+        n = len(t.token_ids)
+        ids[i, :n], mask[i, :n], pos[i, :n] = t.token_ids, 1, t.positions
+    return ids, mask, pos
+
+
+def _log_probs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of the next token at every position: (n, T - 1, vocab)."""
+    return torch.log_softmax(model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float(), -1)
+
+
+def train_low_rank_edit(model: nn.Module, memorized: Sequence[Target], controls: Sequence[Target], *,
+                        layers: Sequence[int] | None = None, rank: int = 4, kl_weight: float = 10.0,
+                        steps: int = 30, lr: float = 3e-3, max_tokens: int = 64, seed: int = 0,
+                        progress: bool = False) -> LowRankEdit:
+    """Fit a rank-`rank` edit of `down_proj` at `layers` (default: from the middle to near the end).
+
+    memorized: targets whose positions are the memorized tokens; controls: ordinary texts (all
+    positions). Each text is cut to its first `max_tokens` tokens (the CPU budget). Full-batch Adam for
+    `steps` steps; deterministic for a given `seed`.
+    """
+    memorized = [Target(t.token_ids[:max_tokens], t.positions[:max_tokens]) for t in memorized]
+    controls = [Target(t.token_ids[:max_tokens], t.positions[:max_tokens]) for t in controls]
+    if not memorized or not controls:
+        raise MemprobeError("a learned edit needs memorized texts (what to suppress) and control texts (what to keep)")
+    if rank < 1 or steps < 1 or kl_weight < 0:
+        raise MemprobeError(f"need rank >= 1, steps >= 1 and kl_weight >= 0, got {rank}, {steps}, {kl_weight}")
+    n_layers, d_mlp = mlp_shape(model)
+    if layers is None:  # from just below the middle to two layers before the end (14..27 of 30)
+        start = max(0, n_layers // 2 - 1)
+        layers = list(range(start, max(start + 1, n_layers - 2)))
+    layers = list(layers)
+    if not layers or min(layers) < 0 or max(layers) >= n_layers:
+        raise MemprobeError(f"layers must lie in 0..{n_layers - 1}, got {layers}")
+    layout = DecoderLayout.of(model)
+    d_model = model.get_input_embeddings().weight.shape[1]
+    g = torch.Generator().manual_seed(seed)
+    # B starts at 0, so the edit starts as the identity; A random so that gradients reach B
+    factors = {i: ((torch.randn(rank, d_mlp, generator=g) / math.sqrt(d_mlp)).requires_grad_(),
+                   torch.zeros(d_model, rank, requires_grad=True)) for i in layers}
+    mem_ids, mem_mask, mem_pos = _batch(memorized)
+    ctl_ids, ctl_mask, _ = _batch(controls)
+    if not mem_pos[:, 1:].any():
+        raise MemprobeError("the memorized targets mark no token to suppress")
+    ctl_keep = ctl_mask[:, 1:].bool()
+    was_training = model.training
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    model.eval()
+    with torch.no_grad():
+        reference = _log_probs(model, ctl_ids, ctl_mask)
+    handles = [model.get_submodule(f"{layout.block(i)}.mlp.down_proj").register_forward_hook(
+        lambda _m, args, out, i=i: out + (args[0] @ factors[i][0].T) @ factors[i][1].T) for i in layers]
+    history = []
+    try:
+        opt = torch.optim.Adam([t for pair in factors.values() for t in pair], lr=lr)
+        for step in range(steps):
+            lp = _log_probs(model, mem_ids, mem_mask)
+            p_target = lp.gather(-1, mem_ids[:, 1:, None])[..., 0].exp()
+            unlikelihood = -torch.log1p(-p_target.clamp(max=1 - 1e-6))[mem_pos[:, 1:]].mean()
+            lq = _log_probs(model, ctl_ids, ctl_mask)
+            kl = (reference.exp() * (reference - lq)).sum(-1)[ctl_keep].mean()
+            loss = unlikelihood + kl_weight * kl
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            history.append({"step": step, "unlikelihood": unlikelihood.item(), "kl": kl.item()})
+            if progress:
+                print(f"low-rank edit step {step}: unlikelihood {history[-1]['unlikelihood']:.4f}, "
+                      f"KL {history[-1]['kl']:.4f}", flush=True)
+    finally:
+        for h in handles:
+            h.remove()
+        for p in frozen:
+            p.requires_grad_(True)
+        model.train(was_training)
+    meta = {"method": "low-rank-edit", "layers": layers, "rank": rank, "kl_weight": kl_weight, "steps": steps,
+            "lr": lr, "max_tokens": max_tokens, "seed": seed, "built_from": len(memorized), "controls": len(controls),
+            "final": history[-1]}
+    return LowRankEdit({i: (a.detach().clone(), b.detach().clone()) for i, (a, b) in factors.items()}, 1.0, meta)
+
+
+def random_low_rank_like(edit: LowRankEdit, seed: int = 0) -> LowRankEdit:
+    """A random edit with the same layers, rank and per-layer norm of B A: the baseline beside a learned one."""
+    g = torch.Generator().manual_seed(seed)
+    factors = {}
+    for layer, (a, b) in edit.factors.items():
+        ra, rb = torch.randn(a.shape, generator=g), torch.randn(b.shape, generator=g)
+        scale = (b @ a).norm() / (rb @ ra).norm().clamp_min(1e-12)
+        factors[layer] = (ra, rb * scale)
+    return LowRankEdit(factors, edit.strength, {**edit.meta, "method": "random-low-rank", "seed": seed})
