@@ -1,7 +1,8 @@
 """Benchmark: runtime suppression hooks vs a plain forward, and localization time per sequence.
 
 Forward overhead: the same batch through the same model with and without `hooked_edit` (a 0.5%
-neuron edit and a full direction edit), interleaved repeats, median times; floor: ratio <= 1.05.
+neuron edit, a full direction edit, and a rank-4 low-rank MLP-output edit on the layers the learned edit
+uses by default), interleaved repeats, median times; floor: ratio <= 1.05.
 Localization: seconds per sequence of each method on the INJ tiny model and on smollm2-135m (DEL),
 read from experiments/results (measured there), beside Chang et al.'s GPU figures.
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from memprobe.intervene.ablation import DirectionEdit, hooked_edit
+from memprobe.intervene.ablation import DirectionEdit, LowRankEdit, hooked_edit
 from memprobe.intervene.localizers import mlp_shape, random_scores, top_neurons
 from memprobe.models import load_model
 from memprobe.results import save_results
@@ -52,8 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     model = loaded.model
     ids = torch.randint(0, 200, (2, 64 if args.quick else 128), generator=torch.Generator().manual_seed(0))
     d_model = model.get_input_embeddings().weight.shape[1]
+    n_layers, d_mlp = mlp_shape(model)
+    g = torch.Generator().manual_seed(0)
+    start = max(0, n_layers // 2 - 1)  # the layers train_low_rank_edit edits by default
+    low_rank = LowRankEdit({i: (torch.randn(4, d_mlp, generator=g), torch.randn(d_model, 4, generator=g) * 1e-3)
+                            for i in range(start, max(start + 1, n_layers - 2))})
     edits = {"neurons_0.5%": top_neurons(random_scores(model, 0), 0.005),
-             "direction": DirectionEdit(torch.randn(d_model, generator=torch.Generator().manual_seed(0)))}
+             "direction": DirectionEdit(torch.randn(d_model, generator=torch.Generator().manual_seed(0))),
+             "low_rank_4": low_rank}
     _time(model, ids, None, 1)  # warm-up
     times: dict[str, list[float]] = {"plain": [], **{k: [] for k in edits}}
     for _ in range(args.repeats):  # interleave so CPU contention hits every variant alike
