@@ -196,8 +196,6 @@ class Audit:
 
     def suppress(self, path: Path) -> None:
         """Learn a suppression edit on half the memorized texts; measure it on the other half."""
-        import numpy as np
-
         from memprobe.intervene.ablation import save_edit
         from memprobe.intervene.export import export_patched
         from memprobe.intervene.suppress import evaluate, split_memorized, targets_from_labels
@@ -214,13 +212,12 @@ class Audit:
         cut = 64
         ids = {k: [r["token_ids"][:cut] for r in v] for k, v in parts.items()}
         mem = targets_from_labels(ids["build_memorized"], [r["memorized"][:cut] for r in parts["build_memorized"]])
-        rng = np.random.default_rng(self.config.seed)  # training cost grows with the controls: a sample of them
-        keep = sorted(rng.permutation(len(ids["build_control"]))[:MAX_TRAIN_CONTROLS].tolist())
-        ctrl = targets_from_labels([ids["build_control"][i] for i in keep])
+        ctrl = targets_from_labels(ids["build_control"])
         model = self.loaded.model
         held_mem, held_ctrl = ids["heldout_memorized"], ids["heldout_control"] or ids["build_control"]
         base = evaluate(model, held_mem, held_ctrl)
-        edit = train_low_rank_edit(model, mem, ctrl, seed=self.config.seed, max_tokens=cut)
+        edit = train_low_rank_edit(model, mem, ctrl, seed=self.config.seed, max_tokens=cut,
+                                   max_controls=MAX_TRAIN_CONTROLS)
         random_edit = random_low_rank_like(edit, seed=self.config.seed)
         curve, random_curve = [], []
         for strength in SUPPRESSION_STRENGTHS:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -44,14 +45,18 @@ def _log_probs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch
 
 def train_low_rank_edit(model: nn.Module, memorized: Sequence[Target], controls: Sequence[Target], *,
                         layers: Sequence[int] | None = None, rank: int = 4, kl_weight: float = 10.0,
-                        steps: int = 30, lr: float = 3e-3, max_tokens: int = 64, seed: int = 0,
-                        progress: bool = False) -> LowRankEdit:
+                        steps: int = 30, lr: float = 3e-3, max_tokens: int = 64, max_controls: int | None = 16,
+                        seed: int = 0, progress: bool = False) -> LowRankEdit:
     """Fit a rank-`rank` edit of `down_proj` at `layers` (default: from the middle to near the end).
 
     memorized: targets whose positions are the memorized tokens; controls: ordinary texts (all
-    positions). Each text is cut to its first `max_tokens` tokens (the CPU budget). Full-batch Adam for
-    `steps` steps; deterministic for a given `seed`.
+    positions). Each text is cut to its first `max_tokens` tokens and at most `max_controls` control
+    texts (a seeded sample) are used: the CPU budget. Full-batch Adam for `steps` steps; deterministic
+    for a given `seed`.
     """
+    if max_controls is not None and len(controls) > max_controls:
+        keep = np.random.default_rng(seed).permutation(len(controls))[:max_controls]
+        controls = [controls[i] for i in sorted(keep.tolist())]
     memorized = [Target(t.token_ids[:max_tokens], t.positions[:max_tokens]) for t in memorized]
     controls = [Target(t.token_ids[:max_tokens], t.positions[:max_tokens]) for t in controls]
     if not memorized or not controls:
