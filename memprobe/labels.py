@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from memprobe.errors import MemprobeError
+from memprobe.token_stats import next_token_stats
 
 
 @dataclass(frozen=True)
@@ -120,26 +121,21 @@ def token_labels(
 
 def _labels_from_logits(logits: torch.Tensor, ids: torch.Tensor, min_prob: float) -> TokenLabels:
     n = logits.shape[0]
-    # float32: log_softmax is accurate to ~1e-7 there, and float64 over a 49k vocabulary cost 10% of labelling
-    logp = torch.log_softmax(logits[:-1].float(), dim=-1)  # row t predicts token t+1
-    targets = ids[1:n].to(logp.device)
-    target_logp = logp.gather(-1, targets[:, None])[:, 0]
-    top_logp, argmax = logp.max(-1)
-    entropy = -(logp.exp() * logp).nansum(-1)
+    stats = next_token_stats(logits[:-1], ids[1:n])  # row t predicts token t+1
 
     def padded(values: torch.Tensor, fill: float | bool) -> np.ndarray:
         head = np.array([fill], dtype=np.bool_ if isinstance(fill, bool) else np.float64)
         return np.concatenate([head, values.cpu().numpy()])
 
-    target_prob = padded(target_logp.exp(), math.nan)
-    correct = padded(argmax == targets, False)
+    target_prob = padded(stats.target_logprob.exp(), math.nan)
+    correct = padded(stats.correct, False)
     return TokenLabels(
         token_ids=ids[:n].cpu().numpy().astype(np.int64),
         target_prob=target_prob,
         correct=correct,
-        loss=padded(-target_logp, math.nan),
-        entropy=padded(entropy, math.nan),
-        top_prob=padded(top_logp.exp(), math.nan),
+        loss=padded(-stats.target_logprob, math.nan),
+        entropy=padded(stats.entropy, math.nan),
+        top_prob=padded(stats.top_logprob.exp(), math.nan),
         memorized=correct & (np.nan_to_num(target_prob, nan=0.0) >= min_prob),
     )
 
