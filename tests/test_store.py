@@ -18,9 +18,10 @@ import pytest
 import torch
 
 import memprobe
-from memprobe import store as store_module
 from memprobe.errors import MemprobeError
 from memprobe.store import ActivationStore, Row, StoreWriter, check_free_disk
+from memprobe.store import reader as store_reader
+from memprobe.store import writer as store_writer
 
 REPO = Path(__file__).resolve().parents[1]
 SITES = ["blocks.0.hook_resid_post", "blocks.1.mlp.hook_post"]
@@ -155,9 +156,9 @@ def test_read_touches_only_overlapping_shards(
     w.finish()
     store = ActivationStore.open(tmp_path / "s")
     opened: list[str] = []
-    real = store_module.safe_open
+    real = store_reader.safe_open
     monkeypatch.setattr(
-        store_module, "safe_open", lambda f, **kw: opened.append(Path(f).name) or real(f, **kw)
+        store_reader, "safe_open", lambda f, **kw: opened.append(Path(f).name) or real(f, **kw)
     )
     rows = store.doc_rows("doc1")
     store.read(SITES[0], rows.start, rows.stop)
@@ -503,7 +504,7 @@ def test_short_disk_is_refused_before_writing(
 ) -> None:
     need = StoreWriter.estimate_bytes(1000, WIDTHS, "bfloat16")
     assert need == 1000 * (13 * 2 + 24)
-    monkeypatch.setattr(store_module.shutil, "disk_usage", lambda _: SimpleNamespace(free=need))
+    monkeypatch.setattr(store_writer.shutil, "disk_usage", lambda _: SimpleNamespace(free=need))
     with pytest.raises(MemprobeError, match=r"not enough free disk.*--dtype bfloat16"):
         check_free_disk(tmp_path / "new/dir", need)
     check_free_disk(tmp_path, need // 2)
