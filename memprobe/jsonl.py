@@ -7,12 +7,12 @@ names the file and line so the user can fix it in an editor.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from memprobe.errors import MemprobeError
+from memprobe.io.atomic import atomic_write
 from memprobe.results import _plain
 
 
@@ -50,12 +50,6 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:
-    """Write one JSON object per line atomically (temp file + rename); NaN becomes null."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(_plain(record), ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    """Write one JSON object per line atomically (memprobe.io.atomic_write); NaN becomes null."""
+    lines = (json.dumps(_plain(record), ensure_ascii=False) + "\n" for record in records)
+    return atomic_write(path, lines)

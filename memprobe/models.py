@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,12 +167,12 @@ def _hf_dir_from_gguf(gguf: Path, sha: str) -> Path:
     """Dequantise a GGUF file once into a cached HF directory (safetensors), atomically."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from memprobe.io.atomic import atomic_write, staged_directory
+
     target = CACHE_DIR / "hf" / f"{gguf.stem}-{sha[:16]}"
     if (target / "memprobe-complete").exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
+    with staged_directory(target, replace=True) as tmp:  # a directory without the marker is replaced
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # A GGUF-loaded model refuses save_pretrained: copy its weights into a fresh model.
@@ -182,12 +181,7 @@ def _hf_dir_from_gguf(gguf: Path, sha: str) -> Path:
         fresh.load_state_dict(loaded.state_dict())
         fresh.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / "memprobe-complete").write_text(sha + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        atomic_write(tmp / "memprobe-complete", sha + "\n")
     return target
 
 

@@ -14,8 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from memprobe.io.atomic import atomic_write
 
-def _plain(value: Any) -> argparse.ArgumentParser:
+
+def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -50,13 +52,8 @@ def provenance(seed: int | None = None, **extra: Any) -> dict[str, Any]:
 
 
 def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
-    """Write `payload` atomically (temp file + rename) so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_plain(payload), indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    """Write `payload` atomically (memprobe.io.atomic_write) so a reader never sees half a file."""
+    return atomic_write(path, json.dumps(_plain(payload), indent=2, sort_keys=False) + "\n")
 
 
 def save_results(path: str | Path, results: dict[str, Any], *, seed: int | None, **extra: Any) -> Path:
