@@ -76,6 +76,11 @@ def cmd_label(args: argparse.Namespace) -> int:
     from memprobe.labels import label_documents, summarize
     from memprobe.models import load_model
 
+    if getattr(args, "engine", None):
+        from memprobe.distributed.cli import run_label
+
+        run_label(args)
+        return 0
     loaded = load_model(args.model)
     records = label_documents(loaded, _docs(args, loaded), min_prob=args.min_prob, prefix_len=args.prefix_len,
                               suffix_len=args.suffix_len, batch_size=args.batch_size, progress=True)
@@ -93,6 +98,13 @@ def cmd_capture(args: argparse.Namespace) -> int:
     from memprobe.capture import capture
     from memprobe.models import load_model
 
+    if getattr(args, "engine", None):
+        from memprobe.distributed.cli import run_capture
+
+        store = run_capture(args)
+        if store is not None:
+            print(_describe(store))
+        return 0
     loaded = load_model(args.model)
     columns = _label_columns(args.labels) if args.labels else None
     store = capture(loaded, _docs(args, loaded), args.sites, args.out, backend=args.backend, dtype=args.dtype,
@@ -166,6 +178,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     lab.add_argument("--prefix-len", type=int, default=32)
     lab.add_argument("--suffix-len", type=int, default=32)
     lab.add_argument("--batch-size", type=int, default=8)
+    from memprobe.distributed.cli import add_engine_arguments
+
+    add_engine_arguments(lab)
 
     cap = sub.add_parser("capture", help="stream activations of chosen sites into a store")
     texts(cap)
@@ -177,6 +192,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     cap.add_argument("--labels", help="labels JSONL from `memprobe label` to attach as per-token columns")
     cap.add_argument("--truncate", action="store_true", help="cut texts longer than the context instead of refusing")
     cap.add_argument("--overwrite", action="store_true", help="replace a different capture in --out")
+    add_engine_arguments(cap)
 
     info = sub.add_parser("info", help="summarise a store")
     info.add_argument("store")
