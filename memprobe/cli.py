@@ -152,7 +152,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 # Subcommands that analysis modules add (each module exposes `register_cli(subparsers)`); a module
 # is imported only when its command runs (or for --help), so `memprobe capture` starts fast.
-EXTENSIONS = {"audit": "memprobe.audit", "probe": "memprobe.probes", "patch": "memprobe.intervene.export"}
+EXTENSIONS = {"audit": "memprobe.audit", "probe": "memprobe.probes", "patch": "memprobe.intervene.export", "mia": "memprobe.mia.cli"}
+EXTENSIONS["lab"] = "memprobe.lab.cli"
+EXTENSIONS["finetune"] = "memprobe.lab.cli"
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
