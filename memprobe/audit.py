@@ -1,21 +1,30 @@
 """`memprobe audit`: from a model and texts to what it memorized, where, and how to suppress it.
 
-Each step writes its output into the audit directory and is skipped when that output already
-exists for the same inputs, so an interrupted audit resumes and a finished one is not recomputed.
+Each step writes its outputs into the audit directory. A step is done only when its outputs were
+verified after it ran and `steps/<step>.done.json` (written last, atomically) records them under a
+key of the step's inputs, settings and code; a re-run reuses a step whose record matches and whose
+outputs still verify, and re-runs any other: a killed capture resumes shard by shard, anything else
+half-written is deleted and made again. So an interrupted audit finishes with the results an
+uninterrupted one would have given, and a finished one is not recomputed.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
+import os
+import shutil
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from memprobe.errors import MemprobeError
+from memprobe.io.atomic import remove_staged, staged_directory
 from memprobe.jsonl import read_jsonl, write_jsonl
 from memprobe.report import render_report
 from memprobe.results import write_json
@@ -71,18 +80,83 @@ class Audit:
             self._loaded = load_model(self.config.model)
         return self._loaded
 
-    def step(self, name: str, output: str, fn: Callable[[Path], Any]) -> Path:
-        """Run `fn(path)` unless `path` (in the audit dir) already exists; time it."""
+    def step(self, name: str, output: str, fn: Callable[[Path], Any], *, inputs: Sequence[str | Path] = (),
+             also: Sequence[str] = (), resumable: Sequence[str] = ()) -> Path:
+        """Run `fn(out/output)` unless the step is done (see the module docstring); time it.
+
+        `inputs`: files or directories it reads (audit-relative names or paths), part of its key;
+        `also`: other outputs it writes (verified and recorded like `output`); `resumable`: outputs a
+        killed attempt with the same key leaves for the next one to continue (the activation store)
+        instead of being deleted.
+        """
         path = self.out / output
-        if path.exists():
+        outputs = [output, *also]
+        key = self._step_key(name, fn, inputs)
+        record = self.out / "steps" / f"{_slug(name)}.done.json"
+        if self._verified_record(record, key):
             print(f"[audit] {name}: reusing {path}")
             return path
+        self._clear_stale(name, key, [*outputs, *resumable], resumable)
         print(f"[audit] {name} ...", flush=True)
         t = time.perf_counter()
         fn(path)
-        self.timings[name] = time.perf_counter() - t
+        seconds = time.perf_counter() - t
+        digests = {o: _output_digest(self.out / o) for o in outputs}
+        write_json(record, {"step": name, "key": key, "outputs": digests, "seconds": seconds})
+        self.timings[name] = seconds
         write_json(self.out / "timings.json", self.timings)  # kept, so a resumed audit reports every step
         return path
+
+    def _step_key(self, name: str, fn: Callable[[Path], Any], inputs: Sequence[str | Path]) -> str:
+        """What a step's result depends on: its inputs' content, the audit settings, the code."""
+        from memprobe import __version__
+
+        try:
+            code = inspect.getsource(fn)
+        except (OSError, TypeError):
+            code = getattr(fn, "__qualname__", repr(fn))
+        found = {}
+        for item in inputs:
+            where = self.out / item  # an absolute path stays itself
+            found[str(item)] = _output_digest(where)
+        payload = {"step": name, "config": asdict(self.config), "inputs": found,
+                   "code": {"memprobe": __version__, "step": hashlib.sha256(code.encode()).hexdigest()}}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+    def _verified_record(self, record: Path, key: str) -> bool:
+        """Whether `record` names this key and every output it lists is still there, whole and unchanged."""
+        try:
+            done = json.loads(record.read_text())
+        except (OSError, ValueError):
+            return False
+        if not isinstance(done, dict) or done.get("key") != key or not isinstance(done.get("outputs"), dict):
+            return False
+        try:
+            return all(_output_digest(self.out / o) == d for o, d in done["outputs"].items())
+        except MemprobeError:
+            return False
+
+    def _clear_stale(self, name: str, key: str, outputs: Sequence[str], resumable: Sequence[str]) -> None:
+        """Before (re-)running a step: delete what an earlier, unverified attempt left.
+
+        Outputs in `resumable` survive when that attempt had the same key (it is continued);
+        `steps/<step>.started.json` records the key of the attempt in progress.
+        """
+        started = self.out / "steps" / f"{_slug(name)}.started.json"
+        try:
+            same_key = json.loads(started.read_text()).get("key") == key
+        except (OSError, ValueError, AttributeError):
+            same_key = False
+        for output in outputs:
+            target = self.out / output
+            remove_staged(target)
+            if output in resumable and same_key:
+                continue
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+        write_json(started, {"step": name, "key": key})
 
     # -- steps ------------------------------------------------------------------------------
 
@@ -107,21 +181,28 @@ class Audit:
         write_jsonl(path, docs)
 
     def label(self, path: Path) -> None:
-        from memprobe.labels import label_documents
+        """Teacher-forced labels from the capture's own forward (one pass), then greedy extraction."""
+        from memprobe.labels import encode_documents, label_documents
 
         docs = read_jsonl(self.out / "texts.jsonl")
-        records = label_documents(self.loaded, docs, min_prob=self.config.min_prob, progress=True)
+        encode_documents(self.loaded, docs)  # refuse bad texts with the labeller's messages before capturing
+        store = self._capture_store(docs)
+        records = label_documents(self.loaded, docs, min_prob=self.config.min_prob, store=store, progress=True)
         for r in records:
             r["model"] = self.loaded.info
         write_jsonl(path, records)
 
     def capture(self, path: Path) -> None:
+        """The label step already captured the store; this rebuilds (or resumes) it if it is gone."""
+        self._capture_store(read_jsonl(self.out / "texts.jsonl"))
+
+    def _capture_store(self, docs: list[dict[str, Any]]):
+        """Activations and per-token statistics of the texts from one forward per batch (resumable)."""
         from memprobe.capture import capture
 
-        labels = read_jsonl(self.out / "labels.jsonl")
-        docs = [{k: r[k] for k in ("id", "text", "kind") if k in r} for r in labels]
-        columns = {c: {r["id"]: r[c] for r in labels} for c in ("memorized", "target_prob", "correct", "loss", "entropy")}
-        capture(self.loaded, docs, self.config.sites, path, dtype=self.config.dtype, token_columns=columns)
+        light = [{k: d[k] for k in ("id", "text", "kind") if k in d} for d in docs]
+        return capture(self.loaded, light, self.config.sites, self.out / "store", dtype=self.config.dtype,
+                       token_stats=True)
 
     def probes(self, path: Path) -> None:
         """One probe per captured site, cross-validated by document family; AUC beside baselines."""
@@ -197,10 +278,8 @@ class Audit:
     def suppress(self, path: Path) -> None:
         """Learn a suppression edit on half the memorized texts; measure it on the other half."""
         from memprobe.intervene.ablation import save_edit
-        from memprobe.intervene.export import export_patched
         from memprobe.intervene.suppress import evaluate, split_memorized, targets_from_labels
         from memprobe.intervene.weight_edit import random_low_rank_like, train_low_rank_edit
-        from memprobe.results import provenance
 
         records = read_jsonl(self.out / "labels.jsonl")
         parts = split_memorized(records, seed=self.config.seed)
@@ -228,14 +307,28 @@ class Audit:
         # The strongest edit within the perplexity budget; if none fits, the mildest one, flagged as such.
         chosen = {**(max(within, key=lambda r: r["suppression"]) if within else curve[0]), "within_budget": bool(within)}
         final = edit.with_strength(chosen["strength"])
-        save_edit(final, self.out / "edit.safetensors")
-        export_patched(self.loaded, final, self.out / "patched-model", provenance=provenance(self.config.seed))
+        save_edit(final, self.out / "edit.safetensors")  # the export step bakes it into patched-model/
         write_json(path, {"status": "ok", "method": SUPPRESSION_METHOD, "size": edit.size, "base": base,
                           "training": edit.meta, "curve": curve, "random_baseline": random_curve, "chosen": chosen,
                           "split_sizes": {k: len(v) for k, v in parts.items()},
                           "heldout_ids": [r["id"] for r in parts["heldout_memorized"]],
                           "patched_model": str((self.out / "patched-model").resolve())})
         _pareto_figure(curve, random_curve, self.out / "figures" / "suppression.png")
+
+    def export(self, path: Path) -> None:
+        """Bake the chosen edit into a HF model directory that appears at `path` whole or not at all."""
+        from memprobe.intervene.ablation import load_edit
+        from memprobe.intervene.export import export_patched
+        from memprobe.results import provenance
+
+        edit = self.out / "edit.safetensors"
+        if not edit.exists():
+            return  # suppression was skipped: there is nothing to export
+        # Staged here too (export_patched stages its own writes), so that the test pause below falls
+        # between writing the model and publishing it.
+        with staged_directory(path) as staged:
+            export_patched(self.loaded, load_edit(edit), staged, provenance=provenance(self.config.seed))
+            _pause_for_test("export")
 
     def relabel(self, path: Path) -> None:
         """Greedy continuations of the most memorized texts, before and after the patch."""
@@ -260,15 +353,23 @@ class Audit:
 
     def run(self) -> dict[str, Any]:
         self.out.mkdir(parents=True, exist_ok=True)
-        self.step("texts", "texts.jsonl", self.texts)
-        self.step("label", "labels.jsonl", self.label)
-        self.step("capture", "store", self.capture)
-        self.step("probe sweep", "probes.json", self.probes)
-        self.step("activation patching", "patching.json", self.patching)
-        self.step("suppression patch", "suppression.json", self.suppress)
-        self.step("re-label with the patch", "relabel.json", self.relabel)
+        user_texts = [Path(self.config.texts).absolute()] if self.config.texts else []
+        self.step("texts", "texts.jsonl", self.texts, inputs=user_texts)
+        # The label step may capture the store on its way (one forward for both): a killed one resumes it.
+        self.step("label", "labels.jsonl", self.label, inputs=["texts.jsonl"], resumable=["store"])
+        self.step("capture", "store", self.capture, inputs=["texts.jsonl", "labels.jsonl"], resumable=["store"])
+        self.step("probe sweep", "probes.json", self.probes, inputs=["labels.jsonl", "store"],
+                  also=["figures/probe_auc.png"])
+        self.step("activation patching", "patching.json", self.patching, inputs=["labels.jsonl"],
+                  also=["figures/patching.png"])
+        self.step("suppression patch", "suppression.json", self.suppress, inputs=["labels.jsonl"],
+                  also=["edit.safetensors", "figures/suppression.png"])
+        self.step("export patched model", "patched-model", self.export, inputs=["edit.safetensors"])
+        self.step("re-label with the patch", "relabel.json", self.relabel, inputs=["labels.jsonl", "patched-model"])
         summary = self.summary()
-        self.step("report", "report.html", lambda p: render_report(self.out, p))
+        self.step("report", "report.html", lambda p: render_report(self.out, p),
+                  inputs=["results.json", "probes.json", "patching.json", "suppression.json", "relabel.json",
+                          "figures"])
         return summary
 
     def summary(self) -> dict[str, Any]:
@@ -332,6 +433,44 @@ def _probe_heatmap(auc: dict[str, float], path: Path) -> None:
                   cbar_label="ROC-AUC")
     fig.axes[0].set_xlabel("layer")
     save_figure(fig, path, script="memprobe audit")
+
+
+def _slug(name: str) -> str:
+    return "-".join(name.split())
+
+
+def _output_digest(path: Path) -> str | None:
+    """A digest of a step output as it is now (None: absent), after checking it is whole.
+
+    An activation store counts only when complete and every shard verifies (else MemprobeError),
+    and is then known by its manifest, which holds every shard's checksums; a directory is known by
+    its files' digests.
+    """
+    from memprobe.store import MANIFEST, ActivationStore
+    from memprobe.store.integrity import file_digest
+
+    if not path.exists():
+        return None
+    if path.is_file():
+        return file_digest(path, "xxh3_128")
+    if (path / MANIFEST).is_file():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an incomplete store is reported below, not warned about
+            store = ActivationStore.open(path)
+        if not store.complete:
+            raise MemprobeError(f"{path} is an incomplete activation store; re-run the audit to finish it")
+        store.verify()
+        return "store:" + file_digest(path / MANIFEST, "xxh3_128")
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    listing = [[str(p.relative_to(path)), file_digest(p, "xxh3_128")] for p in files]
+    return "dir:" + hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+
+def _pause_for_test(point: str) -> None:
+    """Test hook, inert unless MEMPROBE_TEST_PAUSE_IN names `point`: tests/test_audit_resume.py sets
+    it to hold a step here (MEMPROBE_TEST_PAUSE_S seconds, default 60) while it kills the process."""
+    if os.environ.get("MEMPROBE_TEST_PAUSE_IN") == point:
+        time.sleep(float(os.environ.get("MEMPROBE_TEST_PAUSE_S", "60")))
 
 
 def _most_memorized(records: list[dict], min_prefix: int) -> tuple[dict, int] | None:

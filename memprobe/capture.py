@@ -19,10 +19,12 @@ import torch
 from tqdm.auto import tqdm
 
 from memprobe.backends import make_backend
+from memprobe.backends.torch_hooks import hooked
 from memprobe.errors import MemprobeError
 from memprobe.models import LoadedModel
-from memprobe.sites import resolve
+from memprobe.sites import hook_points, resolve
 from memprobe.store import ActivationStore, StoreWriter
+from memprobe.token_stats import STAT_COLUMNS, next_token_stats
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,7 @@ def capture(
     dtype: str = "float32",
     batch_tokens: int = 2048,
     token_columns: dict[str, dict[str, Sequence[float]]] | None = None,
+    token_stats: bool = False,
     truncate: bool = False,
     overwrite: bool = False,
     progress: bool = True,
@@ -116,11 +119,17 @@ def capture(
     """Capture `sites` of `loaded` over `docs` ({"id", "text", ...}) into a store at `out`.
 
     `token_columns` optionally attaches per-token label columns: {column: {doc_id: values}} with
-    one value per token (e.g. `memorized`, `target_prob` from memprobe.labels). Re-running with the
-    same arguments resumes an interrupted capture; different arguments are refused.
+    one value per token (e.g. `memorized`, `target_prob` from memprobe.labels). `token_stats` also
+    stores, from the logits of the same forward, the per-token statistics of
+    `memprobe.token_stats` (columns `STAT_COLUMNS`; NaN at each document's first token, which has
+    no prediction): labels (`memprobe.labels.token_labels_from_store`) and membership scores then
+    need no second pass. Re-running with the same arguments resumes an interrupted capture;
+    different arguments are refused.
     """
     tokenized = tokenize_documents(loaded, docs, truncate=truncate)
     sites = resolve(loaded.model, sites)
+    if token_stats:
+        _check_token_stats(backend, token_columns)
     runner = make_backend(backend, loaded)
     lengths = [len(d.token_ids) for d in tokenized]
     widths = _widths(runner, sites, loaded)
@@ -131,6 +140,7 @@ def capture(
         "inputs_sha256": input_digest(tokenized),
         "truncate": truncate,
         "token_columns": sorted(token_columns or {}),
+        "token_stats": list(STAT_COLUMNS) if token_stats else [],
     }
     documents = [{"id": d.id, "n_tokens": len(d.token_ids), **d.fields} for d in tokenized]
     writer = StoreWriter(out, config=config, sites=sites, widths=widths, dtype=dtype, documents=documents,
@@ -145,13 +155,18 @@ def capture(
         in_flight: Future | None = None
         for group in batches(lengths, pending, batch_tokens):
             ids, mask = pad_batch([tokenized[i].token_ids for i in group], pad)
-            acts = runner.run(ids.to(device), mask.to(device), sites)
             keep = mask.bool()
+            if token_stats:
+                acts, logits = run_to_logits(loaded, ids.to(device), mask.to(device), sites)
+                stats = stat_columns(logits, ids, keep)
+                del logits
+            else:
+                acts, stats = runner.run(ids.to(device), mask.to(device), sites), {}
             rows = {s: _rows(acts[s], keep) for s in sites}  # row-major: doc by doc
             doc_index = torch.cat([torch.full((lengths[i],), i, dtype=torch.long) for i in group])
             position = torch.cat([torch.arange(lengths[i]) for i in group])
             token_id = ids[keep]
-            columns = _columns(token_columns, [tokenized[i] for i in group])
+            columns = {**(_columns(token_columns, [tokenized[i] for i in group]) or {}), **stats} or None
             if in_flight is not None:
                 bar.update(in_flight.result())
             in_flight = pool.submit(_commit, writer, group, rows, doc_index, position, token_id, columns)
@@ -160,6 +175,52 @@ def capture(
     bar.close()
     writer.finish()
     return ActivationStore.open(out)
+
+
+def _check_token_stats(backend: str, token_columns: dict[str, Any] | None) -> None:
+    if backend != "hooks":
+        raise MemprobeError(
+            f"token_stats needs the logits of the capture's own forward, which the {backend!r} backend "
+            "does not return (it stops after the last site): capture with backend='hooks', or label "
+            "separately with memprobe.labels.token_labels"
+        )
+    clash = sorted(set(token_columns or {}) & set(STAT_COLUMNS))
+    if clash:
+        raise MemprobeError(
+            f"token_columns {clash} have the names of token-stat columns that token_stats computes: "
+            "rename them, or drop them and use the computed ones"
+        )
+
+
+def run_to_logits(loaded: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  sites: list[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The sites' activations and the logits of ONE forward: hooks that do not stop it early.
+
+    Why not the hooks backend: it ends the forward after the last site, and a second forward for
+    the logits would double the cost of labels; the final logits come from the model's output.
+    """
+    acts: dict[str, torch.Tensor] = {}
+    model = loaded.model
+    with hooked(model, hook_points(model, sites), acts, stop_early=False), torch.no_grad():
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    missing = set(sites) - set(acts)
+    if missing:
+        raise MemprobeError(f"sites {sorted(missing)} never fired during the forward pass: check the model's forward path")
+    return acts, out.logits
+
+
+def stat_columns(logits: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-token stat columns of a right-padded batch, rows of real tokens only (doc by doc).
+
+    Row t of a document holds the statistics of token t given tokens < t; row 0 is NaN.
+    """
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in STAT_COLUMNS}
+    nan = torch.full((1,), float("nan"))
+    for row, n in enumerate(keep.sum(1).tolist()):  # per row: padding costs no log-softmax
+        stats = next_token_stats(logits[row, : n - 1], ids[row, 1:n].to(logits.device))
+        for name in STAT_COLUMNS:
+            parts[name] += [nan, getattr(stats, name).float().cpu()]
+    return {name: torch.cat(p) for name, p in parts.items()}
 
 
 def _rows(acts: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -26,9 +26,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from memprobe.labels import continue_tokens
+from memprobe.labels import continue_tokens, sample_generators
 
 DATA_DIR = Path(__file__).parent / "data"
 LICENCE_DIR = Path("/usr/share/common-licenses")
@@ -59,6 +57,7 @@ OBSCURE_PLAYS = ("histories/edward-iii.md", "histories/henry-vi-part-1.md", "tra
 STDLIB_DOCSTRINGS = ("json", "argparse", "os")
 SAMPLE_PROMPTS = ("The", "In", "It was", "One of the", "When", "This", "There is", "We")
 SAMPLES_PER_PROMPT, SAMPLE_TOKENS, SAMPLE_TEMPERATURE = 2, 96, 0.9
+SAMPLE_BATCH_SIZE = 16  # sample rows decoded together (all of the default 8 prompts x 2)
 REPLACEMENT_WORDS = ("river", "quiet", "yellow", "market", "seven", "garden", "window", "silver", "paper",
                      "engine", "simple", "morning", "distant", "orange", "pocket", "winter", "candle", "narrow",
                      "basket", "gentle")
@@ -363,27 +362,34 @@ def _repetitions(seed: int) -> list[dict[str, Any]]:
     return docs
 
 
-def _model_samples(loaded: Any, seed: int, n_prompts: int | None = None) -> list[dict[str, Any]]:
+def _model_samples(loaded: Any, seed: int, n_prompts: int | None = None,
+                   batch_size: int = SAMPLE_BATCH_SIZE) -> list[dict[str, Any]]:
     """Text the model itself finds likely: temperature sampling from neutral prompts, seeded.
 
-    `n_prompts` keeps the first prompts only; their samples are the same as in the full set (the
-    prompts draw from one seeded generator in order), so a short corpus is a prefix of the full one.
+    Every sample row has its own generator, seeded from (seed, its index), and rows of all prompts
+    are decoded together, `batch_size` at a time (left-padded: prompts differ in length). So a
+    sample is the same whatever the batch size, and `n_prompts` (the first prompts only) gives a
+    prefix of the full set.
     """
-    generator = torch.Generator().manual_seed(seed)
     special = set(loaded.tokenizer.all_special_ids)
+    prompts = SAMPLE_PROMPTS[:n_prompts]
+    rows = [(p, s) for p in range(len(prompts)) for s in range(SAMPLES_PER_PROMPT)]
+    encoded = [loaded.encode(prompt) for prompt in prompts]
+    generators = sample_generators(seed, [p * SAMPLES_PER_PROMPT + s for p, s in rows])
+    sampled: list[list[int]] = []
+    for start in range(0, len(rows), batch_size):
+        chunk = range(start, min(start + batch_size, len(rows)))
+        out = continue_tokens(loaded.model, [encoded[rows[i][0]] for i in chunk], SAMPLE_TOKENS,
+                              temperature=SAMPLE_TEMPERATURE, generator=[generators[i] for i in chunk])
+        sampled += out.tolist()
     docs = []
-    for p, prompt in enumerate(SAMPLE_PROMPTS[:n_prompts]):
-        ids = loaded.encode(prompt)
-        prefixes = torch.tensor([ids] * SAMPLES_PER_PROMPT, dtype=torch.long)
-        sampled = continue_tokens(loaded.model, prefixes, SAMPLE_TOKENS, temperature=SAMPLE_TEMPERATURE,
-                                  generator=generator)
-        for s, row in enumerate(sampled.tolist()):
-            text = loaded.tokenizer.decode([t for t in ids + row if t not in special]).strip()
-            n = p * SAMPLES_PER_PROMPT + s
-            docs.append(_doc(f"model-sample/{loaded.name}/{seed}-{n:02d}", text, "model-sample", "model-sample",
-                             f"sampled from {loaded.name} (prompt {prompt!r}, temperature {SAMPLE_TEMPERATURE}, "
-                             f"{SAMPLE_TOKENS} tokens, seed {seed})", "generated", "control",
-                             f"model-sample:{seed}-{n:02d}", model=loaded.name))
+    for (p, _), row in zip(rows, sampled, strict=True):
+        ids, n = encoded[p], len(docs)
+        text = loaded.tokenizer.decode([t for t in ids + row if t not in special]).strip()
+        docs.append(_doc(f"model-sample/{loaded.name}/{seed}-{n:02d}", text, "model-sample", "model-sample",
+                         f"sampled from {loaded.name} (prompt {prompts[p]!r}, temperature {SAMPLE_TEMPERATURE}, "
+                         f"{SAMPLE_TOKENS} tokens, seed {seed})", "generated", "control",
+                         f"model-sample:{seed}-{n:02d}", model=loaded.name))
     return docs
 
 

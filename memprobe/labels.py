@@ -13,6 +13,7 @@ prediction, so its per-token values are NaN / False.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -25,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from memprobe.errors import MemprobeError
-from memprobe.token_stats import next_token_stats
+from memprobe.token_stats import STAT_COLUMNS, NextTokenStats, next_token_stats
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,15 @@ def token_labels(
 def _labels_from_logits(logits: torch.Tensor, ids: torch.Tensor, min_prob: float) -> TokenLabels:
     n = logits.shape[0]
     stats = next_token_stats(logits[:-1], ids[1:n])  # row t predicts token t+1
+    return labels_from_stats(ids[:n], stats, min_prob)
 
+
+def labels_from_stats(token_ids: torch.Tensor | np.ndarray, stats: NextTokenStats, min_prob: float) -> TokenLabels:
+    """Token labels of one document from its next-token statistics (index t predicts token t+1).
+
+    The one definition both paths share: labels computed from a forward's logits here, and labels
+    read back from the token-stat columns a capture stored from the same forward (`token_labels_from_store`).
+    """
     def padded(values: torch.Tensor, fill: float | bool) -> np.ndarray:
         head = np.array([fill], dtype=np.bool_ if isinstance(fill, bool) else np.float64)
         return np.concatenate([head, values.cpu().numpy()])
@@ -130,7 +139,7 @@ def _labels_from_logits(logits: torch.Tensor, ids: torch.Tensor, min_prob: float
     target_prob = padded(stats.target_logprob.exp(), math.nan)
     correct = padded(stats.correct, False)
     return TokenLabels(
-        token_ids=ids[:n].cpu().numpy().astype(np.int64),
+        token_ids=np.asarray(token_ids, dtype=np.int64),
         target_prob=target_prob,
         correct=correct,
         loss=padded(-stats.target_logprob, math.nan),
@@ -140,35 +149,104 @@ def _labels_from_logits(logits: torch.Tensor, ids: torch.Tensor, min_prob: float
     )
 
 
+def token_labels_from_store(store: Any, doc_ids: Sequence[str], *, min_prob: float = 0.5) -> list[TokenLabels]:
+    """Token labels of `doc_ids` from a store captured with `token_stats=True` (memprobe.capture).
+
+    Why: the capture's forward already produced the logits, so labels, MIA statistics and
+    activations come from one pass; recomputing them would be a second forward over the same texts.
+    """
+    if not 0.0 < min_prob <= 1.0:
+        raise MemprobeError(f"min_prob must be in (0, 1], not {min_prob}: it is a probability threshold")
+    missing = [c for c in STAT_COLUMNS if c not in store.columns]
+    if missing:
+        raise MemprobeError(
+            f"store {store.path} has no token-stat columns {missing}: capture it with token_stats=True "
+            "(memprobe.capture.capture), or label the texts with memprobe.labels.token_labels"
+        )
+    columns = {c: store.column(c) for c in STAT_COLUMNS}
+    token_id = store.rows.token_id
+    out = []
+    for doc_id in doc_ids:
+        rows = store.doc_rows(doc_id)
+        pred = slice(rows.start + 1, rows.stop)  # row 0 of a document predicts nothing
+        values = {c: columns[c][pred] for c in STAT_COLUMNS}
+        stats = NextTokenStats(**{**values, "correct": values["correct"] == 1})
+        out.append(labels_from_stats(token_id[rows].numpy(), stats, min_prob))
+    return out
+
+
 @torch.inference_mode()
 def continue_tokens(
     model: torch.nn.Module,
-    prefixes: torch.Tensor,
+    prefixes: torch.Tensor | Sequence[Sequence[int]],
     steps: int,
     *,
     temperature: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
-    """Extend equal-length prefixes (B, k) by `steps` tokens with a KV cache; no EOS stopping.
+    """Extend prefixes by `steps` tokens each with a KV cache, all rows in one batch; no EOS stopping.
 
-    temperature 0 is greedy (ties go to the lowest id); above 0, sampling uses `generator` so a
-    seeded generator gives the same samples every run.
+    Prefixes of different lengths are left-padded, with an attention mask and position ids that
+    make every row compute what it would alone. temperature 0 is greedy (ties go to the lowest id);
+    above 0, row i samples with `generator[i]` (one seeded generator per row: its samples do not
+    depend on which other rows share the batch), or all rows draw from one shared `generator`.
     """
     if temperature < 0:
         raise MemprobeError(f"temperature must be >= 0, not {temperature}")
+    rows = [[int(t) for t in p] for p in (prefixes.tolist() if isinstance(prefixes, torch.Tensor) else prefixes)]
+    if any(not r for r in rows):
+        raise MemprobeError("continue_tokens: every prefix needs at least one token")
+    generators = _row_generators(generator, len(rows), temperature)
+    if not rows or steps == 0:
+        return torch.zeros((len(rows), 0), dtype=torch.long)
     device = _device(model)
-    inputs, past, chosen = prefixes.to(device), None, []
+    width = max(map(len, rows))
+    inputs = torch.tensor([[0] * (width - len(r)) + r for r in rows], dtype=torch.long, device=device)
+    padded = any(len(r) < width for r in rows)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long, device=device)
+    position = (mask.cumsum(-1) - 1).clamp_min(0)
+    cache, chosen = None, []
     for _ in range(steps):
-        out = model(input_ids=inputs, past_key_values=past, use_cache=True)
-        past, last = out.past_key_values, out.logits[:, -1].double()
-        if temperature == 0:
-            nxt = last.argmax(-1)
-        else:
-            probs = torch.softmax(last / temperature, dim=-1).cpu()
-            nxt = torch.multinomial(probs, 1, generator=generator)[:, 0].to(device)
+        extra = {"attention_mask": mask, "position_ids": position} if padded else {}
+        out = model(input_ids=inputs, cache=cache, use_cache=True, **extra)
+        cache, last = out.cache, out.logits[:, -1].double()
+        nxt = last.argmax(-1) if temperature == 0 else _sample(last / temperature, generators).to(device)
         chosen.append(nxt)
         inputs = nxt[:, None]
-    return torch.stack(chosen, dim=1).cpu() if chosen else torch.zeros((len(prefixes), 0), dtype=torch.long)
+        mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
+        position = position[:, -1:] + 1
+    return torch.stack(chosen, dim=1).cpu()
+
+
+def _row_generators(generator: torch.Generator | Sequence[torch.Generator] | None, n_rows: int,
+                    temperature: float) -> torch.Generator | list[torch.Generator] | None:
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    generators = list(generator)
+    if len(generators) != n_rows:
+        raise MemprobeError(f"continue_tokens got {len(generators)} generators for {n_rows} prefixes: give one per row")
+    return generators
+
+
+def _sample(logits: torch.Tensor, generators: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+    """One token per row by inverse-CDF sampling: row i uses the i-th uniform draw of its generator."""
+    probs = torch.softmax(logits, dim=-1).cpu()
+    if isinstance(generators, list):
+        u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
+    else:
+        u = torch.rand(len(probs), generator=generators, dtype=torch.float64)
+    cdf = probs.cumsum(-1)
+    picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    return picked.clamp_max(probs.shape[-1] - 1)
+
+
+def sample_generators(seed: int, keys: Sequence[str | int]) -> list[torch.Generator]:
+    """One generator per key, seeded from (seed, key): a row's samples are the same in any batch."""
+    out = []
+    for key in keys:
+        digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+        out.append(torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1)))
+    return out
 
 
 def _window_offsets(n_tokens: int, k: int, m: int, offsets: Sequence[int] | None, stride: int | None) -> list[int]:
@@ -244,7 +322,8 @@ def _as_list(values: np.ndarray) -> list[Any]:
     return [None if math.isnan(v) else float(v) for v in values]
 
 
-def _check_documents(loaded: Any, docs: Sequence[dict[str, Any]]) -> list[list[int]]:
+def encode_documents(loaded: Any, docs: Sequence[dict[str, Any]]) -> list[list[int]]:
+    """Token ids of `{"id", "text"}` documents; refuses missing or repeated ids, empty or over-long texts."""
     seen: set[str] = set()
     encoded = []
     for n, doc in enumerate(docs):
@@ -280,6 +359,7 @@ def label_documents(
     suffix_len: int = 32,
     batch_size: int = 8,
     generate_batch_size: int = 32,
+    store: Any = None,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Label `{"id", "text", ...}` documents with `loaded` (a LoadedModel); JSONL-ready records.
@@ -291,9 +371,22 @@ def label_documents(
     undefined), the sequence labels of the window at offset 0, and the labeller's settings. A
     document with a character `span` (e.g. the second copy in a repetition document) also gets the
     span's token range and its memorized fraction.
+
+    With `store` (an ActivationStore captured from these documents with `token_stats=True`), the
+    teacher-forced labels are read from its columns, i.e. from the capture's own forward pass,
+    instead of a second forward; only the greedy extraction decodes.
     """
-    encoded = _check_documents(loaded, docs)
-    tokens = token_labels(loaded.model, encoded, min_prob=min_prob, batch_size=batch_size, progress=progress)
+    encoded = encode_documents(loaded, docs)
+    if store is None:
+        tokens = token_labels(loaded.model, encoded, min_prob=min_prob, batch_size=batch_size, progress=progress)
+    else:
+        tokens = token_labels_from_store(store, [d["id"] for d in docs], min_prob=min_prob)
+        for doc, ids, tok in zip(docs, encoded, tokens, strict=True):
+            if tok.token_ids.tolist() != ids:
+                raise MemprobeError(
+                    f"store {store.path} holds other tokens for document {doc['id']!r} than {loaded.name} "
+                    "gives its text: capture these texts with this model, or label without the store"
+                )
     seqs = sequence_labels(
         loaded.model, encoded, prefix_len=prefix_len, suffix_len=suffix_len, batch_size=generate_batch_size,
         progress=progress,

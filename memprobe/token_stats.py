@@ -11,7 +11,7 @@ Row t of `logits` predicts token t+1. Results are per predicted token: index t d
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -28,6 +28,10 @@ class NextTokenStats:
     top_logprob: torch.Tensor  # log p(argmax): the model's confidence
     entropy: torch.Tensor  # H(p) in nats; the mean log-prob under p is -entropy
     logprob_std: torch.Tensor  # std of log p(z) for z ~ p (min-k%++'s sigma)
+
+
+# The field names, which are also the per-token columns of a capture with token_stats=True.
+STAT_COLUMNS = tuple(f.name for f in fields(NextTokenStats))
 
 
 def next_token_stats(logits: torch.Tensor, targets: torch.Tensor) -> NextTokenStats:

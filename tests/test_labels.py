@@ -34,12 +34,12 @@ class SuccessorLM(torch.nn.Module):
         self.p = torch.tensor(p, dtype=torch.float64)
         self.dummy = torch.nn.Parameter(torch.zeros(1))
 
-    def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=False):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=False):
         probs = ((1 - self.p) / (V - 1))[:, None].expand(V, V).clone()
         probs[torch.arange(V), (torch.arange(V) + 1) % V] = self.p
         logits = probs.log()[input_ids].float()
-        seen = input_ids if past_key_values is None else torch.cat([past_key_values, input_ids], 1)
-        return SimpleNamespace(logits=logits, past_key_values=seen)
+        seen = input_ids if cache is None else torch.cat([cache, input_ids], 1)
+        return SimpleNamespace(logits=logits, cache=seen)
 
 
 P = [0.9, 0.6, 0.3, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9]
