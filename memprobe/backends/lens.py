@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import torch
 
+from memprobe.adapters import adapter_for
 from memprobe.backends import Backend
 from memprobe.errors import MemprobeError
 from memprobe.models import LoadedModel
-from memprobe.sites import DecoderLayout, catalog, layer_of
+from memprobe.sites import catalog, layer_of
 
 
 class LensBackend(Backend):
@@ -24,15 +25,20 @@ class LensBackend(Backend):
         self._claim("transformer-lens")
         from transformer_lens.model_bridge import TransformerBridge
 
-        self.layout = DecoderLayout.of(loaded.model)
-        self.bridge = TransformerBridge.boot_transformers(
-            loaded.name, hf_model=loaded.model, tokenizer=loaded.tokenizer, device=loaded.device
-        )
+        self.adapter = adapter_for(loaded.model)  # before the bridge rewraps the model's modules
+        try:
+            self.bridge = TransformerBridge.boot_transformers(
+                loaded.name, hf_model=loaded.model, tokenizer=loaded.tokenizer, device=loaded.device
+            )
+        except (ValueError, KeyError, NotImplementedError) as exc:
+            raise MemprobeError(
+                f"TransformerLens cannot wrap {type(loaded.model).__name__}: {exc}. Use --backend hooks or nnsight."
+            ) from exc
 
     def run(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, sites: list[str]
     ) -> dict[str, torch.Tensor]:
-        canonical = set(catalog(self.layout))
+        canonical = set(catalog(self.adapter))
         raw = [s for s in sites if s not in canonical]
         if raw:
             raise MemprobeError(
@@ -42,7 +48,7 @@ class LensBackend(Backend):
         layers = [layer_of(s) for s in sites]
         needs_all = any(li is None and s != "hook_embed" for li, s in zip(layers, sites, strict=True))
         last = max((li for li in layers if li is not None), default=-1)
-        stop = None if needs_all or last + 1 >= self.layout.n_layers else last + 1
+        stop = None if needs_all or last + 1 >= self.adapter.n_layers else last + 1
         with torch.no_grad():
             _, cache = self.bridge.run_with_cache(
                 input_ids, names_filter=list(sites), stop_at_layer=stop, attention_mask=attention_mask,

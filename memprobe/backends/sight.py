@@ -47,12 +47,15 @@ class SightBackend(Backend):
     def run(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, sites: list[str]
     ) -> dict[str, torch.Tensor]:
-        points = self._in_execution_order(hook_points(self.loaded.model, sites))
+        ordered = self._in_execution_order(hook_points(self.loaded.model, sites))
+        points = {s: p.with_shape(*input_ids.shape) for s, p in ordered.items()}
         envoys = [(site, self._envoy(p.module), p.io) for site, p in points.items()]
+        transforms = {site: p.transform for site, p in points.items() if p.transform is not None}
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         saved = {}
         with torch.no_grad(), self.wrapped.trace({"input_ids": input_ids, "attention_mask": mask}) as tracer:
             for site, env, io in envoys:
                 saved[site] = (env.input if io == "input" else env.output).save()
             tracer.stop()
-        return {s: v[0] if isinstance(v, tuple) else v for s, v in saved.items()}
+        out = {s: v[0] if isinstance(v, tuple) else v for s, v in saved.items()}
+        return {s: transforms[s](v) if s in transforms else v for s, v in out.items()}

@@ -6,27 +6,19 @@ MLPs, HF transformers), and let us stop the forward as soon as the last requeste
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from memprobe.backends import Backend
 from memprobe.errors import MemprobeError
+from memprobe.hookpoint import HookPoint
+from memprobe.sites import hook_points
 
-
-@dataclass(frozen=True)
-class HookPoint:
-    """Where a site lives in a module tree: `module` path, and whether we read its input or output.
-
-    `transform`, when given, maps the raw tensor to the site's value (for example a spatial mean).
-    """
-
-    module: str
-    io: Literal["input", "output"] = "output"
-    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+__all__ = ["HookPoint", "HooksBackend", "capture_modules", "hooked", "resolve_module", "run_with_hooks"]
 
 
 class _StopForward(Exception):
@@ -146,13 +138,7 @@ def capture_modules(
     return run_with_hooks(root, points, inputs)
 
 
-def _hooks_backend_base():  # late import: backends/__init__ imports models, which is heavier
-    from memprobe.backends import Backend
-
-    return Backend
-
-
-class HooksBackend(_hooks_backend_base()):
+class HooksBackend(Backend):
     """Plain forward hooks on the HF model: no wrapper, no copies, the forward stops after the last site."""
 
     name = "hooks"
@@ -160,9 +146,7 @@ class HooksBackend(_hooks_backend_base()):
     def run(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, sites: list[str]
     ) -> dict[str, torch.Tensor]:
-        from memprobe.sites import hook_points
-
-        points = hook_points(self.loaded.model, sites)
+        points = {s: p.with_shape(*input_ids.shape) for s, p in hook_points(self.loaded.model, sites).items()}
         return run_with_hooks(
             self.loaded.model, points, input_ids=input_ids, attention_mask=attention_mask, use_cache=False
         )

@@ -4,14 +4,14 @@ Why edits are plain data: one edit object is applied three ways that must agree 
 any HF model, as TransformerLens hooks on a `TransformerBridge`, inside an nnsight trace — and is
 baked into the weights by `memprobe.intervene.export`, so a user can check one against another.
 
-- `NeuronEdit`: MLP neurons (the input of `down_proj`, site `blocks.{i}.mlp.hook_post`) move a
+- `NeuronEdit`: MLP neurons (the input of the MLP out-projection, site `blocks.{i}.mlp.hook_post`) move a
   fraction `strength` of the way to a target value: 0 (zero ablation) or a per-neuron mean (mean
   ablation). strength 1 removes them; strength 0.5 halves them.
 - `DirectionEdit`: every write to the residual stream (token embedding, each attention output, each
   MLP output) loses `strength` times its component along a unit direction d: x -> x - s (x.d) d.
   With strength 1 the residual stream never holds any d component (the "projection out" steer).
 - `LowRankEdit`: each chosen layer's MLP output weight gains `strength` x B A (rank r): the MLP output
-  becomes down_proj(h) + s B (A h) for the neurons' activations h. Learned by `memprobe.intervene.
+  becomes W_out h + s B (A h) for the neurons' activations h. Learned by `memprobe.intervene.
   weight_edit` (unlikelihood on memorized tokens, KL to the original model on ordinary text).
 """
 
@@ -28,8 +28,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from memprobe.adapters import Adapter, adapter_for
 from memprobe.errors import MemprobeError
-from memprobe.sites import DecoderLayout
 
 
 @dataclass
@@ -111,7 +111,7 @@ class DirectionEdit:
 
 @dataclass
 class LowRankEdit:
-    """Add strength x B @ A to the MLP output weight (`down_proj`) of each layer in `factors`."""
+    """Add strength x B @ A to the MLP out-projection weight of each layer in `factors`."""
 
     factors: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (A (rank, d_mlp), B (d_model, rank))
     strength: float = 1.0
@@ -137,7 +137,7 @@ class LowRankEdit:
         return self.strength * ((hidden @ a.to(hidden.device, hidden.dtype).T) @ b.to(hidden.device, hidden.dtype).T)
 
     def weight_delta(self, layer: int) -> torch.Tensor:
-        """The (d_model, d_mlp) matrix added to `down_proj.weight`."""
+        """The (d_model, d_mlp) matrix added to the out-projection weight (as nn.Linear holds it)."""
         a, b = self.factors[layer]
         return self.strength * (b @ a)
 
@@ -191,30 +191,15 @@ def load_edit(path: str | Path) -> Edit:
     raise MemprobeError(f"{path} is not a memprobe edit file (no 'memprobe_edit' header)")
 
 
-def _residual_writers(model: nn.Module) -> list[str]:
-    """Module paths whose outputs are added to the residual stream (embed, attention, MLP per layer)."""
-    layout = DecoderLayout.of(model)
-    if layout.post_norms:
-        raise MemprobeError(
-            "direction edits need the residual writes to be the attention/MLP outputs themselves; this "
-            "model normalises them after (Gemma-style post-norms), so the edit would not be linear in the "
-            "weights. Use a neuron edit instead."
-        )
-    writers = [layout.embed]
-    for i in range(layout.n_layers):
-        writers += [f"{layout.block(i)}.self_attn", f"{layout.block(i)}.mlp"]
-    return writers
-
-
 @contextmanager
 def hooked_edit(model: nn.Module, edit: Edit) -> Iterator[nn.Module]:
     """Apply `edit` to a plain HF model with forward hooks for the duration of the block."""
-    layout = DecoderLayout.of(model)
+    adapter = adapter_for(model)
     handles = []
     try:
         if isinstance(edit, NeuronEdit):
             for layer in edit.neurons:
-                down = model.get_submodule(f"{layout.block(layer)}.mlp.down_proj")
+                down = model.get_submodule(adapter.at(layer, adapter.mlp_out))
 
                 def pre(_m, args, layer=layer):
                     return (edit.apply(layer, args[0]), *args[1:])
@@ -222,11 +207,11 @@ def hooked_edit(model: nn.Module, edit: Edit) -> Iterator[nn.Module]:
                 handles.append(down.register_forward_pre_hook(pre))
         elif isinstance(edit, LowRankEdit):
             for layer in edit.factors:
-                down = model.get_submodule(f"{layout.block(layer)}.mlp.down_proj")
+                down = model.get_submodule(adapter.at(layer, adapter.mlp_out))
                 handles.append(down.register_forward_hook(
                     lambda _m, args, out, layer=layer: out + edit.delta(layer, args[0])))
         else:
-            for path in _residual_writers(model):
+            for path in adapter.residual_writers():
                 def post(_m, _args, out):
                     if isinstance(out, tuple):
                         return (edit.apply(out[0]), *out[1:])
@@ -239,8 +224,11 @@ def hooked_edit(model: nn.Module, edit: Edit) -> Iterator[nn.Module]:
             h.remove()
 
 
-def lens_hooks(edit: Edit, n_layers: int) -> list[tuple[str, Callable]]:
-    """TransformerLens `fwd_hooks` applying `edit`: use as `bridge.hooks(fwd_hooks=lens_hooks(...))`."""
+def lens_hooks(edit: Edit, n_layers: int | Adapter) -> list[tuple[str, Callable]]:
+    """TransformerLens `fwd_hooks` applying `edit`: use as `bridge.hooks(fwd_hooks=lens_hooks(...))`.
+
+    Pass the model's adapter (or, for a Llama-style model, its layer count) so that a direction edit
+    also reaches the family's other residual writes (GPT-2's position embedding)."""
     if isinstance(edit, NeuronEdit):
         return [(f"blocks.{layer}.mlp.hook_post", lambda act, hook, layer=layer: edit.apply(layer, act))
                 for layer in sorted(edit.neurons)]
@@ -262,9 +250,10 @@ def lens_hooks(edit: Edit, n_layers: int) -> list[tuple[str, Callable]]:
     def project(act, hook):
         return edit.apply(act)
 
-    names = ["hook_embed"]
-    for i in range(n_layers):
-        names += [f"blocks.{i}.hook_attn_out", f"blocks.{i}.hook_mlp_out"]
+    if isinstance(n_layers, Adapter):
+        names = n_layers.lens_residual_writes()
+    else:
+        names = ["hook_embed"] + [f"blocks.{i}.hook_{k}_out" for i in range(n_layers) for k in ("attn", "mlp")]
     return [(n, project) for n in names]
 
 
@@ -278,22 +267,21 @@ def _envoy(wrapped: Any, path: str) -> Any:
 def apply_in_trace(wrapped: Any, edit: Edit) -> None:
     """Apply `edit` inside an open nnsight trace on `wrapped` (a `TransformersModel`), in execution order.
 
-    Call it first in the trace, then read outputs: `with m.trace(ids): apply_in_trace(m, e); y = m.lm_head.output.save()`.
+    Call it first in the trace, then read outputs: `with m.trace(ids): apply_in_trace(m, e); y = m.output.save()`.
     """
-    model = wrapped._module
-    layout = DecoderLayout.of(model)
+    adapter = adapter_for(wrapped._module)
     if isinstance(edit, NeuronEdit):
         for layer in sorted(edit.neurons):
-            env = _envoy(wrapped, f"{layout.block(layer)}.mlp.down_proj")
+            env = _envoy(wrapped, adapter.at(layer, adapter.mlp_out))
             env.input = edit.apply(layer, env.input)
         return
     if isinstance(edit, LowRankEdit):
         for layer in sorted(edit.factors):
-            env = _envoy(wrapped, f"{layout.block(layer)}.mlp.down_proj")
+            env = _envoy(wrapped, adapter.at(layer, adapter.mlp_out))
             hidden = env.input
             env.output = env.output + edit.delta(layer, hidden)
         return
-    for path in _residual_writers(model):
+    for path in adapter.residual_writers():
         env = _envoy(wrapped, path)
         out = env.output
-        env.output = (edit.apply(out[0]), *out[1:]) if path.endswith("self_attn") else edit.apply(out)
+        env.output = (edit.apply(out[0]), *out[1:]) if isinstance(out, tuple) else edit.apply(out)

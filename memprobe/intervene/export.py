@@ -3,15 +3,19 @@
 Why weights, not hooks: the user's deployment (vLLM, plain transformers, another lab's code) should
 not need memprobe. Every edit here is folded exactly (up to float rounding), not approximated:
 
-- zero ablation of neuron i at strength s  -> column i of `down_proj.weight` scaled by (1 - s);
-- mean ablation toward m_i                 -> the same, plus the constant s * m_i * W[:, i] added to a
-  `down_proj` bias. Llama has no MLP bias by default, so the config gets `mlp_bias=True` and the new
-  gate/up biases are zero (exact). Architectures without an `mlp_bias` switch refuse mean ablation;
-- a low-rank MLP output edit s B A       -> added to `down_proj.weight` (exact, any architecture);
-- removing s x the component along d from residual writes -> P = I - s d d^T left-multiplies
-  `o_proj.weight` and `down_proj.weight` (and their biases) and right-multiplies the embedding
-  matrix; when the embedding is tied to the unembedding, the output head is untied first, keeping
-  the original matrix, so only the input side changes (exact: these writes are linear in the weights).
+- zero ablation of neuron i at strength s  -> column i of the MLP out-projection weight scaled by (1 - s);
+- mean ablation toward m_i                 -> the same, plus the constant s * m_i * W[:, i] added to the
+  out-projection bias. GPT-2/Neo/NeoX/OPT have that bias; Llama has an `mlp_bias` switch, so the
+  config gets `mlp_bias=True` and the new in-projection biases are zero (exact). Families with
+  neither refuse mean ablation;
+- a low-rank MLP output edit s B A       -> added to the out-projection weight (transposed for GPT-2's
+  Conv1D; exact, any family);
+- removing s x the component along d from residual writes -> P = I - s d d^T left-multiplies the
+  attention and MLP out-projections (and their biases) and right-multiplies the embedding matrices
+  (token, and learned positions where the family has them); when the token embedding is tied to the
+  unembedding, the output head is untied first, keeping the original matrix, so only the input side
+  changes (exact: these writes are linear in the weights; families with post-norms refuse).
+The family adapter (`memprobe.adapters`) says where each of these weights lives.
 """
 
 from __future__ import annotations
@@ -24,9 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from memprobe.adapters import adapter_for
 from memprobe.errors import MemprobeError
 from memprobe.intervene.ablation import Edit, LowRankEdit, NeuronEdit, load_edit
-from memprobe.sites import DecoderLayout
 
 PATCH_FILE = "memprobe_patch.json"
 
@@ -35,49 +39,16 @@ def baked_state(model: nn.Module, edit: Edit) -> tuple[dict[str, torch.Tensor], 
     """(state dict, config) of `model` with `edit` folded into the weights; `model` is left unchanged."""
     import copy
 
-    layout = DecoderLayout.of(model)
+    adapter = adapter_for(model)
     config = copy.deepcopy(model.config)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if isinstance(edit, NeuronEdit):
-        needs_bias = edit.means is not None and edit.strength != 0
-        if needs_bias and not hasattr(config, "mlp_bias"):
-            raise MemprobeError(f"{type(model).__name__} has no mlp_bias option: mean ablation cannot be baked "
-                                "into its weights exactly; use zero ablation (no --mean)")
-        if needs_bias and not config.mlp_bias:
-            config.mlp_bias = True
-            for i in range(layout.n_layers):
-                b = f"{layout.block(i)}.mlp"
-                for proj in ("gate_proj", "up_proj", "down_proj"):
-                    rows = state[f"{b}.{proj}.weight"].shape[0]
-                    state[f"{b}.{proj}.bias"] = torch.zeros(rows, dtype=state[f"{b}.{proj}.weight"].dtype)
-        for layer, idx in edit.neurons.items():
-            key = f"{layout.block(layer)}.mlp.down_proj"
-            w = state[f"{key}.weight"]
-            if needs_bias:
-                state[f"{key}.bias"] += edit.strength * (w[:, idx] @ edit.means[layer].to(w.dtype))
-            w[:, idx] *= 1.0 - edit.strength
-        return state, config
-    if isinstance(edit, LowRankEdit):
-        for layer in edit.factors:
-            w = state[f"{layout.block(layer)}.mlp.down_proj.weight"]
-            w += edit.weight_delta(layer).to(w.dtype)
-        return state, config
-    if layout.post_norms:
-        raise MemprobeError("direction edits cannot be baked into models with post-norms (Gemma-style)")
-    d = edit.direction.to(torch.float64)
-    proj = torch.eye(len(d), dtype=torch.float64) - edit.strength * torch.outer(d, d)
-    for i in range(layout.n_layers):
-        for key in (f"{layout.block(i)}.self_attn.o_proj", f"{layout.block(i)}.mlp.down_proj"):
-            w = state[f"{key}.weight"]
-            state[f"{key}.weight"] = (proj @ w.double()).to(w.dtype)
-            if f"{key}.bias" in state:
-                state[f"{key}.bias"] = (proj @ state[f"{key}.bias"].double()).to(w.dtype)
-    embed_key = f"{layout.embed}.weight"
-    emb = state[embed_key]
-    if getattr(config, "tie_word_embeddings", False):
-        state["lm_head.weight"] = emb.clone()
-        config.tie_word_embeddings = False
-    state[embed_key] = (emb.double() @ proj).to(emb.dtype)
+        adapter.fold_neurons(state, config, edit.neurons, edit.strength, edit.means)
+    elif isinstance(edit, LowRankEdit):
+        adapter.fold_low_rank(state, {layer: edit.weight_delta(layer) for layer in edit.factors})
+    else:
+        d = edit.direction.to(torch.float64)
+        adapter.fold_direction(state, config, torch.eye(len(d), dtype=torch.float64) - edit.strength * torch.outer(d, d))
     return state, config
 
 
@@ -89,7 +60,8 @@ def patched_model(model: nn.Module, edit: Edit) -> nn.Module:
     dtype = next(model.parameters()).dtype
     fresh = AutoModelForCausalLM.from_config(config, dtype=dtype)
     missing, unexpected = fresh.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    head = f"{adapter_for(model).unembed}.weight"
+    missing = [k for k in missing if not (k == head and getattr(config, "tie_word_embeddings", False))]
     if missing or unexpected:
         raise MemprobeError(f"baked weights do not fit the model: missing {missing}, unexpected {unexpected}")
     return fresh.eval()

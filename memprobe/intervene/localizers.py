@@ -1,6 +1,6 @@
 """Neuron localization methods after Chang et al. (NAACL 2024): which MLP neurons carry a sequence.
 
-Every method scores every MLP neuron (the input of `down_proj`, site `blocks.{i}.mlp.hook_post`) for
+Every method scores every MLP neuron (the input of the MLP out-projection, site `blocks.{i}.mlp.hook_post`) for
 one target: token ids plus the positions whose prediction is the memorized continuation. A higher
 score means "dropping this neuron should hurt that continuation more". Scores come back as a
 (n_layers, d_mlp) tensor, so `top_neurons` turns any of them into a `NeuronEdit`.
@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from memprobe.adapters import adapter_for
 from memprobe.intervene.ablation import NeuronEdit
-from memprobe.sites import DecoderLayout
 
 METHODS = ("activations", "attribution", "integrated_gradients", "slimming", "hard_concrete", "zero_out",
            "probe_neurons", "random")
@@ -55,16 +55,16 @@ class Target:
 
 
 def mlp_shape(model: nn.Module) -> tuple[int, int]:
-    layout = DecoderLayout.of(model)
-    down = model.get_submodule(f"{layout.block(0)}.mlp.down_proj")
-    return layout.n_layers, down.in_features
+    """(n_layers, d_mlp): the shape of every per-neuron score."""
+    adapter = adapter_for(model)
+    return adapter.n_layers, adapter.mlp_width(model)
 
 
 @contextmanager
 def mlp_intercept(model: nn.Module, scales: torch.Tensor | None = None, store: list | None = None) -> Iterator[None]:
     """Multiply every layer's MLP activations by `scales[layer]` (broadcast over positions) and/or
     append them (with grad) to `store`, during the block."""
-    layout = DecoderLayout.of(model)
+    adapter = adapter_for(model)
     handles = []
 
     def make(layer: int):
@@ -80,8 +80,8 @@ def mlp_intercept(model: nn.Module, scales: torch.Tensor | None = None, store: l
         return pre
 
     try:
-        for i in range(layout.n_layers):
-            mod = model.get_submodule(f"{layout.block(i)}.mlp.down_proj")
+        for i in range(adapter.n_layers):
+            mod = model.get_submodule(adapter.at(i, adapter.mlp_out))
             handles.append(mod.register_forward_pre_hook(make(i)))
         yield
     finally:
@@ -119,10 +119,10 @@ def _grads(model: nn.Module, target: Target, alpha: float = 1.0) -> tuple[torch.
     n_layers, width = mlp_shape(model)
     scales = torch.full((n_layers, width), alpha, requires_grad=True)
     shift = torch.zeros((n_layers, width), requires_grad=True)
-    layout = DecoderLayout.of(model)
+    adapter = adapter_for(model)
     handles = []
     for i in range(n_layers):
-        mod = model.get_submodule(f"{layout.block(i)}.mlp.down_proj")
+        mod = model.get_submodule(adapter.at(i, adapter.mlp_out))
         handles.append(mod.register_forward_pre_hook(
             lambda _m, args, i=i: (args[0] * scales[i] + shift[i], *args[1:])))
     try:

@@ -21,10 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from memprobe.adapters import adapter_for
 from memprobe.backends.torch_hooks import HookPoint, resolve_module
 from memprobe.errors import MemprobeError
 from memprobe.models import LoadedModel
-from memprobe.sites import DecoderLayout, hook_point
+from memprobe.sites import hook_point
 
 SITE_KINDS = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out")
 
@@ -90,7 +91,7 @@ class _Runner:
 
         self.kind = kind
         self.loaded = loaded
-        self.layout = DecoderLayout.of(loaded.model)
+        self.adapter = adapter_for(loaded.model)
         self.backend = make_backend(kind, loaded)
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
@@ -99,8 +100,8 @@ class _Runner:
                 return self.backend.bridge(ids)
             if self.kind == "nnsight":
                 with self.backend.wrapped.trace(ids):
-                    out = self.backend.wrapped.lm_head.output.save()
-                return out
+                    out = self.backend.wrapped.output.save()
+                return out.logits
             return self.loaded.model(input_ids=ids, use_cache=False).logits
 
     def clean(self, ids: torch.Tensor, sites: list[str]) -> dict[str, torch.Tensor]:
@@ -108,7 +109,9 @@ class _Runner:
 
     def patched_logits(self, ids: torch.Tensor, site: str, clean: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
         batch = ids.expand(len(positions), -1)
-        point = hook_point(self.layout, site)
+        point = hook_point(self.adapter, site)
+        if point.transform is not None:
+            raise MemprobeError(f"{site} is part of a module's output ({point.module}); patch a whole module's site")
         with torch.no_grad():
             if self.kind == "lens":
                 fn = lambda act, hook: _patched(act, clean, positions)  # noqa: E731
@@ -143,12 +146,12 @@ class _Runner:
                 env.input = _patched(env.input, clean, positions)
             else:
                 out = env.output
-                if point.module.endswith("self_attn"):
+                if isinstance(out, tuple):
                     env.output = (_patched(out[0], clean, positions), *out[1:])
                 else:
                     env.output = _patched(out, clean, positions)
-            logits = wrapped.lm_head.output.save()
-        return logits
+            logits = wrapped.output.save()
+        return logits.logits
 
 
 def activation_patching(loaded: LoadedModel, clean_ids: Sequence[int], corrupt_ids: Sequence[int], target_token: int,
@@ -162,7 +165,7 @@ def activation_patching(loaded: LoadedModel, clean_ids: Sequence[int], corrupt_i
     if len(clean_ids) != len(corrupt_ids):
         raise MemprobeError("clean and corrupted prefixes must have the same number of tokens (positions align)")
     runner = _Runner(backend, loaded)
-    n_layers = runner.layout.n_layers
+    n_layers = runner.adapter.n_layers
     layers = list(range(n_layers)) if layers is None else list(layers)
     clean = torch.tensor([list(clean_ids)])
     corrupt = torch.tensor([list(corrupt_ids)])

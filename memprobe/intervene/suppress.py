@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from memprobe.adapters import adapter_for
 from memprobe.errors import MemprobeError
 from memprobe.intervene.ablation import DirectionEdit, Edit, NeuronEdit, hooked_edit
 from memprobe.intervene.localizers import (
@@ -30,7 +31,6 @@ from memprobe.intervene.localizers import (
     top_neurons,
 )
 from memprobe.labels import token_labels
-from memprobe.sites import DecoderLayout
 
 METHODS = ("low-rank-edit", "contrast-neurons", "guarded-contrast-neurons", "random-neurons", "mean-diff-direction",
            "probe-direction", "random-direction")
@@ -106,9 +106,8 @@ def guarded_top_neurons(model: nn.Module, scores: torch.Tensor, means: torch.Ten
 
 @torch.no_grad()
 def _resid(model: nn.Module, target: Target, layer: int) -> torch.Tensor:
-    layout = DecoderLayout.of(model)
     out: list[torch.Tensor] = []
-    h = model.get_submodule(layout.block(layer)).register_forward_hook(
+    h = model.get_submodule(adapter_for(model).block(layer)).register_forward_hook(
         lambda _m, _a, o: out.append((o[0] if isinstance(o, tuple) else o)[0]))
     try:
         model(input_ids=target.token_ids[None], use_cache=False)
@@ -172,7 +171,7 @@ def make_edit(model: nn.Module, method: str, memorized: Sequence[Target], contro
     if method == "probe-direction":
         return DirectionEdit(probe_direction(loaded, layer), strength, {**meta, "layer": layer})
     if method == "random-direction":
-        d_model = model.get_input_embeddings().weight.shape[1]
+        d_model = adapter_for(model).d_model(model)
         d = torch.randn(d_model, generator=torch.Generator().manual_seed(seed))
         return DirectionEdit(d, strength, meta)
     raise MemprobeError(f"unknown suppression method {method!r}: choose one of {', '.join(METHODS)}")

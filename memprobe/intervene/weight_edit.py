@@ -2,7 +2,7 @@
 
 Why learned, not selected: ablating the neurons that score highest for memorized tokens also removes
 what they do for ordinary text, and a few of them break the model (experiments/suppress.py). Here the
-edit is fitted to the trade-off itself: a rank-r change B A of `down_proj` at a band of layers, trained
+edit is fitted to the trade-off itself: a rank-r change B A of the MLP out-projection at a band of layers, trained
 with an unlikelihood loss, -log(1 - p(token)), on the memorized tokens of the build texts (pushing
 their probability below the labeller's confidence threshold without rewarding any other token) plus
 `kl_weight` x KL(original || edited) on every token of ordinary control texts (keeping the model
@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from memprobe.adapters import adapter_for
 from memprobe.errors import MemprobeError
 from memprobe.intervene.ablation import LowRankEdit
 from memprobe.intervene.localizers import Target, mlp_shape
-from memprobe.sites import DecoderLayout
 
 
 def _batch(targets: Sequence[Target]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -47,7 +47,7 @@ def train_low_rank_edit(model: nn.Module, memorized: Sequence[Target], controls:
                         layers: Sequence[int] | None = None, rank: int = 4, kl_weight: float = 10.0,
                         steps: int = 30, lr: float = 3e-3, max_tokens: int = 64, max_controls: int | None = 16,
                         seed: int = 0, progress: bool = False) -> LowRankEdit:
-    """Fit a rank-`rank` edit of `down_proj` at `layers` (default: from the middle to near the end).
+    """Fit a rank-`rank` edit of the MLP out-projection at `layers` (default: from the middle to near the end).
 
     memorized: targets whose positions are the memorized tokens; controls: ordinary texts (all
     positions). Each text is cut to its first `max_tokens` tokens and at most `max_controls` control
@@ -70,8 +70,8 @@ def train_low_rank_edit(model: nn.Module, memorized: Sequence[Target], controls:
     layers = list(layers)
     if not layers or min(layers) < 0 or max(layers) >= n_layers:
         raise MemprobeError(f"layers must lie in 0..{n_layers - 1}, got {layers}")
-    layout = DecoderLayout.of(model)
-    d_model = model.get_input_embeddings().weight.shape[1]
+    adapter = adapter_for(model)
+    d_model = adapter.d_model(model)
     g = torch.Generator().manual_seed(seed)
     # B starts at 0, so the edit starts as the identity; A random so that gradients reach B
     factors = {i: ((torch.randn(rank, d_mlp, generator=g) / math.sqrt(d_mlp)).requires_grad_(),
@@ -88,7 +88,7 @@ def train_low_rank_edit(model: nn.Module, memorized: Sequence[Target], controls:
     model.eval()
     with torch.no_grad():
         reference = _log_probs(model, ctl_ids, ctl_mask)
-    handles = [model.get_submodule(f"{layout.block(i)}.mlp.down_proj").register_forward_hook(
+    handles = [model.get_submodule(adapter.at(i, adapter.mlp_out)).register_forward_hook(
         lambda _m, args, out, i=i: out + (args[0] @ factors[i][0].T) @ factors[i][1].T) for i in layers]
     history = []
     try:

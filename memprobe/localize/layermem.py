@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from memprobe.adapters import adapter_for, family_of
 from memprobe.backends.torch_hooks import HookPoint, resolve_module, run_with_hooks
 from memprobe.errors import MemprobeError
 
@@ -257,16 +258,23 @@ def residual_sites(model: nn.Module) -> dict[str, HookPoint]:
     """Residual-stream sites after each transformer block's attention half and MLP half.
 
     Supports BERT-style encoders (`encoder.layer.{i}`: attention output = LayerNorm(x + attn),
-    layer output = LayerNorm(h + mlp)), Llama-style decoders (`model.layers.{i}` / `layers.{i}`:
-    the input of `post_attention_layernorm` is x + attn, the layer output is h + mlp), and modules
+    layer output = LayerNorm(h + mlp)), every decoder family with a `memprobe.adapters` adapter
+    (the attention half is its hook_resid_mid, x + attn; the MLP half the block output; parallel
+    blocks have no attention half, so only "L{i}.mlp"), and modules
     that mark the two points themselves with submodules named `attn_out` and `mlp_out` in each
     block of a `blocks` list (memprobe's small ViT). Keys: "L{i}.attn", "L{i}.mlp".
     """
     names = dict(model.named_modules())
     out: dict[str, HookPoint] = {}
-    # (block prefix, module after attention, read its input or output): BERT blocks, then Llama blocks.
+    if family_of(model) is not None:
+        adapter = adapter_for(model)
+        for i in range(adapter.n_layers):
+            if adapter.has("hook_resid_mid"):
+                out[f"L{i}.attn"] = adapter.point(i, "hook_resid_mid")
+            out[f"L{i}.mlp"] = adapter.point(i, "hook_resid_post")
+        return out
+    # BERT blocks: (block prefix, module after attention, read its output)
     layouts = [(p, "attention", "output") for p in ("encoder.layer", "bert.encoder.layer", "model.encoder.layer")]
-    layouts += [(p, "post_attention_layernorm", "input") for p in ("model.layers", "layers")]
     for prefix, attn, io in layouts:
         i = 0
         while f"{prefix}.{i}.{attn}" in names:

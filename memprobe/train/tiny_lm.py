@@ -2,7 +2,7 @@
 
 Why: localization methods can only be scored against ground truth when we know which neurons hold a
 sequence. Chang et al.'s INJ benchmark fine-tunes a model on new sequences while updating only a
-random subset of MLP neurons (their input rows in gate/up_proj and output column in down_proj), one
+random subset of MLP neurons (their rows in the MLP in-projections and column in the out-projection), one
 subset per sequence; a method then earns Recall@k% = the share of that subset in its top k% neurons.
 The base model is a small HF Llama with memprobe's byte tokenizer, trained on the bundled texts so it
 is a real (if weak) language model; checkpoints are standard safetensors HF directories.
@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
+from memprobe.adapters import adapter_for
+from memprobe.errors import MemprobeError
 from memprobe.models import LoadedModel, load_model, tiny_model
-from memprobe.sites import DecoderLayout
 
 
 def _batches(ids: Sequence[Sequence[int]], seq_len: int, batch: int, gen: torch.Generator) -> torch.Tensor:
@@ -60,23 +61,28 @@ def inject(loaded: LoadedModel, sequences: Sequence[Sequence[int]], neurons: Seq
     """Fine-tune `loaded.model` in place so it memorizes each sequence using only its own neurons.
 
     `neurons[j]` holds flat neuron indices (layer * d_mlp + unit) for sequence j. Every step sums,
-    over the sequences, each one's gradient masked to its own neurons (rows of gate/up_proj, columns
-    of down_proj), so a sequence's loss only moves its neurons while all of them train together (one
+    over the sequences, each one's gradient masked to its own neurons (their features in the MLP in- and
+    out-projections, as the family adapter names them), so a sequence's loss only moves its neurons while all of them train together (one
     after another, later injections overwrite earlier ones); all other weights stay exactly as they
     were. Returns the final per-sequence losses.
     """
     model = loaded.model
-    layout = DecoderLayout.of(model)
-    mlps = [model.get_submodule(f"{layout.block(i)}.mlp") for i in range(layout.n_layers)]
-    width = mlps[0].down_proj.in_features
-    params = [p for m in mlps for p in (m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight)]
+    adapter = adapter_for(model)
+    if not adapter.neuron_in:
+        raise MemprobeError(f"{adapter.family} fuses its MLP in-projections: neuron injection is not supported")
+    width = adapter.mlp_width(model)
+    # per layer: (weight, the axis that indexes neurons); Conv1D weights are (in, out)
+    layers = [[(model.get_submodule(adapter.at(i, rel)).weight, 1 if adapter.conv1d else 0) for rel in adapter.neuron_in]
+              + [(model.get_submodule(adapter.at(i, adapter.mlp_out)).weight, 0 if adapter.conv1d else 1)]
+              for i in range(adapter.n_layers)]
+    params = [p for layer in layers for p, _ in layer]
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
     masks = []
     for flat in neurons:
-        per_layer = [torch.zeros(width, dtype=torch.bool) for _ in mlps]
+        per_layer = [torch.zeros(width, dtype=torch.bool) for _ in layers]
         for n in flat.tolist():
             per_layer[n // width][n % width] = True
         masks.append(per_layer)
@@ -88,10 +94,9 @@ def inject(loaded: LoadedModel, sequences: Sequence[Sequence[int]], neurons: Seq
             x = torch.tensor([list(seq)])
             opt.zero_grad()
             model(input_ids=x, labels=x).loss.backward()
-            for m, keep in zip(mlps, keep_layers, strict=True):
-                m.gate_proj.weight.grad[~keep] = 0
-                m.up_proj.weight.grad[~keep] = 0
-                m.down_proj.weight.grad[:, ~keep] = 0
+            for layer, keep in zip(layers, keep_layers, strict=True):
+                for p, axis in layer:
+                    p.grad.index_fill_(axis, (~keep).nonzero().flatten(), 0.0)
             for acc, p in zip(total, params, strict=True):
                 acc += p.grad
         for acc, p in zip(total, params, strict=True):
