@@ -23,18 +23,28 @@ CONNECT_TIMEOUT_S = 5.0
 
 
 class EntryWorker:
-    """A Ray Data callable class: the plan is read once per actor, the model on its first entry."""
+    """A Ray Data callable class: the plan is read once per actor, the model on its first entry.
+
+    A MemprobeError comes back as a record, not an exception: Ray keeps only its traceback text,
+    and the other entries still finish, so a rerun after the fix computes only the failed ones.
+    """
 
     def __init__(self, job_dir: str) -> None:
-        from memprobe.distributed.plan import read_plan
-
         self.job_dir = job_dir
-        self.plan = read_plan(job_dir)
+        self.plan: dict[str, Any] | None = None
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[str]]:
+        from memprobe.distributed.plan import read_plan
         from memprobe.distributed.shard import run_entry
 
-        records = [run_entry(self.job_dir, self.plan, int(i)) for i in batch["entry"]]
+        records = []
+        for i in batch["entry"]:
+            try:
+                self.plan = self.plan or read_plan(self.job_dir)
+                records.append(run_entry(self.job_dir, self.plan, int(i)))
+            except MemprobeError as exc:
+                records.append({"entry": int(i), "status": "error", "error": str(exc),
+                                "pid": os.getpid(), "host": socket.gethostname()})
         return {"record": [json.dumps(r) for r in records]}
 
 
@@ -70,21 +80,6 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
         raise MemprobeError(f"cannot start or join Ray ({address or 'local'}): {exc}") from exc
 
 
-def _memprobe_error(exc: BaseException) -> MemprobeError | None:
-    """The MemprobeError a worker raised, from inside Ray's wrapping exceptions."""
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        err = todo.pop()
-        if err is None or id(err) in seen:
-            continue
-        seen.add(id(err))
-        if isinstance(err, MemprobeError):
-            return err
-        todo += [err.__cause__, err.__context__, getattr(err, "cause", None)]
-    return None
-
-
 def run_with_ray(job_dir: str | Path, entries: list[int], *, workers: int = 2, address: str | None = None,
                  gpus_per_worker: float = 0.0, cpus_per_worker: float = 0.5) -> list[dict[str, Any]]:
     """Run plan entries `entries` of the job in `job_dir` on `workers` Ray actors; their records."""
@@ -111,11 +106,16 @@ def run_with_ray(job_dir: str | Path, entries: list[int], *, workers: int = 2, a
     try:
         rows = dataset.take_all()
     except Exception as exc:  # Ray wraps worker errors in its own exception types
-        inner = _memprobe_error(exc)
-        if inner is not None:
-            raise MemprobeError(f"a Ray worker failed: {inner}") from exc
         raise MemprobeError(
             f"the Ray job failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
             "re-run the same command: finished entries are kept"
         ) from exc
-    return sorted((json.loads(r["record"]) for r in rows), key=lambda r: r["entry"])
+    records = sorted((json.loads(r["record"]) for r in rows), key=lambda r: r["entry"])
+    errors = [r for r in records if r["status"] == "error"]
+    if errors:
+        first = errors[0]
+        raise MemprobeError(
+            f"{len(errors)} of {len(records)} entries failed on Ray workers; entry {first['entry']} on "
+            f"{first['host']}: {first['error']}"
+        )
+    return records

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import time
 import warnings
@@ -35,7 +36,7 @@ from memprobe.errors import MemprobeError
 from memprobe.jsonl import read_jsonl, write_jsonl
 from memprobe.models import LoadedModel, load_model
 from memprobe.results import write_json
-from memprobe.store import ActivationStore, StoreWriter
+from memprobe.store import MANIFEST, ActivationStore, StoreWriter
 
 PARTS = "parts"
 RUNS = "runs"
@@ -227,13 +228,22 @@ def _capture_entry(job_dir: Path, plan: dict[str, Any], entry: dict[str, Any], l
     docs = _tokenized(loaded, plan, entry)
     mine = set(entry["doc_indices"])
     documents = [d if i in mine else {"id": d["id"], "n_tokens": 0} for i, d in enumerate(plan["documents"])]
-    writer = StoreWriter(part_dir(job_dir, entry["index"]), config=settings["config"], sites=settings["sites"],
-                         widths=settings["widths"], dtype=settings["dtype"], documents=documents)
-    tokens = dict(zip(entry["doc_indices"], docs, strict=True))
     lengths = [d["n_tokens"] for d in plan["documents"]]
+    groups = batches(lengths, entry["doc_indices"], settings["batch_tokens"])  # the plan's batches
+    part = part_dir(job_dir, entry["index"])
+
+    def open_part() -> StoreWriter:
+        return StoreWriter(part, config=settings["config"], sites=settings["sites"], widths=settings["widths"],
+                           dtype=settings["dtype"], documents=documents)
+
+    writer = open_part()
+    committed = [s["documents"] for s in json.loads((part / MANIFEST).read_text())["shards"]]
+    if committed != groups[: len(committed)]:  # a damaged batch was dropped: order would change
+        shutil.rmtree(part)
+        writer, committed = open_part(), []
+    tokens = dict(zip(entry["doc_indices"], docs, strict=True))
     runner, sites, pad, device = _backend(loaded, plan), settings["sites"], pad_id(loaded), loaded.device
-    pending = [i for i in writer.pending() if i in mine]
-    for n, group in enumerate(batches(lengths, pending, settings["batch_tokens"])):
+    for n, group in enumerate(groups[len(committed):]):
         ids, mask = pad_batch([tokens[i].token_ids for i in group], pad)
         acts = runner.run(ids.to(device), mask.to(device), sites)
         keep = mask.bool()
@@ -243,10 +253,9 @@ def _capture_entry(job_dir: Path, plan: dict[str, Any], entry: dict[str, Any], l
         writer.write_shard(group, rows, doc_index, position, ids[keep])
         if n == 0:
             _maybe_fault(job_dir, entry["index"])  # after one committed batch: a real mid-entry crash
-    manifest = json.loads((part_dir(job_dir, entry["index"]) / "manifest.json").read_text())
-    covered = sorted(i for s in manifest["shards"] for i in s["documents"])
-    if covered != sorted(mine):
-        raise MemprobeError(f"entry {entry['index']}: its part holds documents {covered[:5]}..., not the plan's")
+    manifest = json.loads((part / MANIFEST).read_text())
+    if [s["documents"] for s in manifest["shards"]] != groups:
+        raise MemprobeError(f"entry {entry['index']}: its part in {part} does not hold the plan's batches")
     return {"shards": manifest["shards"]}
 
 
