@@ -186,15 +186,16 @@ class Audit:
 
         docs = read_jsonl(self.out / "texts.jsonl")
         encode_documents(self.loaded, docs)  # refuse bad texts with the labeller's messages before capturing
+        t = time.perf_counter()
         store = self._capture_store(docs)
+        t_capture = time.perf_counter() - t
         records = label_documents(self.loaded, docs, min_prob=self.config.min_prob, store=store, progress=True)
+        # The two parts of the label step's time (which includes both): the one forward, and the decode.
+        self.timings["capture"] = t_capture
+        self.timings["greedy extraction"] = time.perf_counter() - t - t_capture
         for r in records:
             r["model"] = self.loaded.info
         write_jsonl(path, records)
-
-    def capture(self, path: Path) -> None:
-        """The label step already captured the store; this rebuilds (or resumes) it if it is gone."""
-        self._capture_store(read_jsonl(self.out / "texts.jsonl"))
 
     def _capture_store(self, docs: list[dict[str, Any]]):
         """Activations and per-token statistics of the texts from one forward per batch (resumable)."""
@@ -355,9 +356,9 @@ class Audit:
         self.out.mkdir(parents=True, exist_ok=True)
         user_texts = [Path(self.config.texts).absolute()] if self.config.texts else []
         self.step("texts", "texts.jsonl", self.texts, inputs=user_texts)
-        # The label step may capture the store on its way (one forward for both): a killed one resumes it.
-        self.step("label", "labels.jsonl", self.label, inputs=["texts.jsonl"], resumable=["store"])
-        self.step("capture", "store", self.capture, inputs=["texts.jsonl", "labels.jsonl"], resumable=["store"])
+        # The label step captures the store on its way (one forward feeds labels, MIA statistics and
+        # activations), so the store is one of its outputs; a killed one resumes it shard by shard.
+        self.step("label", "labels.jsonl", self.label, inputs=["texts.jsonl"], also=["store"], resumable=["store"])
         self.step("probe sweep", "probes.json", self.probes, inputs=["labels.jsonl", "store"],
                   also=["figures/probe_auc.png"])
         self.step("activation patching", "patching.json", self.patching, inputs=["labels.jsonl"],

@@ -362,8 +362,8 @@ def _repetitions(seed: int) -> list[dict[str, Any]]:
     return docs
 
 
-def _model_samples(loaded: Any, seed: int, n_prompts: int | None = None,
-                   batch_size: int = SAMPLE_BATCH_SIZE) -> list[dict[str, Any]]:
+def _model_samples(loaded: Any, seed: int, n_prompts: int | None = None, batch_size: int = SAMPLE_BATCH_SIZE,
+                   n_tokens: int = SAMPLE_TOKENS) -> list[dict[str, Any]]:
     """Text the model itself finds likely: temperature sampling from neutral prompts, seeded.
 
     Every sample row has its own generator, seeded from (seed, its index), and rows of all prompts
@@ -379,7 +379,7 @@ def _model_samples(loaded: Any, seed: int, n_prompts: int | None = None,
     sampled: list[list[int]] = []
     for start in range(0, len(rows), batch_size):
         chunk = range(start, min(start + batch_size, len(rows)))
-        out = continue_tokens(loaded.model, [encoded[rows[i][0]] for i in chunk], SAMPLE_TOKENS,
+        out = continue_tokens(loaded.model, [encoded[rows[i][0]] for i in chunk], n_tokens,
                               temperature=SAMPLE_TEMPERATURE, generator=[generators[i] for i in chunk])
         sampled += out.tolist()
     docs = []
@@ -388,7 +388,7 @@ def _model_samples(loaded: Any, seed: int, n_prompts: int | None = None,
         text = loaded.tokenizer.decode([t for t in ids + row if t not in special]).strip()
         docs.append(_doc(f"model-sample/{loaded.name}/{seed}-{n:02d}", text, "model-sample", "model-sample",
                          f"sampled from {loaded.name} (prompt {prompts[p]!r}, temperature {SAMPLE_TEMPERATURE}, "
-                         f"{SAMPLE_TOKENS} tokens, seed {seed})", "generated", "control",
+                         f"{n_tokens} tokens, seed {seed})", "generated", "control",
                          f"model-sample:{seed}-{n:02d}", model=loaded.name))
     return docs
 
