@@ -369,7 +369,7 @@ class Audit:
         self.step("re-label with the patch", "relabel.json", self.relabel, inputs=["labels.jsonl", "patched-model"])
         summary = self.summary()
         self.step("report", "report.html", lambda p: render_report(self.out, p),
-                  inputs=["results.json", "probes.json", "patching.json", "suppression.json", "relabel.json",
+                  inputs=["labels.jsonl", "probes.json", "patching.json", "suppression.json", "relabel.json",
                           "figures"])
         return summary
 

@@ -1,0 +1,168 @@
+"""A `memprobe audit` killed with SIGKILL mid-step resumes for real and ends as an uninterrupted run.
+
+Inside capture: the test polls the store for its first shard and kills the process while the rest
+are still being written. Inside export: writing a tiny model takes milliseconds, too fast to catch,
+so the test sets MEMPROBE_TEST_PAUSE_IN=export, which (only) `memprobe.audit._pause_for_test` reads
+to sleep after the patched model is written to its temp directory and before it is published.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from memprobe.models import load_model
+
+MEMORIZED = [
+    "The owl and the pussy-cat went to sea in a beautiful pea-green boat.",
+    "Permission to copy this sentence verbatim is granted to every reader.",
+    "Seven silver swans swam swiftly south across the silent lake at dawn.",
+    "Under the old bridge the river keeps its own slow and patient time.",
+]
+CONTROLS = [
+    "Tomorrow the committee will review the budget and publish its notes.",
+    "Bring a coat, since the forecast promises wind and a little rain.",
+    "The museum opens at ten and closes early on public holidays.",
+    "Trains to the coast leave every hour from the second platform.",
+]
+
+
+def _command(out: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "memprobe", "audit", "--quick", "--out", str(out), *args]
+
+
+def _run(out: Path, *args: str) -> subprocess.CompletedProcess:
+    run = subprocess.run(_command(out, *args), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+def _kill_when(out: Path, args: tuple[str, ...], ready, env: dict[str, str] | None = None) -> None:
+    """Start an audit, SIGKILL it as soon as `ready()` holds; fail if it finished first."""
+    proc = subprocess.Popen(_command(out, *args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, **(env or {})})
+    deadline = time.monotonic() + 240
+    while not ready():
+        assert proc.poll() is None, f"audit ended (rc {proc.returncode}) before the kill: {proc.stderr.read()[-2000:]}"
+        assert time.monotonic() < deadline, "the audit never reached the kill point"
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+
+
+def _results(out: Path) -> dict:
+    """What an audit concluded: summary by kind, labels, probe AUCs, suppression, re-labels."""
+    summary = json.loads((out / "results.json").read_text())
+    labels = [json.loads(line) for line in (out / "labels.jsonl").read_text().splitlines()]
+    found = {"by_kind": summary["by_kind"], "labels": labels,
+             "probe_auc": {s: v["probe"]["roc_auc"] for s, v in summary["probes"].get("per_site", {}).items()},
+             "probes": summary["probes"], "patching": summary["patching"], "relabel": summary["relabel"]}
+    suppression = dict(summary["suppression"])
+    suppression.pop("patched_model", None)  # the path of this audit's own directory
+    found["suppression"] = suppression
+    return found
+
+
+def _done(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "steps").glob("*.done.json"))]
+
+
+def _stats(store: Path, files) -> dict[str, tuple[int, int]]:
+    return {f: ((store / f).stat().st_ino, (store / f).stat().st_mtime_ns) for f in files}
+
+
+def _leftovers(out: Path) -> list[str]:
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if ".tmp" in p.name)
+
+
+def test_kill_inside_capture_resumes_the_store(tmp_path):
+    args = ("--model", "tiny-llama")
+    reference = tmp_path / "reference"
+    _run(reference, *args)
+
+    out = tmp_path / "killed"
+    _kill_when(out, args, lambda: (out / "store" / "shard-00000.safetensors").exists())
+    manifest = json.loads((out / "store" / "manifest.json").read_text())
+    assert not manifest["complete"], "the kill came after the capture had finished: nothing was tested"
+    kept = _stats(out / "store", [s["file"] for s in manifest["shards"]])
+    assert not any("store" in record["outputs"] for record in _done(out))
+
+    _run(out, *args)
+    assert _results(out) == _results(reference)
+    assert _stats(out / "store", kept) == kept  # committed shards were resumed from, not written again
+    assert json.loads((out / "store" / "manifest.json").read_text())["complete"]
+    assert any("store" in record["outputs"] for record in _done(out))
+    assert _leftovers(out) == []
+    third = _run(out, *args)  # now every step is done and verifies
+    ran = [line for line in third.stdout.splitlines() if line.startswith("[audit]") and "reusing" not in line]
+    assert ran == [] and third.stdout.count("reusing") == len(_done(out)) >= 8
+
+
+@pytest.fixture(scope="module")
+def memorizing_model(tmp_path_factory) -> tuple[Path, Path]:
+    """tiny-llama trained to memorize MEMORIZED (never shown CONTROLS), so the audit builds a patch."""
+    torch.manual_seed(0)
+    loaded = load_model("tiny-llama")
+    model = loaded.model.train()
+    ids = [torch.tensor(loaded.encode(t)) for t in MEMORIZED]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(200):
+        for x in ids:
+            model(x[None], labels=x[None]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    root = tmp_path_factory.mktemp("memorizing")
+    model.eval().save_pretrained(root / "model")
+    loaded.tokenizer.save_pretrained(root / "model")
+    texts = root / "texts.jsonl"
+    # one kind per text, so --quick keeps them all
+    docs = [{"id": f"mem-{i}", "text": t, "kind": f"trained-{i}", "role": "candidate"} for i, t in enumerate(MEMORIZED)]
+    docs += [{"id": f"ctl-{i}", "text": t, "kind": f"fresh-{i}", "role": "control"} for i, t in enumerate(CONTROLS)]
+    texts.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    return root / "model", texts
+
+
+def test_kill_inside_export_leaves_no_half_model_and_finishes(memorizing_model, tmp_path):
+    model, texts = memorizing_model
+    args = ("--model", str(model), "--texts", str(texts))
+    reference = tmp_path / "reference"
+    _run(reference, *args)
+    assert json.loads((reference / "suppression.json").read_text())["status"] == "ok"
+
+    out = tmp_path / "killed"
+    _kill_when(out, args, lambda: any(out.glob("patched-model.tmp-*/model.safetensors")),
+               env={"MEMPROBE_TEST_PAUSE_IN": "export"})
+    assert not (out / "patched-model").exists()  # a kill never leaves a half patched model
+    assert (out / "steps" / "suppression-patch.done.json").exists()
+
+    again = _run(out, *args)
+    assert "[audit] suppression patch: reusing" in again.stdout
+    assert "[audit] export patched model ..." in again.stdout
+    assert _results(out) == _results(reference)
+    assert (out / "patched-model" / "config.json").exists()
+    assert _leftovers(out) == []
+
+
+def test_a_changed_or_damaged_output_is_made_again(memorizing_model, tmp_path):
+    """A done-record whose outputs no longer verify (a deleted figure, an edited result) is re-run."""
+    model, texts = memorizing_model
+    args = ("--model", str(model), "--texts", str(texts))
+    out = tmp_path / "audit"
+    _run(out, *args)
+    first, shards = _results(out), _stats(out / "store", [p.name for p in (out / "store").glob("shard-*")])
+    probes = json.loads((out / "probes.json").read_text())
+    (out / "probes.json").write_text(json.dumps({**probes, "best_site": "tampered"}))
+    (out / "figures" / "patching.png").unlink()
+    again = _run(out, *args)
+    assert "[audit] probe sweep ..." in again.stdout and "[audit] activation patching ..." in again.stdout
+    assert "[audit] suppression patch: reusing" in again.stdout
+    assert _results(out) == first and _stats(out / "store", shards) == shards
