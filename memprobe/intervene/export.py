@@ -72,14 +72,16 @@ def export_patched(loaded: Any, edit: Edit, out_dir: str | Path, *, provenance: 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise MemprobeError(f"{out} exists and is not empty: choose a new --out directory")
-    out.mkdir(parents=True, exist_ok=True)
+    from memprobe.io.atomic import atomic_write, staged_directory
+
     fresh = patched_model(loaded.model, edit)
-    fresh.save_pretrained(out, safe_serialization=True)
-    loaded.tokenizer.save_pretrained(out)
     record = {"source_model": loaded.info, "edit": {"kind": edit.kind, "strength": edit.strength,
                                                     "size": edit.size, **edit.meta},
               "provenance": provenance or {}}
-    (out / PATCH_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    with staged_directory(out) as staged:  # a kill leaves `<out>.tmp-*`, never a half model at `out`
+        fresh.save_pretrained(staged, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(staged)
+        atomic_write(staged / PATCH_FILE, json.dumps(record, indent=2, default=str) + "\n")
     return out
 
 
