@@ -183,9 +183,10 @@ def run_entry(job_dir: str | Path, plan: dict[str, Any], index: int) -> dict[str
     job_dir = Path(job_dir)
     if entry_done(job_dir, plan, index):
         return {"entry": index, "status": "skipped"}
-    started = time.perf_counter()
+    began, started_unix = time.perf_counter(), time.time()
     _count_attempt(job_dir, index)
     loaded = worker_model(plan)
+    started = time.perf_counter()  # compute time excludes the once-per-worker model load
     entry = plan["entries"][index]
     if plan["task"] == "capture":
         result = _capture_entry(job_dir, plan, entry, loaded)
@@ -194,7 +195,8 @@ def run_entry(job_dir: str | Path, plan: dict[str, Any], index: int) -> dict[str
     else:
         raise MemprobeError(f"unknown task {plan['task']!r} in the plan; upgrade memprobe")
     record = {"entry": index, "status": "computed", **_provenance(loaded, plan),
-              "seconds": time.perf_counter() - started, "n_tokens": entry["n_tokens"]}
+              "seconds": time.perf_counter() - started, "load_seconds": started - began,
+              "started_unix": started_unix, "n_tokens": entry["n_tokens"]}
     write_json(job_dir / RUNS / f"entry-{index:05d}.json", record)  # varies by run: outside compared bytes
     write_json(done_file(job_dir, index), {"plan_sha256": plan["sha256"], "entry": index, **result})
     attempts_file(job_dir, index).unlink(missing_ok=True)
