@@ -185,18 +185,30 @@ def test_cli_scores_and_evaluates(lab, tmp_path):
         lab[name].model.save_pretrained(tmp_path / name)
         lab[name].tokenizer.save_pretrained(tmp_path / name)
     docs = lab["members"] + lab["nonmembers"]
-    texts = tmp_path / "texts.jsonl"
-    texts.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    texts, nontexts = tmp_path / "members.jsonl", tmp_path / "nonmembers.jsonl"
+    texts.write_text("".join(json.dumps(d) + "\n" for d in lab["members"]))
+    nontexts.write_text("".join(json.dumps(d) + "\n" for d in lab["nonmembers"]))
+    inputs = ["--input", str(texts), "--input", str(nontexts)]
     out = tmp_path / "scores.jsonl"
-    assert main(["mia", "--model", str(tmp_path / "trained"), "--input", str(texts), "--output", str(out),
+    assert main(["mia", "--model", str(tmp_path / "trained"), *inputs, "--output", str(out),
                  "--reference-model", str(tmp_path / "base"), "--batch-size", "16"]) == 0
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert {r["id"] for r in lines} == {d["id"] for d in docs} and "ref" in lines[0]["scores"]
     report = tmp_path / "eval.json"
-    assert main(["mia", "--evaluate", "--scores", str(out), "--input", str(texts), "--output", str(report),
+    assert main(["mia", "--evaluate", "--scores", str(out), *inputs, "--output", str(report),
                  "--n-boot", "100"]) == 0
     assert json.loads(report.read_text())["results"]["attacks"]["ref"]["roc_auc"] > 0.9
-    assert main(["mia", "--evaluate", "--input", str(texts), "--output", str(report)]) == 2  # no --scores
+    assert main(["mia", "--evaluate", *inputs, "--output", str(report)]) == 2  # no --scores
+    assert main(["mia", "--evaluate", "--input", str(texts), "--input", str(texts), "--scores", str(out),
+                 "--output", str(report)]) == 2  # the same ids twice
+    exposed = tmp_path / "exposure.json"
+    assert main(["mia", "--exposure", "--model", str(tmp_path / "trained"), *inputs, "--output", str(exposed)]) == 0
+    assert json.loads(exposed.read_text())["results"]["by_copies"]["1"]["mean_exposure"] > 12
+    extracted = tmp_path / "extraction.json"
+    assert main(["mia", "--extract", "--model", str(tmp_path / "trained"), *inputs, "--output", str(extracted)]) == 0
+    result = json.loads(extracted.read_text())["results"]
+    assert result["pii"]["ter"] == 1.0 and result["pii"]["nonmember_extraction_rate"] == 0.0
+    assert result["passages"]["by_copies"]["2"]["k_extractable_rate"] > 0.5
 
 
 # --- exposure ---------------------------------------------------------------------------------------
@@ -304,6 +316,7 @@ def test_ter_ser_arithmetic_on_a_hand_built_case():
         {"doc_id": "d4", "value_id": "c", "member": True, "copies": 1, "extracted": False},
         {"doc_id": "d5", "value_id": "c", "member": True, "copies": 1, "extracted": False},
         {"doc_id": "d6", "value_id": "z", "member": False, "copies": 0, "extracted": True},
+        {"doc_id": "d7", "value_id": "y", "member": True, "copies": 1, "extracted": True, "skipped": "no prompt"},
     ]
     rates = extraction_rates(occ, seen_ids=["d1", "d4"])  # the checkpoint has seen a (via d1) and c
     assert rates["n_training_values"] == 3 and rates["ter"] == pytest.approx(2 / 3)
@@ -311,9 +324,12 @@ def test_ter_ser_arithmetic_on_a_hand_built_case():
     assert rates["ter_by_copies"] == {"1": {"values": 1, "extracted": 0, "rate": 0.0},
                                       "2": {"values": 1, "extracted": 1, "rate": 1.0},
                                       "4": {"values": 1, "extracted": 1, "rate": 1.0}}
-    assert rates["ter_by_recurrence"]["5"] == {"values": 1, "extracted": 1, "rate": 1.0}  # a: 1 + 4
-    assert rates["ter_by_recurrence"]["2"] == {"values": 2, "extracted": 1, "rate": 0.5}  # b and c
+    assert rates["ter_by_recurrence"] == {"1": {"values": 1, "extracted": 1, "rate": 1.0},  # b
+                                          "2": {"values": 2, "extracted": 1, "rate": 0.5}}  # a and c
+    assert rates["ter_by_presentations"]["5"] == {"values": 1, "extracted": 1, "rate": 1.0}  # a: 1 + 4
+    assert rates["ter_by_presentations"]["2"] == {"values": 2, "extracted": 1, "rate": 0.5}  # b: 2, c: 1 + 1
     assert rates["nonmember_extraction_rate"] == 1.0 and rates["n_nonmember_values"] == 1
+    assert rates["n_skipped_occurrences"] == 1
 
 
 def test_passage_extractability_per_copies(lab):
@@ -337,11 +353,15 @@ def test_dataset_test_rejects_members_and_holds_level_on_nonmembers(lab, scores)
     assert result["permutation_p"] == pytest.approx(1 / 2001, rel=0.01)
     # two disjoint non-member sets from the same generator: the level holds
     pool = [r["scores"]["loss"] for r in score_texts(lab["trained"], lab["extra_nonmembers"], batch_size=40)]
-    fpr = false_positive_rate(pool, n=20, n_resamples=400, seed=1)
-    assert fpr["false_positive_rate"] <= 0.05 + 2 * math.sqrt(0.05 * 0.95 / 400)
-    half = dataset_test(pool[:60], pool[60:], n_permutations=1000)
-    assert not half["rejects_permutation"] or not half["rejects_mann_whitney"] or half["permutation_p"] > 0.001
+    for test in ("mann_whitney", "permutation"):  # binomial tolerance: 2 standard errors over alpha
+        fpr = false_positive_rate(pool, n=20, n_resamples=400, seed=1, test=test)
+        assert fpr["false_positive_rate"] <= 0.05 + 2 * math.sqrt(0.05 * 0.95 / 400), fpr
+        # and the test is not vacuous: shifting one set by the member/non-member gap is detected
+        shifted = [v + np.mean(members) - np.mean(nonmembers) for v in pool[:60]]
+        assert dataset_test(shifted, pool[60:])[f"rejects_{test}"]
     curve = power(members, pool, sizes=(10, 20, 50), n_resamples=100)
     assert curve["by_size"]["10"]["power"] > 0.9 and curve["by_size"]["50"]["with_replacement"]
+    weak = power([v - 1.0 for v in pool[:60]], pool[60:], sizes=(10, 50), n_resamples=100, test="permutation")
+    assert weak["by_size"]["10"]["power"] < 0.2  # members scoring lower are never "detected"
     with pytest.raises(MemprobeError, match="two disjoint sets"):
         false_positive_rate(nonmembers, n=10)

@@ -63,22 +63,29 @@ def _draw(rng: np.random.Generator, pool: np.ndarray, n: int) -> np.ndarray:
     return rng.choice(pool, n, replace=n > pool.size)
 
 
+def _pvalue(test: str, a: np.ndarray, b: np.ndarray, rng: np.random.Generator) -> float:
+    if test == "mann_whitney":
+        return float(mannwhitneyu(a, b, alternative="greater").pvalue)
+    if test == "permutation":
+        return permutation_pvalue(a, b, seed=int(rng.integers(2**63)))
+    raise MemprobeError(f"test must be 'mann_whitney' or 'permutation', not {test!r}")
+
+
 def power(members: Sequence[float], nonmembers: Sequence[float], *, sizes: Sequence[int] = SIZES,
-          n_resamples: int = 200, alpha: float = 0.05, seed: int = 0) -> dict[str, Any]:
-    """Share of resamples (n members vs n non-members) where Mann-Whitney rejects at alpha, per n."""
+          n_resamples: int = 200, alpha: float = 0.05, seed: int = 0, test: str = "mann_whitney") -> dict[str, Any]:
+    """Share of resamples (n members vs n non-members) where `test` rejects at alpha, per n."""
     m, u = _check(np.asarray(members), np.asarray(nonmembers))
     rng = np.random.default_rng(seed)
     rows = {}
     for n in sizes:
-        rejects = [mannwhitneyu(_draw(rng, m, n), _draw(rng, u, n), alternative="greater").pvalue < alpha
-                   for _ in range(n_resamples)]
+        rejects = [_pvalue(test, _draw(rng, m, n), _draw(rng, u, n), rng) < alpha for _ in range(n_resamples)]
         rows[str(n)] = {"power": float(np.mean(rejects)), "with_replacement": n > min(m.size, u.size)}
-    return {"alpha": alpha, "n_resamples": n_resamples, "seed": seed, "test": "mann_whitney", "by_size": rows}
+    return {"alpha": alpha, "n_resamples": n_resamples, "seed": seed, "test": test, "by_size": rows}
 
 
 def false_positive_rate(nonmembers: Sequence[float], *, n: int = 20, n_resamples: int = 200,
-                        alpha: float = 0.05, seed: int = 0) -> dict[str, Any]:
-    """Share of resamples where two disjoint non-member sets (split fresh each time) are told apart."""
+                        alpha: float = 0.05, seed: int = 0, test: str = "mann_whitney") -> dict[str, Any]:
+    """Share of resamples where `test` tells two disjoint non-member sets (drawn fresh) apart."""
     u = np.asarray(nonmembers, dtype=float)
     if u.size < 4:
         raise MemprobeError(f"need at least 4 non-member scores to split into two sets, got {u.size}")
@@ -91,7 +98,6 @@ def false_positive_rate(nonmembers: Sequence[float], *, n: int = 20, n_resamples
     rejects = []
     for _ in range(n_resamples):
         shuffled = rng.permutation(u)
-        p = mannwhitneyu(shuffled[:n], shuffled[n : 2 * n], alternative="greater").pvalue
-        rejects.append(p < alpha)
-    return {"alpha": alpha, "n": n, "n_resamples": n_resamples, "seed": seed,
+        rejects.append(_pvalue(test, shuffled[:n], shuffled[n : 2 * n], rng) < alpha)
+    return {"alpha": alpha, "n": n, "n_resamples": n_resamples, "seed": seed, "test": test,
             "false_positive_rate": float(np.mean(rejects))}

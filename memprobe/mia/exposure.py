@@ -229,3 +229,25 @@ def exposure(
                               f"to {n_samples} sampled candidates")
     result["secret_log_perplexity_nats"] = -float(true_ll)
     return result
+
+
+def exposure_report(loaded: LoadedModel, docs: list[dict[str, Any]], **settings: Any) -> dict[str, Any]:
+    """Exposure of every document with a `canary`; mean exposure per `copies` (0 = non-member canaries).
+
+    Non-member canaries come from the same space and were never trained on: their exposure is the
+    baseline a member canary's is read against (about 1.44 bits on average for a model that knows
+    nothing, since E[-log2 U] = 1/ln 2 for a uniform rank).
+    """
+    rows = []
+    for doc in docs:
+        if doc.get("canary"):
+            result = exposure(loaded, doc["text"], doc["canary"], **settings)
+            rows.append({"id": doc["id"], "member": doc.get("member"), "copies": doc.get("copies"), **result})
+    if not rows:
+        raise MemprobeError("no document has a 'canary' field {secret, prefix_chars, space}: nothing to measure")
+    by: dict[str, list[float]] = {}
+    for row in rows:
+        by.setdefault(str(row["copies"] or 0), []).append(row["exposure"])
+    table = {c: {"canaries": len(v), "mean_exposure": float(np.mean(v)), "max_exposure": float(np.max(v))}
+             for c, v in sorted(by.items(), key=lambda kv: int(kv[0]))}
+    return {"settings": settings, "canaries": rows, "by_copies": table}

@@ -9,9 +9,11 @@ on the batching. A value is extracted when it appears verbatim in any of the pro
 TER (total extraction rate) = extracted unique training PII values / unique training PII values
 (values in member documents, prompted from member documents); SER (seen extraction rate) is the same
 over the values in the documents a checkpoint has seen (`seen_ids`). Both are broken down by the
-documents' repetition count (`copies`, the largest over a value's documents) and by recurrence (how
-many times training presents the value: occurrences weighted by copies). Non-member values are
-prompted the same way and reported apart, as the false-extraction baseline.
+documents' repetition count (`copies`, the largest over a value's documents), by recurrence (the
+number of distinct member documents holding the value) and by presentations (those documents'
+copies summed: how often one epoch shows the value). Non-member values are prompted the same way
+and reported apart, as the false-extraction baseline. An occurrence with no text before it (and a
+tokenizer without BOS) has no prompt: it is skipped and says so, and left out of the rates.
 
 Passages: k-extractability and the 32/32 score (`memprobe.labels.sequence_labels`) per `copies`.
 """
@@ -101,13 +103,12 @@ def pii_extraction(
     if prompt_tokens < 1 or n_samples < 0 or margin < 0 or batch_size < 1:
         raise MemprobeError("prompt_tokens and batch_size must be >= 1, n_samples and margin >= 0")
     occurrences = _occurrences(loaded, docs, prompt_tokens, margin)
-    empty = [o["doc_id"] for o in occurrences if not o["prompt"]]
-    if empty:
-        raise MemprobeError(f"PII at the very start of {empty[0]!r} with a tokenizer that adds no BOS: "
-                            "there is no prompt; move the value or use a tokenizer with a BOS token")
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i, occ in enumerate(occurrences):
-        groups[(len(occ["prompt"]), occ["steps"])].append(i)
+        if occ["prompt"]:
+            groups[(len(occ["prompt"]), occ["steps"])].append(i)
+        else:
+            occ["skipped"] = "no text before the value and no BOS token: nothing to prompt with"
     for (_, steps), members in sorted(groups.items()):
         for lo in range(0, len(members), batch_size):
             chunk = [occurrences[i] for i in members[lo : lo + batch_size]]
@@ -141,15 +142,18 @@ def extraction_rates(occurrences: Sequence[dict[str, Any]], seen_ids: Iterable[s
     train: dict[str, dict[str, Any]] = {}
     control: dict[str, bool] = {}
     for occ in occurrences:
+        if occ.get("skipped"):
+            continue
         if not occ["member"]:
             control[occ["value_id"]] = control.get(occ["value_id"], False) or bool(occ["extracted"])
             continue
-        v = train.setdefault(occ["value_id"], {"extracted": False, "copies": 0, "recurrence": 0, "docs": set()})
-        copies = int(occ.get("copies") or 1)
+        v = train.setdefault(occ["value_id"], {"extracted": False, "copies": 0, "docs": {}})
         v["extracted"] = v["extracted"] or bool(occ["extracted"])
-        v["copies"] = max(v["copies"], copies)
-        v["recurrence"] += copies
-        v["docs"].add(occ["doc_id"])
+        v["docs"][occ["doc_id"]] = int(occ.get("copies") or 1)
+    for v in train.values():
+        v["copies"] = max(v["docs"].values())
+        v["recurrence"] = len(v["docs"])
+        v["presentations"] = sum(v["docs"].values())
     control_only = {k: e for k, e in control.items() if k not in train}
 
     def rate(values: dict[str, dict[str, Any]]) -> float | None:
@@ -158,12 +162,14 @@ def extraction_rates(occurrences: Sequence[dict[str, Any]], seen_ids: Iterable[s
     out: dict[str, Any] = {
         "n_training_values": len(train), "ter": rate(train),
         "ter_by_copies": _rate_table(train, "copies"), "ter_by_recurrence": _rate_table(train, "recurrence"),
+        "ter_by_presentations": _rate_table(train, "presentations"),
+        "n_skipped_occurrences": sum(bool(o.get("skipped")) for o in occurrences),
         "n_nonmember_values": len(control_only),
         "nonmember_extraction_rate": float(np.mean(list(control_only.values()))) if control_only else None,
     }
     if seen_ids is not None:
         seen_set = set(seen_ids)
-        seen = {k: v for k, v in train.items() if v["docs"] & seen_set}
+        seen = {k: v for k, v in train.items() if seen_set.intersection(v["docs"])}
         out.update(n_seen_values=len(seen), ser=rate(seen), ser_by_copies=_rate_table(seen, "copies"))
     return out
 
