@@ -206,6 +206,9 @@ def run_to_logits(loaded: LoadedModel, input_ids: torch.Tensor, attention_mask: 
     missing = set(sites) - set(acts)
     if missing:
         raise MemprobeError(f"sites {sorted(missing)} never fired during the forward pass: check the model's forward path")
+    if getattr(out, "logits", None) is None:
+        raise MemprobeError(f"{type(model).__name__} returns no logits, so it has no token statistics: "
+                            "capture without token_stats")
     return acts, out.logits
 
 

@@ -101,6 +101,9 @@ def cmd_capture(args: argparse.Namespace) -> int:
     if getattr(args, "engine", None):
         from memprobe.distributed.cli import run_capture
 
+        if args.token_stats:
+            raise MemprobeError("--token-stats is not supported with --engine yet: capture in one process")
+
         store = run_capture(args)
         if store is not None:
             print(_describe(store))
@@ -108,8 +111,8 @@ def cmd_capture(args: argparse.Namespace) -> int:
     loaded = load_model(args.model)
     columns = _label_columns(args.labels) if args.labels else None
     store = capture(loaded, _docs(args, loaded), args.sites, args.out, backend=args.backend, dtype=args.dtype,
-                    batch_tokens=args.batch_tokens, token_columns=columns, truncate=args.truncate,
-                    overwrite=args.overwrite)
+                    batch_tokens=args.batch_tokens, token_columns=columns, token_stats=args.token_stats,
+                    truncate=args.truncate, overwrite=args.overwrite)
     print(_describe(store))
     return 0
 
@@ -192,6 +195,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     cap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     cap.add_argument("--batch-tokens", type=int, default=2048, help="padded tokens per forward batch (memory bound)")
     cap.add_argument("--labels", help="labels JSONL from `memprobe label` to attach as per-token columns")
+    cap.add_argument("--token-stats", action="store_true",
+                     help="also store per-token log-prob, greedy match, entropy, top and std of log-probs "
+                          "from the same forward (labels and MIA scores need no second pass; hooks backend)")
     cap.add_argument("--truncate", action="store_true", help="cut texts longer than the context instead of refusing")
     cap.add_argument("--overwrite", action="store_true", help="replace a different capture in --out")
     add_engine_arguments(cap)

@@ -131,3 +131,23 @@ def test_info_reports_corruption(tiny, tmp_path):
     shard.write_bytes(bytes(data))
     r = _cli(["info", str(tmp_path / "s"), "--verify"])
     assert r.returncode == 2 and shard.name in r.stderr
+
+
+def test_cli_capture_with_token_stats_stores_the_labels_inputs(tmp_path):
+    from memprobe.labels import token_labels, token_labels_from_store
+    from memprobe.token_stats import STAT_COLUMNS
+
+    docs = tmp_path / "d.jsonl"
+    docs.write_text("".join(json.dumps(d) + "\n" for d in DOCS[:4]))
+    out = tmp_path / "s"
+    r = _cli(["capture", "--model", "tiny-llama", "--input", str(docs), "--sites", "blocks.0.hook_resid_post",
+              "--out", str(out), "--token-stats"])
+    assert r.returncode == 0, r.stderr
+    store = memprobe.open_store(out)
+    assert set(STAT_COLUMNS) <= set(store.columns)
+    tiny = load_model("tiny-llama")
+    one = token_labels_from_store(store, [d["id"] for d in DOCS[:4]])
+    two = token_labels(tiny.model, [tiny.encode(d["text"]) for d in DOCS[:4]])
+    for a, b in zip(one, two, strict=True):
+        torch.testing.assert_close(torch.from_numpy(a.target_prob), torch.from_numpy(b.target_prob), equal_nan=True,
+                                   rtol=0, atol=1e-6)
