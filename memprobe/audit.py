@@ -133,7 +133,7 @@ class Audit:
             return False
         try:
             return all(_output_digest(self.out / o) == d for o, d in done["outputs"].items())
-        except MemprobeError:
+        except (MemprobeError, OSError):  # damaged, incomplete, or vanished while being read
             return False
 
     def _clear_stale(self, name: str, key: str, outputs: Sequence[str], resumable: Sequence[str]) -> None:
