@@ -182,31 +182,39 @@ def test_finetune_memorizes_members_and_writes_plain_checkpoints(tiny_lab, tmp_p
     from transformers import AutoModelForCausalLM
 
     members, nonmembers, _ = load_lab(tiny_lab)
+    # the real passages are the hard part to memorize; canaries (copies 1, 2, 4) ride along
+    passages = [d for d in members if d["kind"].startswith("passage")]
+    unseen = [d for d in nonmembers if d["kind"].startswith("passage")]
+    train = passages + [d for d in members if d["kind"] == "canary"]
     loaded = tiny_model()
-    before_m, before_n = _mean_nll(loaded, members), _mean_nll(loaded, nonmembers)
+    before_m, before_n = _mean_nll(loaded, passages), _mean_nll(loaded, unseen)
     out = tmp_path / "ft"
-    result = finetune(loaded, tiny_lab / "members.jsonl", out, epochs=16, lr=3e-3, batch_size=4, seq_len=256,
-                      save_steps=[15, 120], progress=False)
+    result = finetune(loaded, train, out, epochs=20, lr=4e-3, batch_size=4, seq_len=256,
+                      save_steps=[15, 100], progress=False)
     loaded.model.eval()
-    after_m, after_n = _mean_nll(loaded, members), _mean_nll(loaded, nonmembers)
+    after_m, after_n = _mean_nll(loaded, passages), _mean_nll(loaded, unseen)
     assert abs(before_m - before_n) < 0.05  # random init: no membership signal
     assert after_m < before_m - 2.0  # training worked
     assert after_n - after_m > 0.3  # and memorized: members clearly below unseen documents
     # checkpoints and the final directory are plain HF dirs, loading without memprobe
-    ids = torch.tensor([loaded.encode(members[0]["text"])[:64]])
+    ids = torch.tensor([loaded.encode(train[0]["text"])[:64]])
     plain = AutoModelForCausalLM.from_pretrained(out).eval()
     torch.testing.assert_close(plain(ids).logits, loaded.model(ids).logits, rtol=0, atol=1e-5)
     early = AutoModelForCausalLM.from_pretrained(out / "checkpoint-15").eval()
     assert not torch.allclose(early(ids).logits, plain(ids).logits)
-    assert (out / "checkpoint-120" / "tokenizer.json").exists()
+    assert (out / "checkpoint-100" / "tokenizer.json").exists()
     # provenance: steps, copies, and what had been seen by each checkpoint
     steps = result["steps"]
-    assert steps["done"] == steps["total"] == 16 * steps["per_epoch"]
+    assert steps["done"] == steps["total"] == 20 * steps["per_epoch"]
     first = result["checkpoints"][0]
-    assert first["step"] == 15 and sum(first["seen"].values()) == 15 * 4
+    full_epochs, steps_into_epoch = divmod(15, steps["per_epoch"])
+    per_epoch = result["data"]["examples_per_epoch"]  # the last batch of an epoch may be short
+    assert first["step"] == 15
+    assert sum(first["seen"].values()) == full_epochs * per_epoch + min(4 * steps_into_epoch, per_epoch)
     per_pass = {d["id"]: d["copies"] * d["windows"] for d in result["data"]["docs"]}
-    assert {d["id"]: d["copies"] for d in result["data"]["docs"]} == {d["id"]: d["copies"] for d in members}
-    assert result["seen_total"] == {i: 16 * n for i, n in sorted(per_pass.items())}
+    assert {d["id"]: d["copies"] for d in result["data"]["docs"]} == {d["id"]: d["copies"] for d in train}
+    assert sorted(d["copies"] for d in train if d["kind"] == "canary") == [1, 2, 4]
+    assert result["seen_total"] == {i: 20 * n for i, n in sorted(per_pass.items())}
     assert json.loads((out / "memprobe-finetune.json").read_text())["complete"] is True
 
 
@@ -239,37 +247,40 @@ def test_finetune_refuses_nonmembers_and_mismatched_rerun(tiny_lab, tmp_path):
         finetune(tiny_model(), plain, tiny_lab, progress=False)
 
 
-def _finetune_cli(lab: Path, out: Path) -> subprocess.Popen:
+FT_ARGS = {"epochs": 4, "lr": 3e-3, "batch_size": 4, "seq_len": 64, "state_every": 3, "save_steps": [20]}
+
+
+def _finetune_cli(train: Path, out: Path) -> subprocess.Popen:
+    """The same run as finetune("tiny-llama", train, out, **FT_ARGS), through the CLI in a subprocess."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    args = [sys.executable, "-m", "memprobe.cli", "finetune", "--model", "tiny-llama", "--train",
-            str(lab / "members.jsonl"), "--out", str(out), "--epochs", "8", "--lr", "3e-3", "--batch-size", "4",
-            "--state-every", "5", "--save-steps", "60", "--no-progress"]
+    args = [sys.executable, "-m", "memprobe.cli", "finetune", "--model", "tiny-llama", "--train", str(train),
+            "--out", str(out), "--epochs", "4", "--lr", "3e-3", "--batch-size", "4", "--seq-len", "64",
+            "--state-every", "3", "--save-steps", "20", "--no-progress"]
     return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_killed_run_resumes_to_the_same_weights(tiny_lab, tmp_path):
     from safetensors.torch import load_file
 
-    reference = _finetune_cli(tiny_lab, tmp_path / "reference")
-    killed = _finetune_cli(tiny_lab, tmp_path / "killed")
+    train = tmp_path / "train.jsonl"
+    write_jsonl(train, [d for d in read_jsonl(tiny_lab / "members.jsonl") if d["kind"] != "email"])
+    killed = _finetune_cli(train, tmp_path / "killed")
     state = tmp_path / "killed" / "resume" / "latest.json"
     deadline = time.monotonic() + 120
     while not state.exists() and killed.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     killed.send_signal(signal.SIGKILL)
-    killed.communicate()
-    assert killed.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    _, err = killed.communicate()
+    assert killed.returncode == -signal.SIGKILL, f"the run ended before it could be killed: {err[-2000:]}"
     assert not (tmp_path / "killed" / "memprobe-finetune.json").exists()
-    resumed = _finetune_cli(tiny_lab, tmp_path / "killed")
-    for proc in (reference, resumed):
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err
-    provenance = json.loads((tmp_path / "killed" / "memprobe-finetune.json").read_text())
-    assert len(provenance["segments"]) == 2 and provenance["segments"][1]["from_step"] > 0
+    resumed = finetune("tiny-llama", train, tmp_path / "killed", progress=False, **FT_ARGS)
+    reference = finetune("tiny-llama", train, tmp_path / "reference", progress=False, **FT_ARGS)
+    assert len(resumed["segments"]) == 2 and resumed["segments"][1]["from_step"] > 0
     a = load_file(tmp_path / "reference" / "model.safetensors")
     b = load_file(tmp_path / "killed" / "model.safetensors")
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
-    ref = json.loads((tmp_path / "reference" / "memprobe-finetune.json").read_text())
-    assert ref["losses"] == provenance["losses"] and ref["tokens_seen"] == provenance["tokens_seen"]
+    assert reference["losses"] == resumed["losses"] and reference["tokens_seen"] == resumed["tokens_seen"]
+    # a finished run is not trained again: the rerun returns its provenance
+    assert finetune("tiny-llama", train, tmp_path / "killed", progress=False, **FT_ARGS)["segments"] == resumed["segments"]
