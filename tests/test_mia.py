@@ -365,3 +365,25 @@ def test_dataset_test_rejects_members_and_holds_level_on_nonmembers(lab, scores)
     assert weak["by_size"]["10"]["power"] < 0.2  # members scoring lower are never "detected"
     with pytest.raises(MemprobeError, match="two disjoint sets"):
         false_positive_rate(nonmembers, n=10)
+
+
+@pytest.mark.real
+def test_smollm2_digit_tree_and_scores(smollm):
+    """SmolLM2's tokenizer writes ' 4' as two tokens ('Ġ', '4'): the tree still matches brute force."""
+    text = "Note for ticket #12345: my account PIN is 4 8"
+    canary = {"secret": "48", "prefix_chars": text.index("4 8"), "space": "digits:2"}
+    got = exposure(smollm, text, canary)
+    prefix = text[: canary["prefix_chars"]]
+    n_prefix = len(smollm.encode(prefix))
+    ids = torch.tensor([smollm.encode(prefix + " ".join(f"{v:02d}")) for v in range(100)])
+    with torch.no_grad():
+        logits = smollm.model(input_ids=ids).logits[:, n_prefix - 1 : -1].double()
+    ll = torch.log_softmax(logits, -1).gather(-1, ids[:, n_prefix:, None])[..., 0].sum(-1).numpy()
+    assert got["rank"] == 1 + int((ll > ll[48]).sum())
+    assert got["secret_log_perplexity_nats"] == pytest.approx(-ll[48], abs=1e-3)
+    docs = [{"id": "famous", "text": "We hold these truths to be self-evident, that all men are created equal"},
+            {"id": "nonsense", "text": "Purple ladders whisper beneath eleven frozen accountants near Tuesday."}]
+    famous, nonsense = score_texts(smollm, docs, reference=smollm, batch_size=2)
+    assert famous["scores"]["ref"] == pytest.approx(0.0, abs=1e-5)  # a model is its own null reference
+    for attack in ("loss", "zlib", "min_k", "min_k_plus_plus"):
+        assert famous["scores"][attack] > nonsense["scores"][attack], attack
