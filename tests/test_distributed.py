@@ -17,13 +17,14 @@ import torch
 
 import memprobe
 from memprobe.capture import capture
-from memprobe.distributed.job import EngineOptions, capture_job, label_job
+from memprobe.distributed.job import EngineOptions, capture_job, label_job, mia_job
 from memprobe.distributed.merge import merge_capture, unfinished
 from memprobe.distributed.plan import PLAN_FILE, capture_plan, write_plan
 from memprobe.distributed.shard import FAULT_ENV, part_dir, run_entry
 from memprobe.errors import MemprobeError
 from memprobe.jsonl import read_jsonl, write_jsonl
 from memprobe.labels import label_documents
+from memprobe.mia.attacks import score_texts
 from memprobe.models import load_model, tiny_model
 
 SITES = "blocks.*.hook_resid_post,blocks.0.hook_mlp_out"
@@ -164,6 +165,19 @@ def test_torchrun_two_ranks_match_one_process(job, tmp_path):
     (run,) = [json.loads(p.read_text()) for p in (out / "runs").glob("run-*.json")]
     assert run["engine"] == "torchrun x2" and run["computed"] == job["entries"]
     assert len({pid for _, pid in run["workers"]}) == 2
+
+
+def test_mia_job_scores_every_document_once_in_input_order(job, tmp_path):
+    path, report = mia_job(job["model"], job["input"], tmp_path / "mia.jsonl", entry_tokens=300, loaded=job["loaded"])
+    again, _ = mia_job(job["model"], job["input"], tmp_path / "again.jsonl", entry_tokens=300, loaded=job["loaded"])
+    assert len(report.computed) > 4 and path.read_bytes() == again.read_bytes()
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    whole = score_texts(job["loaded"], read_jsonl(job["input"]))
+    assert [r["id"] for r in records] == [r["id"] for r in whole]
+    for got, want in zip(records, whole, strict=True):
+        assert got["scores"].keys() == want["scores"].keys()
+        # other batch companions, other padding: float noise, amplified by min-k%++'s 1/sigma
+        np.testing.assert_allclose(list(got["scores"].values()), list(want["scores"].values()), rtol=1e-4)
 
 
 def test_a_plan_that_does_not_match_the_directory_is_refused(job, tmp_path):

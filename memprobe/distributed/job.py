@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from memprobe.distributed.merge import merge_capture, merge_labels, merged_store, unfinished
-from memprobe.distributed.plan import PLAN_FILE, capture_plan, file_sha256, label_plan, write_plan
+from memprobe.distributed.merge import merge_capture, merge_records, merged_store, unfinished
+from memprobe.distributed.plan import PLAN_FILE, capture_plan, file_sha256, records_plan, write_plan
 from memprobe.distributed.shard import PARTS, RUNS, attempts_file, remember_model, run_entry
 from memprobe.errors import MemprobeError
 from memprobe.models import LoadedModel, load_model
@@ -134,6 +134,23 @@ def label_job(model_ref: str, input_path: str | Path, output: str | Path, *, min
               prefix_len: int = 32, suffix_len: int = 32, batch_size: int = 8, entry_tokens: int = 65536,
               threads: int = 1, options: EngineOptions | None = None, loaded: LoadedModel | None = None):
     """`memprobe label` as a distributed job; its plan, parts and runs live in `<output>.job/`."""
+    settings = {"min_prob": min_prob, "prefix_len": prefix_len, "suffix_len": suffix_len, "batch_size": batch_size}
+    return records_job("label", model_ref, input_path, output, settings, entry_tokens=entry_tokens,
+                       threads=threads, options=options, loaded=loaded)
+
+
+def mia_job(model_ref: str, input_path: str | Path, output: str | Path, *, k: float = 0.2, batch_size: int = 8,
+            entry_tokens: int = 65536, threads: int = 1, options: EngineOptions | None = None,
+            loaded: LoadedModel | None = None):
+    """Reference-free membership scores (`memprobe.mia.attacks.score_texts`) as a distributed job."""
+    return records_job("mia", model_ref, input_path, output, {"k": k, "batch_size": batch_size},
+                       entry_tokens=entry_tokens, threads=threads, options=options, loaded=loaded)
+
+
+def records_job(task: str, model_ref: str, input_path: str | Path, output: str | Path, settings: dict[str, Any],
+                *, entry_tokens: int = 65536, threads: int = 1, options: EngineOptions | None = None,
+                loaded: LoadedModel | None = None):
+    """A per-document task whose records are merged into one JSONL at `output`, in input order."""
     options = options or EngineOptions()
     output = Path(output)
     job_dir = output.with_name(output.name + ".job")
@@ -142,9 +159,8 @@ def label_job(model_ref: str, input_path: str | Path, output: str | Path, *, min
         model = loaded or load_model(model_ref)
         if options.engine in ("process", "torchrun"):
             remember_model(model_ref, model)
-        return label_plan(model, model_ref, input_path, min_prob=min_prob, prefix_len=prefix_len,
-                          suffix_len=suffix_len, batch_size=batch_size, entry_tokens=entry_tokens,
-                          threads=threads)
+        return records_plan(task, model, model_ref, input_path, settings, entry_tokens=entry_tokens,
+                            threads=threads)
 
     merged = job_dir / "merged.json"  # plan hash and output hash of a finished merge
 
@@ -157,7 +173,7 @@ def label_job(model_ref: str, input_path: str | Path, output: str | Path, *, min
     def merge(plan: dict[str, Any]) -> Path:
         if already_merged(plan):
             return output
-        path = merge_labels(job_dir, plan, output)
+        path = merge_records(job_dir, plan, output)
         write_json(merged, {"plan_sha256": plan["sha256"], "sha256": file_sha256(path)})
         shutil.rmtree(job_dir / PARTS, ignore_errors=True)
         return path

@@ -6,7 +6,7 @@ numbers, and the store manifest is written last, atomically: until then `open_st
 directory (no manifest), so nothing half-merged reads as valid. The manifest is the one a
 single-process capture writes (same documents, shard entries, checksums), byte for byte.
 
-Label: the entries' JSONL parts are concatenated in plan order (= input order) into one file,
+Label and MIA: the entries' JSONL parts are concatenated in plan order (= input order) into one file,
 written to a temp name and renamed.
 """
 
@@ -85,8 +85,8 @@ def merge_capture(job_dir: str | Path, plan: dict[str, Any]) -> ActivationStore:
     return store
 
 
-def merge_labels(job_dir: str | Path, plan: dict[str, Any], output: str | Path) -> Path:
-    """Concatenate the entries' label records, in plan order, into `output` (atomic)."""
+def merge_records(job_dir: str | Path, plan: dict[str, Any], output: str | Path) -> Path:
+    """Concatenate the entries' JSONL records (label, mia), in plan order, into `output` (atomic)."""
     job_dir, output = Path(job_dir), Path(output)
     _require_all_done(job_dir, plan)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -7,8 +7,8 @@ other inputs or settings is refused instead of mixing two jobs.
 
 Capture entries are runs of the capture's own batches (`memprobe.capture.batches`, longest first):
 re-batching an entry's documents inside a worker gives back exactly those batches, so the merged
-store has the shards, in the order, that a single-process capture writes. Label entries are runs
-of documents in input order (the order of the labels file).
+store has the shards, in the order, that a single-process capture writes. Label and MIA entries are
+runs of documents in input order (the order of their JSONL output).
 """
 
 from __future__ import annotations
@@ -152,19 +152,18 @@ def capture_plan(
     })
 
 
-def label_plan(
+def records_plan(
+    task: str,
     loaded: LoadedModel,
     model_ref: str,
     input_path: str | Path,
+    settings: dict[str, Any],
     *,
-    min_prob: float = 0.5,
-    prefix_len: int = 32,
-    suffix_len: int = 32,
-    batch_size: int = 8,
     entry_tokens: int = 65536,
     threads: int = 1,
 ) -> dict[str, Any]:
-    """The plan of `memprobe label` over `input_path`: entries are runs of documents in input order."""
+    """The plan of a per-document task (`label`, `mia`): entries are runs of documents in input
+    order, and `settings` are the keyword arguments of the task's function."""
     from memprobe.jsonl import read_jsonl
 
     _check_entry_tokens(entry_tokens, 1)
@@ -175,13 +174,12 @@ def label_plan(
     return _finish({
         "format": PLAN_FORMAT,
         "format_version": PLAN_VERSION,
-        "task": "label",
+        "task": task,
         "model": model_ref,
         "model_info": loaded.info,
         "input": source,
         "threads": threads,
-        "settings": {"min_prob": min_prob, "prefix_len": prefix_len, "suffix_len": suffix_len,
-                     "batch_size": batch_size},
+        "settings": settings,
         "documents": [{"id": d.id, "n_tokens": len(d.token_ids)} for d in tokenized],
         "entries": _entries(tokenized, members, entry_tokens),
     })

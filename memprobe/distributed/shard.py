@@ -190,8 +190,8 @@ def run_entry(job_dir: str | Path, plan: dict[str, Any], index: int) -> dict[str
     entry = plan["entries"][index]
     if plan["task"] == "capture":
         result = _capture_entry(job_dir, plan, entry, loaded)
-    elif plan["task"] == "label":
-        result = _label_entry(job_dir, plan, entry, loaded)
+    elif plan["task"] in RECORD_TASKS:
+        result = _records_entry(job_dir, plan, entry, loaded)
     else:
         raise MemprobeError(f"unknown task {plan['task']!r} in the plan; upgrade memprobe")
     record = {"entry": index, "status": "computed", **_provenance(loaded, plan),
@@ -261,14 +261,29 @@ def _capture_entry(job_dir: Path, plan: dict[str, Any], entry: dict[str, Any], l
     return {"shards": manifest["shards"]}
 
 
-def _label_entry(job_dir: Path, plan: dict[str, Any], entry: dict[str, Any], loaded: LoadedModel) -> dict:
-    from memprobe.distributed.plan import file_sha256
+def _label_records(loaded: LoadedModel, docs: list[dict[str, Any]], settings: dict[str, Any]) -> list[dict]:
     from memprobe.labels import label_documents
+
+    records = label_documents(loaded, docs, **settings)
+    for record in records:
+        record["model"] = loaded.info  # as `memprobe label` writes it
+    return records
+
+
+def _mia_records(loaded: LoadedModel, docs: list[dict[str, Any]], settings: dict[str, Any]) -> list[dict]:
+    from memprobe.mia.attacks import score_texts
+
+    return score_texts(loaded, docs, **settings)
+
+
+RECORD_TASKS = {"label": _label_records, "mia": _mia_records}  # per-document tasks: JSONL parts
+
+
+def _records_entry(job_dir: Path, plan: dict[str, Any], entry: dict[str, Any], loaded: LoadedModel) -> dict:
+    from memprobe.distributed.plan import file_sha256
 
     _tokenized(loaded, plan, entry)  # the same tokens as the plan's, or a clear error
     _maybe_fault(job_dir, entry["index"])
-    records = label_documents(loaded, _documents(plan, entry), **plan["settings"])
-    for record in records:
-        record["model"] = loaded.info
+    records = RECORD_TASKS[plan["task"]](loaded, _documents(plan, entry), plan["settings"])
     path = write_jsonl(labels_part(job_dir, entry["index"]), records)
     return {"sha256": file_sha256(path), "n_records": len(records)}
