@@ -7,6 +7,7 @@ in the text separated by single spaces, "7 3 9", or without separator, "739").
 Exact when the space is small enough (`exact_limit`, default 10^6 candidates): the digit tree is
 walked level by level with a KV cache, so each internal node costs one forward of its one or two new
 tokens, batched; all 10 children of a node come from that node's single next-token distribution.
+That is (10^N - 1)/9 rows of forward (111,111 for digits:6), never 10^N whole candidates.
 The tree needs each digit to add its own tokens, independent of its neighbours; that is checked
 with the tokenizer (on every digit at every level and a sample of whole candidates) and a tokenizer
 that merges digits is refused. Above the limit, the rank comes from a skew-normal fit
@@ -125,11 +126,12 @@ def _step(model: torch.nn.Module, inputs: torch.Tensor, cache: DynamicCache | No
     """One forward: log p(shared tokens) summed + log p(each digit) -> (B, 10), and the grown cache."""
     out = model(input_ids=inputs, cache=cache if cache is not None else DynamicCache(config=model.config),
                 use_cache=True)
-    logp = torch.log_softmax(out.logits[:, -(len(shared) + 1) :].double(), dim=-1)
-    shared_lp = torch.zeros(inputs.shape[0], dtype=torch.float64, device=logp.device)
+    logits = out.logits[:, -(len(shared) + 1) :]
+    norm = torch.logsumexp(logits, dim=-1).double()  # no (B, L, V) float64 copy: only what is read
+    shared_lp = torch.zeros(inputs.shape[0], dtype=torch.float64, device=logits.device)
     for j, tok in enumerate(shared):
-        shared_lp += logp[:, j, tok]
-    digits = logp[:, -1, digit_ids]
+        shared_lp += logits[:, j, tok].double() - norm[:, j]
+    digits = logits[:, -1, digit_ids].double() - norm[:, -1:]
     return (shared_lp[:, None] + digits).cpu(), out.cache
 
 
@@ -173,15 +175,13 @@ def candidate_loglik(loaded: LoadedModel, plan: DigitPlan, candidates: list[str]
     if head:
         cache = model(input_ids=torch.tensor([head], device=device), use_cache=True).cache
     out = np.empty(len(candidates))
-    width = len(plan.candidate_ids(candidates[0])) - len(head) if candidates else 0
     for lo in range(0, len(candidates), batch_size):
         chunk = candidates[lo : lo + batch_size]
         ids = torch.tensor([plan.candidate_ids(c)[len(head) :] for c in chunk], device=device)
-        assert ids.shape[1] == width
         past = _select(cache, model.config, torch.zeros(len(chunk), dtype=torch.long, device=device), 1) \
             if cache is not None else DynamicCache(config=model.config)
-        logits = model(input_ids=ids, cache=past, use_cache=True).logits.double()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+        logits = model(input_ids=ids, cache=past, use_cache=True).logits[:, :-1]
+        logp = logits.gather(-1, ids[:, 1:, None])[..., 0].double() - torch.logsumexp(logits, -1).double()
         out[lo : lo + len(chunk)] = logp.sum(-1).cpu().numpy()
     return out
 
@@ -221,7 +221,7 @@ def exposure(
         true_ll, perplexities = ll[0], -ll[1:]
         a, loc, scale = skewnorm.fit(perplexities)
         below = float(skewnorm.cdf(-true_ll, a, loc, scale))  # share of candidates with lower perplexity
-        rank = max(1.0, 1.0 + size * below)
+        rank = min(float(size), max(1.0, 1.0 + size * below))
         result.update(rank=rank, exposure=math.log2(size) - math.log2(rank), n_samples=n_samples, seed=seed,
                       skewnorm={"a": float(a), "loc": float(loc), "scale": float(scale)})
         if method == "auto":
