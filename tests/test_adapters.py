@@ -302,3 +302,38 @@ def test_only_adapters_name_family_module_paths():
     hits = [f"{p.relative_to(root)}:{n}" for p in root.rglob("*.py") if "adapters" not in p.parts
             for n, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
     assert not hits, hits
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "opt", "olmo2", "gemma3", "phi3"])
+def test_patching_and_runtime_edits_agree_across_backends(family):
+    from memprobe.intervene.ablation import apply_in_trace, lens_hooks
+    from memprobe.intervene.patching import activation_patching, corrupt_prefix
+
+    loaded = tiny_model(family)
+    ids = loaded.encode(TEXT)
+    clean, target = ids[:-1], ids[-1]
+    corrupt = corrupt_prefix(clean, 4, vocab=sorted(set(ids)), seed=0)
+    effects = {b: activation_patching(tiny_model(family), clean, corrupt, target, backend=b).effects
+               for b in ("hooks", "lens", "nnsight")}
+    for b in ("lens", "nnsight"):
+        for kind, values in effects["hooks"].items():
+            np.testing.assert_allclose(effects[b][kind], values, atol=1e-3, rtol=1e-3, err_msg=f"{family} {kind} {b}")
+    resid = effects["hooks"]["hook_resid_pre"]
+    assert np.isfinite(resid).all() and np.abs(resid).max() > 0.05  # the patches do move the memorized token
+    np.testing.assert_allclose(resid[0, 0], 0.0, atol=1e-5)  # the first token is never corrupted
+
+    adapter = adapter_for(loaded.model)
+    x = torch.tensor([ids])
+    edits = _edits(adapter, adapter.mlp_width(loaded.model), adapter.d_model(loaded.model))
+    if family in POST_NORMS:
+        edits.pop("direction")
+    lens = make_backend("lens", tiny_model(family)).bridge
+    sight = make_backend("nnsight", tiny_model(family)).wrapped
+    for name, edit in edits.items():
+        runtime = _logits(loaded.model, x, edit)
+        with torch.no_grad(), lens.hooks(fwd_hooks=lens_hooks(edit, adapter)):
+            torch.testing.assert_close(lens(x), runtime, atol=1e-4, rtol=1e-4, msg=f"{family} {name} lens")
+        with torch.no_grad(), sight.trace(x):
+            apply_in_trace(sight, edit)
+            out = sight.output.save()
+        torch.testing.assert_close(out.logits, runtime, atol=1e-5, rtol=1e-5, msg=f"{family} {name} nnsight")

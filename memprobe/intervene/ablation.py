@@ -232,7 +232,7 @@ def lens_hooks(edit: Edit, n_layers: int | Adapter) -> list[tuple[str, Callable]
     if isinstance(edit, NeuronEdit):
         return [(f"blocks.{layer}.mlp.hook_post", lambda act, hook, layer=layer: edit.apply(layer, act))
                 for layer in sorted(edit.neurons)]
-    if isinstance(edit, LowRankEdit):  # read the neurons at hook_post, add the delta at hook_mlp_out
+    if isinstance(edit, LowRankEdit):  # neurons read at hook_post, delta added to the MLP output (pre post-norm)
         hidden: dict[int, torch.Tensor] = {}
 
         def keep(act, hook, layer):
@@ -244,7 +244,7 @@ def lens_hooks(edit: Edit, n_layers: int | Adapter) -> list[tuple[str, Callable]
         hooks = []
         for layer in sorted(edit.factors):
             hooks += [(f"blocks.{layer}.mlp.hook_post", lambda act, hook, layer=layer: keep(act, hook, layer)),
-                      (f"blocks.{layer}.hook_mlp_out", lambda out, hook, layer=layer: add(out, hook, layer))]
+                      (f"blocks.{layer}.mlp.hook_out", lambda out, hook, layer=layer: add(out, hook, layer))]
         return hooks
 
     def project(act, hook):

@@ -121,15 +121,27 @@ class _Runner:
                 return self._sight(batch, point, clean, positions)
             return self._hooks(batch, point, clean, positions)
 
+    @staticmethod
+    def _patcher(point: HookPoint, batch: torch.Tensor, clean, positions):
+        """value -> patched value; a module that sees (batch * seq, width) (OPT's MLP) is patched
+        on its (batch, seq, width) view."""
+        if not point.flat:
+            return lambda value: _patched(value, clean, positions)
+        return lambda value: _patched(value.reshape(*batch.shape, -1), clean, positions).reshape(value.shape)
+
     def _hooks(self, batch, point: HookPoint, clean, positions) -> torch.Tensor:
         module = resolve_module(self.loaded.model, point.module)
+        patch = self._patcher(point, batch, clean, positions)
         if point.io == "input":
-            handle = module.register_forward_pre_hook(lambda _m, a: (_patched(a[0], clean, positions), *a[1:]))
+            def pre(_m, args, kwargs):
+                if args:
+                    return (patch(args[0]), *args[1:]), kwargs
+                first = next(iter(kwargs))
+                return args, {**kwargs, first: patch(kwargs[first])}
+            handle = module.register_forward_pre_hook(pre, with_kwargs=True)
         else:
             def post(_m, _a, out):
-                if isinstance(out, tuple):
-                    return (_patched(out[0], clean, positions), *out[1:])
-                return _patched(out, clean, positions)
+                return (patch(out[0]), *out[1:]) if isinstance(out, tuple) else patch(out)
             handle = module.register_forward_hook(post)
         try:
             return self.loaded.model(input_ids=batch, use_cache=False).logits
@@ -141,15 +153,13 @@ class _Runner:
         env = wrapped
         for part in point.module.split("."):
             env = env[int(part)] if part.isdigit() else getattr(env, part)
+        patch = self._patcher(point, batch, clean, positions)
         with wrapped.trace(batch):
             if point.io == "input":
-                env.input = _patched(env.input, clean, positions)
+                env.input = patch(env.input)
             else:
                 out = env.output
-                if isinstance(out, tuple):
-                    env.output = (_patched(out[0], clean, positions), *out[1:])
-                else:
-                    env.output = _patched(out, clean, positions)
+                env.output = (patch(out[0]), *out[1:]) if isinstance(out, tuple) else patch(out)
             logits = wrapped.output.save()
         return logits.logits
 
