@@ -101,9 +101,6 @@ def cmd_capture(args: argparse.Namespace) -> int:
     if getattr(args, "engine", None):
         from memprobe.distributed.cli import run_capture
 
-        if args.token_stats:
-            raise MemprobeError("--token-stats is not supported with --engine yet: capture in one process")
-
         store = run_capture(args)
         if store is not None:
             print(_describe(store))

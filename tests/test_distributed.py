@@ -88,6 +88,14 @@ def test_one_process_job_twice_is_the_bytes_of_a_plain_capture(job, tmp_path):
     assert rerun.computed == [] and rerun.skipped == job["entries"]
 
 
+def test_token_stats_in_a_job_are_the_bytes_of_a_plain_capture(job, tmp_path):
+    capture(job["loaded"], read_jsonl(job["input"]), SITES, tmp_path / "plain", batch_tokens=SIZES["batch_tokens"],
+            token_stats=True, progress=False)
+    store, _ = run_capture(job, tmp_path / "job", token_stats=True, loaded=job["loaded"])
+    assert store.columns and store_bytes(tmp_path / "job") == store_bytes(tmp_path / "plain")
+    assert store_bytes(tmp_path / "job") != job["golden"]
+
+
 def _worker_pids(out: Path) -> dict[int, int]:
     return {json.loads(p.read_text())["entry"]: json.loads(p.read_text())["pid"]
             for p in (out / "runs").glob("entry-*.json")}

@@ -38,13 +38,13 @@ def run_capture(args: argparse.Namespace) -> object | None:
     """`memprobe capture --engine ...`: the merged store (None on torchrun ranks other than 0)."""
     from memprobe.distributed.job import capture_job
 
-    unsupported = [flag for flag, on in (("--labels", args.labels), ("--overwrite", args.overwrite),
-                                         ("--token-stats", getattr(args, "token_stats", False))) if on]
+    unsupported = [flag for flag, on in (("--labels", args.labels), ("--overwrite", args.overwrite)) if on]
     if unsupported:
         raise MemprobeError(f"{', '.join(unsupported)} is not supported with --engine yet; run without --engine")
     store, report = capture_job(args.model, args.input, args.sites, args.out, backend=args.backend,
                                 dtype=args.dtype, batch_tokens=args.batch_tokens, entry_tokens=args.entry_tokens,
-                                truncate=args.truncate, threads=args.threads, options=_options(args))
+                                truncate=args.truncate, token_stats=getattr(args, "token_stats", False),
+                                threads=args.threads, options=_options(args))
     if store is not None:
         print(f"engine     {args.engine}: {len(report.computed)} entries computed, {len(report.skipped)} "
               f"already finished ({Path(args.out) / 'runs'})")

@@ -111,7 +111,7 @@ def _check_job_dir(job_dir: Path) -> None:
 
 def capture_job(model_ref: str, input_path: str | Path, sites: str | list[str], out: str | Path, *,
                 backend: str = "hooks", dtype: str = "float32", batch_tokens: int = 2048,
-                entry_tokens: int = 65536, truncate: bool = False, threads: int = 1,
+                entry_tokens: int = 65536, truncate: bool = False, token_stats: bool = False, threads: int = 1,
                 options: EngineOptions | None = None, loaded: LoadedModel | None = None):
     """`memprobe capture` as a distributed job: the store at `out` equals a one-process capture."""
     options = options or EngineOptions()
@@ -122,7 +122,7 @@ def capture_job(model_ref: str, input_path: str | Path, sites: str | list[str], 
             remember_model(model_ref, model)  # the planner's model is this process's worker model
         return capture_plan(model, model_ref, input_path, sites, backend=backend, dtype=dtype,
                             batch_tokens=batch_tokens, entry_tokens=entry_tokens, truncate=truncate,
-                            threads=threads)
+                            token_stats=token_stats, threads=threads)
 
     def already_merged(plan: dict[str, Any]) -> bool:
         return merged_store(out, plan) is not None

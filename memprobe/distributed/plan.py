@@ -24,6 +24,7 @@ from memprobe.capture import batches, input_digest, tokenize_documents
 from memprobe.errors import MemprobeError
 from memprobe.models import LoadedModel
 from memprobe.results import write_json
+from memprobe.token_stats import STAT_COLUMNS
 
 PLAN_FILE = "plan.json"
 PLAN_FORMAT = "memprobe-distributed-plan"
@@ -112,9 +113,12 @@ def capture_plan(
     batch_tokens: int = 2048,
     entry_tokens: int = 65536,
     truncate: bool = False,
+    token_stats: bool = False,
     threads: int = 1,
 ) -> dict[str, Any]:
     """The plan of a capture of `input_path`'s documents; `model_ref` is what workers load.
+
+    `token_stats` stores the per-token statistics of the same forward, as `memprobe.capture` does.
 
     `threads` is torch's intra-op thread count in every worker: CPU matmul results can change with
     it, so it is part of what makes two runs byte-identical.
@@ -123,6 +127,8 @@ def capture_plan(
     from memprobe.sites import resolve
 
     _check_entry_tokens(entry_tokens, batch_tokens)
+    if token_stats and backend != "hooks":
+        raise MemprobeError(f"token stats need the logits of the capture's own forward: use backend 'hooks', not {backend!r}")
     source = _input(input_path)
     tokenized = tokenize_documents(loaded, read_jsonl(source["path"]), truncate=truncate)
     sites = resolve(loaded.model, sites)
@@ -135,7 +141,7 @@ def capture_plan(
         "inputs_sha256": input_digest(tokenized),
         "truncate": truncate,
         "token_columns": [],
-        "token_stats": [],
+        "token_stats": list(STAT_COLUMNS) if token_stats else [],
     }
     return _finish({
         "format": PLAN_FORMAT,
@@ -146,7 +152,8 @@ def capture_plan(
         "input": source,
         "threads": threads,
         "settings": {"sites": sites, "widths": _widths(loaded, backend, sites), "backend": backend,
-                     "dtype": dtype, "batch_tokens": batch_tokens, "truncate": truncate, "config": config},
+                     "dtype": dtype, "batch_tokens": batch_tokens, "truncate": truncate, "token_stats": token_stats,
+                     "config": config},
         "documents": [{"id": d.id, "n_tokens": len(d.token_ids), **d.fields} for d in tokenized],
         "entries": _entries(tokenized, members, entry_tokens),
     })

@@ -30,6 +30,8 @@ from memprobe.capture import (
     input_digest,
     pad_batch,
     pad_id,
+    run_to_logits,
+    stat_columns,
     tokenize_documents,
 )
 from memprobe.errors import MemprobeError
@@ -247,12 +249,17 @@ def _capture_entry(job_dir: Path, plan: dict[str, Any], entry: dict[str, Any], l
     runner, sites, pad, device = _backend(loaded, plan), settings["sites"], pad_id(loaded), loaded.device
     for n, group in enumerate(groups[len(committed):]):
         ids, mask = pad_batch([tokens[i].token_ids for i in group], pad)
-        acts = runner.run(ids.to(device), mask.to(device), sites)
         keep = mask.bool()
+        if settings.get("token_stats"):
+            acts, logits = run_to_logits(loaded, ids.to(device), mask.to(device), sites)
+            columns = stat_columns(logits, ids, keep)
+            del logits
+        else:
+            acts, columns = runner.run(ids.to(device), mask.to(device), sites), None
         rows = {s: acts[s][keep.to(acts[s].device)].cpu() for s in sites}
         doc_index = torch.cat([torch.full((lengths[i],), i, dtype=torch.long) for i in group])
         position = torch.cat([torch.arange(lengths[i]) for i in group])
-        writer.write_shard(group, rows, doc_index, position, ids[keep])
+        writer.write_shard(group, rows, doc_index, position, ids[keep], columns)
         if n == 0:
             _maybe_fault(job_dir, entry["index"])  # after one committed batch: a real mid-entry crash
     manifest = json.loads((part / MANIFEST).read_text())
