@@ -303,7 +303,9 @@ def test_extraction_samples_do_not_depend_on_batching(lab):
     docs = pii_docs(lab)
     one = pii_extraction(lab["base"], docs, batch_size=1, seed=3)["occurrences"]
     two = pii_extraction(lab["base"], docs, batch_size=2, seed=3)["occurrences"]
+    assert [o["steps"] for o in one] == [34, 31]  # decoded together in one group of two, cut per value
     assert [o["continuations"] for o in one] == [o["continuations"] for o in two]
+    assert len(set(one[1]["continuations"])) > 2  # temperature-1 samples differ from each other
     other_seed = pii_extraction(lab["base"], docs, batch_size=2, seed=4)["occurrences"]
     assert [o["continuations"][1:] for o in one] != [o["continuations"][1:] for o in other_seed]
 

@@ -103,19 +103,21 @@ def pii_extraction(
     if prompt_tokens < 1 or n_samples < 0 or margin < 0 or batch_size < 1:
         raise MemprobeError("prompt_tokens and batch_size must be >= 1, n_samples and margin >= 0")
     occurrences = _occurrences(loaded, docs, prompt_tokens, margin)
-    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    groups: dict[int, list[int]] = defaultdict(list)  # by prompt length: no padding, exact
     for i, occ in enumerate(occurrences):
         if occ["prompt"]:
-            groups[(len(occ["prompt"]), occ["steps"])].append(i)
+            groups[len(occ["prompt"])].append(i)
         else:
             occ["skipped"] = "no text before the value and no BOS token: nothing to prompt with"
-    for (_, steps), members in sorted(groups.items()):
+    for _, members in sorted(groups.items()):
         for lo in range(0, len(members), batch_size):
             chunk = [occurrences[i] for i in members[lo : lo + batch_size]]
             gens = [torch.Generator().manual_seed(prompt_seed(seed, o["doc_id"], o["span_index"])) for o in chunk]
+            steps = max(o["steps"] for o in chunk)
             out = decode_group(loaded.model, torch.tensor([o["prompt"] for o in chunk]), steps, gens, n_samples)
             for occ, conts in zip(chunk, out, strict=True):
-                texts = [loaded.decode(c.tolist()) for c in conts]
+                # a prompt's first `steps` draws do not depend on how long the group decodes
+                texts = [loaded.decode(c[: occ["steps"]].tolist()) for c in conts]
                 occ["greedy_extracted"] = occ["value"] in texts[0]
                 occ["extracted"] = any(occ["value"] in t for t in texts)
                 occ["continuations"] = texts
