@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM
 from memprobe import open_store
 from memprobe.adapters import adapter_for
 from memprobe.backends import make_backend
+from memprobe.backends.torch_hooks import run_with_hooks
 from memprobe.cli import main
 from memprobe.errors import MemprobeError
 from memprobe.intervene.ablation import (
@@ -30,7 +31,7 @@ from memprobe.intervene.ablation import (
 )
 from memprobe.intervene.export import patched_model
 from memprobe.models import TINY_FAMILIES, tiny_model
-from memprobe.sites import catalog, resolve
+from memprobe.sites import catalog, hook_points, resolve
 
 FAMILIES = list(TINY_FAMILIES)
 TEXT = "Hello world, adapters"
@@ -337,3 +338,80 @@ def test_patching_and_runtime_edits_agree_across_backends(family):
             apply_in_trace(sight, edit)
             out = sight.output.save()
         torch.testing.assert_close(out.logits, runtime, atol=1e-5, rtol=1e-5, msg=f"{family} {name} nnsight")
+
+
+def _store(ref: dict, key: str, value: torch.Tensor) -> None:
+    ref.setdefault(key, value)
+
+
+def _variant(family: str, **overrides):
+    """tiny_model(family) rebuilt with config overrides (checkpoint variants of one family)."""
+    loaded = tiny_model(family)
+    config = loaded.model.config
+    for k, v in overrides.items():
+        setattr(config, k, v)
+    torch.manual_seed(0)
+    loaded.model = AutoModelForCausalLM.from_config(config).eval()
+    return loaded
+
+
+def test_family_variants_sequential_neox_and_opt_350m_layout():
+    neox = _variant("gpt_neox", use_parallel_residual=False)
+    adapter = adapter_for(neox.model)
+    assert not adapter.parallel and "blocks.1.hook_resid_mid" in catalog(adapter)
+    ids = _ids(neox)
+    acts = make_backend("hooks", neox).run(ids, None, catalog(adapter))
+    ref = {}
+    h = neox.model.get_submodule("gpt_neox.layers.1.post_attention_layernorm").register_forward_pre_hook(
+        lambda _m, args: _store(ref, "mid", args[0]))
+    with torch.no_grad():
+        neox.model(input_ids=ids)
+    h.remove()
+    torch.testing.assert_close(acts["blocks.1.hook_resid_mid"], ref["mid"])
+    torch.testing.assert_close(acts["blocks.1.hook_resid_mid"], acts["blocks.1.hook_resid_pre"] + acts["blocks.1.hook_attn_out"])
+
+    # OPT-350m: embeddings projected in (word_embed_proj_dim != hidden_size), norms after each add
+    opt = _variant("opt", word_embed_proj_dim=32, do_layer_norm_before=False)
+    adapter = adapter_for(opt.model)
+    assert adapter.embed.endswith("project_in") and "ln_final.hook_normalized" not in catalog(adapter)
+    ids = _ids(opt)
+    acts = make_backend("hooks", opt).run(ids, None, catalog(adapter))
+    ref = {}
+    hooks = [opt.model.get_submodule("model.decoder.project_in").register_forward_hook(
+                 lambda _m, _a, out: _store(ref, "embed", out)),
+             opt.model.get_submodule("model.decoder.layers.0.self_attn_layer_norm").register_forward_hook(
+                 lambda _m, _a, out: _store(ref, "mid", out))]
+    with torch.no_grad():
+        hidden = opt.model(input_ids=ids, output_hidden_states=True).hidden_states
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(acts["hook_embed"], ref["embed"])
+    assert acts["hook_embed"].shape[-1] == 64
+    torch.testing.assert_close(acts["blocks.0.hook_resid_mid"], ref["mid"].reshape(acts["blocks.0.hook_resid_mid"].shape))
+    torch.testing.assert_close(acts["blocks.1.hook_resid_pre"], hidden[1])
+    edits = _edits(adapter, adapter.mlp_width(opt.model), adapter.d_model(opt.model))
+    for name in ("zero", "mean", "low-rank"):
+        torch.testing.assert_close(_logits(patched_model(opt.model, edits[name]), ids),
+                                   _logits(opt.model, ids, edits[name]), atol=2e-5, rtol=1e-4)
+    with pytest.raises(MemprobeError, match="do_layer_norm_before=False"):
+        patched_model(opt.model, edits["direction"])
+
+
+def test_gemma3_multimodal_reads_its_language_model():
+    from transformers import AutoConfig, Gemma3ForConditionalGeneration
+
+    text = tiny_model("gemma3").model.config.to_dict()
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    torch.manual_seed(0)
+    model = Gemma3ForConditionalGeneration(AutoConfig.for_model("gemma3", text_config=text, vision_config=vision,
+                                                                mm_tokens_per_image=4)).eval()
+    adapter = adapter_for(model)
+    assert adapter.layers == "model.language_model.layers" and adapter.post_norms
+    ids = torch.tensor([[256, 72, 101, 108]])
+    acts = run_with_hooks(model, hook_points(model, catalog(adapter)), input_ids=ids, use_cache=False)
+    with torch.no_grad():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(acts["blocks.0.hook_resid_pre"], hidden[0])
+    torch.testing.assert_close(acts["blocks.0.hook_resid_post"], hidden[1])
+    torch.testing.assert_close(acts["blocks.0.hook_resid_post"], acts["blocks.0.hook_resid_mid"] + acts["blocks.0.hook_mlp_out"])
