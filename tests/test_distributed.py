@@ -188,6 +188,36 @@ def test_mia_job_scores_every_document_once_in_input_order(job, tmp_path):
         np.testing.assert_allclose(list(got["scores"].values()), list(want["scores"].values()), rtol=1e-4)
 
 
+@pytest.mark.parametrize("scheme", ["memory", "file"])
+def test_a_job_published_to_an_fsspec_url_resumes_elsewhere(job, tmp_path, scheme):
+    import fsspec
+
+    from memprobe.distributed.remote import MARKER, fetch, published
+    from memprobe.distributed.shard import part_url
+
+    url = f"memory://bucket/{tmp_path.name}/store" if scheme == "memory" else f"file://{tmp_path}/remote/store"
+    plan = capture_plan(job["loaded"], job["model"], job["input"], SITES, **SIZES, publish=url)
+    write_plan(tmp_path / "machine-a", plan)
+    for i in (0, 2):  # a first machine finishes two entries, then is lost
+        run_entry(tmp_path / "machine-a", plan, i)
+    assert published(part_url(url, 0)) is not None and published(part_url(url, 1)) is None
+    assert published(url) is None
+    store, report = capture_job(job["model"], job["input"], SITES, url, **SIZES, loaded=job["loaded"],
+                                work_dir=tmp_path / "machine-b")
+    assert report.skipped == [0, 2] and report.computed == [i for i in job["entries"] if i not in (0, 2)]
+    assert store_bytes(tmp_path / "machine-b") == job["golden"]
+    copy = fetch(url, tmp_path / "reader")
+    assert store_bytes(copy) == job["golden"]
+    memprobe.open_store(copy).verify()
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.pipe_file(f"{root}/shard-00001.safetensors", b"damaged")
+    with pytest.raises(MemprobeError, match="does not match its completion marker"):
+        fetch(url, tmp_path / "reader-2")
+    fs.rm(f"{root}/{MARKER}")
+    with pytest.raises(MemprobeError, match="not completely published"):
+        fetch(url, tmp_path / "reader-3")
+
+
 def test_a_plan_that_does_not_match_the_directory_is_refused(job, tmp_path):
     out = tmp_path / "job"
     run_capture(job, out, loaded=job["loaded"])

@@ -21,6 +21,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, default=2, help="Ray actors (default 2)")
     g.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs each Ray actor claims (default 0)")
     g.add_argument("--entry-tokens", type=int, default=65536, help="tokens per plan entry (default 65536)")
+    g.add_argument("--work-dir", help="local job directory when --out is an fsspec URL (file://, memory://); "
+                                      "shared by the workers (default: under the system temp)")
     g.add_argument("--threads", type=int, default=1,
                    help="torch threads per worker (default 1; CPU results can change with it)")
 
@@ -44,10 +46,10 @@ def run_capture(args: argparse.Namespace) -> object | None:
     store, report = capture_job(args.model, args.input, args.sites, args.out, backend=args.backend,
                                 dtype=args.dtype, batch_tokens=args.batch_tokens, entry_tokens=args.entry_tokens,
                                 truncate=args.truncate, token_stats=getattr(args, "token_stats", False),
-                                threads=args.threads, options=_options(args))
+                                threads=args.threads, options=_options(args), work_dir=args.work_dir)
     if store is not None:
         print(f"engine     {args.engine}: {len(report.computed)} entries computed, {len(report.skipped)} "
-              f"already finished ({Path(args.out) / 'runs'})")
+              f"already finished (runs/ beside the store{', published to ' + args.out if '://' in args.out else ''})")
     return store
 
 

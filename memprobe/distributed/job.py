@@ -20,7 +20,16 @@ from typing import Any
 
 from memprobe.distributed.merge import merge_capture, merge_records, merged_store, unfinished
 from memprobe.distributed.plan import PLAN_FILE, capture_plan, file_sha256, records_plan, write_plan
-from memprobe.distributed.shard import PARTS, RUNS, attempts_file, remember_model, run_entry
+from memprobe.distributed.remote import fetch, is_url, publish, published, read_published
+from memprobe.distributed.shard import (
+    PARTS,
+    RUNS,
+    attempts_file,
+    part_dir,
+    part_url,
+    remember_model,
+    run_entry,
+)
 from memprobe.errors import MemprobeError
 from memprobe.models import LoadedModel, load_model
 from memprobe.results import provenance, write_json
@@ -74,6 +83,9 @@ def run_job(job_dir: str | Path, make_plan: Callable[[], dict[str, Any]], merge:
     _check_job_dir(job_dir)
     write_plan(job_dir, plan)
     report = JobReport()
+    url = plan.get("publish")
+    if url:
+        _fetch_published(job_dir, plan, url)
     if already_merged(plan):
         report.skipped = [e["index"] for e in plan["entries"]]
         return merge(plan), report
@@ -86,7 +98,31 @@ def run_job(job_dir: str | Path, make_plan: Callable[[], dict[str, Any]], merge:
     result = merge(plan)
     report.seconds = time.perf_counter() - started
     record_run(job_dir, report, options.engine)
+    if url:
+        publish(job_dir, url)  # the merged store, its plan and runs; the marker goes last
     return result, report
+
+
+def _fetch_published(job_dir: Path, plan: dict[str, Any], url: str) -> None:
+    """Bring back what an earlier run published: the merged store, else each finished part."""
+    if published(url) is not None:
+        remote_plan = json.loads(read_published(url, PLAN_FILE))
+        if remote_plan.get("sha256") != plan["sha256"]:
+            raise MemprobeError(f"{url} holds the output of a different job; choose another URL or delete it")
+        fetch(url, job_dir)
+        return
+    for i in unfinished(job_dir, plan):
+        if published(part_url(url, i)) is not None:
+            shutil.rmtree(part_dir(job_dir, i), ignore_errors=True)
+            fetch(part_url(url, i), part_dir(job_dir, i))
+
+
+def work_dir_for(url: str) -> Path:
+    """The local directory a job publishing to `url` works in, unless the caller names one."""
+    import hashlib
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / "memprobe-jobs" / hashlib.sha256(url.encode()).hexdigest()[:16]
 
 
 def record_run(job_dir: Path, report: JobReport, engine: str) -> Path:
@@ -112,9 +148,17 @@ def _check_job_dir(job_dir: Path) -> None:
 def capture_job(model_ref: str, input_path: str | Path, sites: str | list[str], out: str | Path, *,
                 backend: str = "hooks", dtype: str = "float32", batch_tokens: int = 2048,
                 entry_tokens: int = 65536, truncate: bool = False, token_stats: bool = False, threads: int = 1,
-                options: EngineOptions | None = None, loaded: LoadedModel | None = None):
-    """`memprobe capture` as a distributed job: the store at `out` equals a one-process capture."""
+                options: EngineOptions | None = None, loaded: LoadedModel | None = None,
+                work_dir: str | Path | None = None):
+    """`memprobe capture` as a distributed job: the store at `out` equals a one-process capture.
+
+    `out` may be an fsspec URL (file://, memory://): the job then runs in `work_dir` (default: a
+    directory under the system temp keyed by the URL; with Ray it must be shared by the workers),
+    publishes each finished part and finally the merged store there, and returns the local store.
+    """
     options = options or EngineOptions()
+    url = str(out) if is_url(out) else None
+    out = Path(work_dir) if work_dir else work_dir_for(url) if url else Path(out)
 
     def make_plan() -> dict[str, Any]:
         model = loaded or load_model(model_ref)
@@ -122,7 +166,7 @@ def capture_job(model_ref: str, input_path: str | Path, sites: str | list[str], 
             remember_model(model_ref, model)  # the planner's model is this process's worker model
         return capture_plan(model, model_ref, input_path, sites, backend=backend, dtype=dtype,
                             batch_tokens=batch_tokens, entry_tokens=entry_tokens, truncate=truncate,
-                            token_stats=token_stats, threads=threads)
+                            token_stats=token_stats, threads=threads, publish=url)
 
     def already_merged(plan: dict[str, Any]) -> bool:
         return merged_store(out, plan) is not None
@@ -152,6 +196,8 @@ def records_job(task: str, model_ref: str, input_path: str | Path, output: str |
                 loaded: LoadedModel | None = None):
     """A per-document task whose records are merged into one JSONL at `output`, in input order."""
     options = options or EngineOptions()
+    if is_url(output):
+        raise MemprobeError(f"{task} output {output} is a URL: per-document outputs are written to local paths only")
     output = Path(output)
     job_dir = output.with_name(output.name + ".job")
 

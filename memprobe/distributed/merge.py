@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from memprobe.distributed.shard import PARTS, done_file, entry_done, labels_part, part_dir
+from memprobe.distributed.shard import PARTS, done_file, entry_done, part_dir, records_part
 from memprobe.errors import MemprobeError
 from memprobe.io import atomic_write, fsync_directory
 from memprobe.store import MANIFEST, ActivationStore
@@ -90,7 +90,7 @@ def merge_records(job_dir: str | Path, plan: dict[str, Any], output: str | Path)
     job_dir, output = Path(job_dir), Path(output)
     _require_all_done(job_dir, plan)
     output.parent.mkdir(parents=True, exist_ok=True)
-    parts = (labels_part(job_dir, e["index"]).read_bytes() for e in plan["entries"])
+    parts = (records_part(job_dir, e["index"]).read_bytes() for e in plan["entries"])
     return atomic_write(output, parts)
 
 

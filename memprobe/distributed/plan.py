@@ -115,10 +115,12 @@ def capture_plan(
     truncate: bool = False,
     token_stats: bool = False,
     threads: int = 1,
+    publish: str | None = None,
 ) -> dict[str, Any]:
     """The plan of a capture of `input_path`'s documents; `model_ref` is what workers load.
 
     `token_stats` stores the per-token statistics of the same forward, as `memprobe.capture` does.
+    `publish` is an fsspec URL that finished parts and the merged store are copied to.
 
     `threads` is torch's intra-op thread count in every worker: CPU matmul results can change with
     it, so it is part of what makes two runs byte-identical.
@@ -156,6 +158,7 @@ def capture_plan(
                      "config": config},
         "documents": [{"id": d.id, "n_tokens": len(d.token_ids), **d.fields} for d in tokenized],
         "entries": _entries(tokenized, members, entry_tokens),
+        "publish": publish,
     })
 
 

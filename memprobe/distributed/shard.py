@@ -56,11 +56,11 @@ def part_dir(job_dir: str | Path, index: int) -> Path:
 
 def done_file(job_dir: str | Path, index: int) -> Path:
     """Written last by the shard function: the entry's output is complete and was verified."""
-    return Path(job_dir) / PARTS / f"entry-{index:05d}.done.json"
+    return part_dir(job_dir, index) / "done.json"
 
 
-def labels_part(job_dir: str | Path, index: int) -> Path:
-    return Path(job_dir) / PARTS / f"entry-{index:05d}.jsonl"
+def records_part(job_dir: str | Path, index: int) -> Path:
+    return part_dir(job_dir, index) / "records.jsonl"
 
 
 def attempts_file(job_dir: str | Path, index: int) -> Path:
@@ -173,7 +173,7 @@ def entry_done(job_dir: str | Path, plan: dict[str, Any], index: int) -> bool:
         else:
             from memprobe.distributed.plan import file_sha256
 
-            if file_sha256(labels_part(job_dir, index)) != done["sha256"]:
+            if file_sha256(records_part(job_dir, index)) != done["sha256"]:
                 return False
     except (MemprobeError, OSError):
         return False
@@ -202,7 +202,15 @@ def run_entry(job_dir: str | Path, plan: dict[str, Any], index: int) -> dict[str
     write_json(job_dir / RUNS / f"entry-{index:05d}.json", record)  # varies by run: outside compared bytes
     write_json(done_file(job_dir, index), {"plan_sha256": plan["sha256"], "entry": index, **result})
     attempts_file(job_dir, index).unlink(missing_ok=True)
+    if plan.get("publish"):  # object storage: the part is durable (and resumable) elsewhere too
+        from memprobe.distributed.remote import publish
+
+        publish(part_dir(job_dir, index), part_url(plan["publish"], index))
     return record
+
+
+def part_url(url: str, index: int) -> str:
+    return f"{url.rstrip('/')}/{PARTS}/entry-{index:05d}"
 
 
 def _provenance(loaded: LoadedModel, plan: dict[str, Any]) -> dict[str, Any]:
@@ -292,5 +300,5 @@ def _records_entry(job_dir: Path, plan: dict[str, Any], entry: dict[str, Any], l
     _tokenized(loaded, plan, entry)  # the same tokens as the plan's, or a clear error
     _maybe_fault(job_dir, entry["index"])
     records = RECORD_TASKS[plan["task"]](loaded, _documents(plan, entry), plan["settings"])
-    path = write_jsonl(labels_part(job_dir, entry["index"]), records)
+    path = write_jsonl(records_part(job_dir, entry["index"]), records)
     return {"sha256": file_sha256(path), "n_records": len(records)}
