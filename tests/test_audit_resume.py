@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -131,12 +132,19 @@ def memorizing_model(tmp_path_factory) -> tuple[Path, Path]:
     return root / "model", texts
 
 
-def test_kill_inside_export_leaves_no_half_model_and_finishes(memorizing_model, tmp_path):
+@pytest.fixture(scope="module")
+def memorizing_audit(memorizing_model, tmp_path_factory) -> tuple[tuple[str, ...], Path]:
+    """The audit's arguments for the memorizing model, and an uninterrupted audit with them."""
     model, texts = memorizing_model
     args = ("--model", str(model), "--texts", str(texts))
-    reference = tmp_path / "reference"
+    reference = tmp_path_factory.mktemp("reference") / "audit"
     _run(reference, *args)
     assert json.loads((reference / "suppression.json").read_text())["status"] == "ok"
+    return args, reference
+
+
+def test_kill_inside_export_leaves_no_half_model_and_finishes(memorizing_audit, tmp_path):
+    args, reference = memorizing_audit
 
     out = tmp_path / "killed"
     _kill_when(out, args, lambda: any(out.glob("patched-model.tmp-*/model.safetensors")),
@@ -152,12 +160,11 @@ def test_kill_inside_export_leaves_no_half_model_and_finishes(memorizing_model, 
     assert _leftovers(out) == []
 
 
-def test_a_changed_or_damaged_output_is_made_again(memorizing_model, tmp_path):
+def test_a_changed_or_damaged_output_is_made_again(memorizing_audit, tmp_path):
     """A done-record whose outputs no longer verify (a deleted figure, an edited result) is re-run."""
-    model, texts = memorizing_model
-    args = ("--model", str(model), "--texts", str(texts))
+    args, reference = memorizing_audit
     out = tmp_path / "audit"
-    _run(out, *args)
+    shutil.copytree(reference, out)
     first, shards = _results(out), _stats(out / "store", [p.name for p in (out / "store").glob("shard-*")])
     probes = json.loads((out / "probes.json").read_text())
     (out / "probes.json").write_text(json.dumps({**probes, "best_site": "tampered"}))
