@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from memprobe import open_store
-from memprobe.adapters import adapter_for
+from memprobe.adapters import adapter_for, family_of
 from memprobe.backends import make_backend
 from memprobe.backends.torch_hooks import run_with_hooks
 from memprobe.cli import main
@@ -171,6 +171,7 @@ def test_missing_sites_and_unknown_families_are_refused_with_the_reason():
                                                        "blocks.1.hook_resid_pre", "blocks.1.hook_resid_post"]
     with pytest.raises(MemprobeError, match=r"supported families: .*gpt2.*--sites model.layers.3.mlp"):
         adapter_for(torch.nn.Linear(2, 2))
+    assert family_of(type("GPT2LMHeadModel", (torch.nn.Module,), {})()) == "gpt2"  # no config: the class name
     # a model outside the families still takes raw module paths
     assert resolve(torch.nn.Sequential(torch.nn.Linear(2, 2)), "0") == ["0"]
     with pytest.raises(MemprobeError, match="needs a supported model family"):
