@@ -73,6 +73,14 @@ def _results(out: Path) -> dict:
     return found
 
 
+def _committed(store: Path) -> list[dict]:
+    """The shards the store's manifest names (replaced atomically, so safe to read mid-capture)."""
+    try:
+        return json.loads((store / "manifest.json").read_text())["shards"]
+    except FileNotFoundError:
+        return []
+
+
 def _done(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((out / "steps").glob("*.done.json"))]
 
@@ -91,10 +99,11 @@ def test_kill_inside_capture_resumes_the_store(tmp_path):
     _run(reference, *args)
 
     out = tmp_path / "killed"
-    _kill_when(out, args, lambda: (out / "store" / "shard-00000.safetensors").exists())
+    _kill_when(out, args, lambda: len(_committed(out / "store")) >= 1)
     manifest = json.loads((out / "store" / "manifest.json").read_text())
     assert not manifest["complete"], "the kill came after the capture had finished: nothing was tested"
     kept = _stats(out / "store", [s["file"] for s in manifest["shards"]])
+    assert kept
     assert not any("store" in record["outputs"] for record in _done(out))
 
     _run(out, *args)
