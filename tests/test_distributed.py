@@ -110,7 +110,7 @@ def test_ray_two_actors_match_one_process(job, ray_cluster, tmp_path):
     assert {r["pid"] for r in report.records} == set(pids.values())
 
     labels, _ = label_job(job["model"], job["input"], tmp_path / "ray-labels.jsonl", entry_tokens=600,
-                          options=EngineOptions(engine="ray", workers=2))
+                          options=EngineOptions(engine="ray", workers=1))
     local, _ = label_job(job["model"], job["input"], tmp_path / "labels.jsonl", entry_tokens=600,
                          loaded=job["loaded"])
     assert labels.read_bytes() == local.read_bytes()
@@ -125,7 +125,7 @@ def test_ray_two_actors_match_one_process(job, ray_cluster, tmp_path):
 def test_ray_worker_killed_mid_entry_is_retried_to_the_same_bytes(job, ray_cluster, tmp_path, monkeypatch):
     marker = tmp_path / "crashed"
     monkeypatch.setenv(FAULT_ENV, f"{marker}:1")  # entry 1's worker exits after its first batch
-    store, report = run_capture(job, tmp_path / "ray", options=EngineOptions(engine="ray", workers=2))
+    store, report = run_capture(job, tmp_path / "ray", options=EngineOptions(engine="ray", workers=1))
     assert marker.exists(), "the fault never fired: the test would not test a crash"
     crashed_pid = int(marker.read_text())
     assert _worker_pids(tmp_path / "ray")[1] != crashed_pid  # a restarted actor finished entry 1
@@ -289,6 +289,12 @@ def test_cli_engines_and_an_unreachable_address(job, tmp_path, capsys):
     assert main(["capture", "--model", job["model"], "--sites", SITES, "--out", str(tmp_path / "x"),
                  "--engine", "process"]) == 2
     assert "--engine needs --input" in capsys.readouterr().err
+    labels = tmp_path / "labels.jsonl"
+    assert main(["label", "--model", job["model"], "--input", str(job["input"]), "--output", str(labels),
+                 "--engine", "process", "--entry-tokens", "600"]) == 0
+    reference, _ = label_job(job["model"], job["input"], tmp_path / "lib.jsonl", entry_tokens=600,
+                             loaded=job["loaded"])
+    assert labels.read_bytes() == reference.read_bytes()
 
 
 def test_threads_are_fixed_from_the_plan(job, tmp_path):
