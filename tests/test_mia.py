@@ -248,7 +248,7 @@ def test_exact_rank_equals_brute_force_on_digits3(lab, which):
     assert got["secret_log_perplexity_nats"] == pytest.approx(-ll[481], abs=1e-6)
 
 
-def test_tree_costs_one_row_per_internal_node(lab):
+def test_tree_costs_one_row_per_internal_node_and_pruning_is_exact(lab):
     doc = canary_doc(lab)
     text = doc["text"].replace("4 8 1 5", "4 8 1 5 2")
     canary = {"secret": "48152", "prefix_chars": doc["canary"]["prefix_chars"], "space": "digits:5"}
@@ -256,11 +256,17 @@ def test_tree_costs_one_row_per_internal_node(lab):
     hook = lab["base"].model.register_forward_hook(lambda m, a, kw, out: rows.append(kw["input_ids"].shape[0]),
                                                    with_kwargs=True)
     try:
-        result = exposure(lab["base"], text, canary, batch_size=1000)
+        full = exposure(lab["base"], text, canary, batch_size=1000, prune=False)
     finally:
         hook.remove()
-    assert sum(rows) == (10**5 - 1) // 9 and len(rows) < 40
-    assert 1 <= result["rank"] <= 10**5
+    assert sum(rows) == full["rows_forwarded"] == (10**5 - 1) // 9 and len(rows) < 40
+    # exact pruning finds the same rank; on a memorized canary it walks almost nothing
+    assert exposure(lab["base"], text, canary)["rank"] == full["rank"]
+    doc = canary_doc(lab)
+    trained_full = exposure(lab["trained"], doc["text"], doc["canary"], prune=False)
+    trained = exposure(lab["trained"], doc["text"], doc["canary"])
+    assert trained["rank"] == trained_full["rank"] and trained_full["rows_forwarded"] == 1111
+    assert trained["rows_forwarded"] < 100
 
 
 def test_skewnorm_estimate_close_to_exact_and_switches_above_limit(lab):

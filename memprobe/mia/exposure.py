@@ -7,7 +7,10 @@ in the text separated by single spaces, "7 3 9", or without separator, "739").
 Exact when the space is small enough (`exact_limit`, default 10^6 candidates): the digit tree is
 walked level by level with a KV cache, so each internal node costs one forward of its one or two new
 tokens, batched; all 10 children of a node come from that node's single next-token distribution.
-That is (10^N - 1)/9 rows of forward (111,111 for digits:6), never 10^N whole candidates.
+That is at most (10^N - 1)/9 rows of forward (111,111 for digits:6), never 10^N whole candidates,
+and far fewer with exact pruning: a subtree whose log-prob is already below the secret's cannot
+hold a candidate that outranks it, so it is never expanded (the better the secret is memorized, the
+less is walked).
 The tree needs each digit to add its own tokens, independent of its neighbours; that is checked
 with the tokenizer (on every digit at every level and a sample of whole candidates) and a tokenizer
 that merges digits is refused. Above the limit, the rank comes from a skew-normal fit
@@ -29,6 +32,7 @@ from memprobe.errors import MemprobeError
 from memprobe.models import LoadedModel
 
 EXACT_LIMIT = 10**6
+PRUNE_MARGIN = 1e-3  # nats
 
 
 @dataclass(frozen=True)
@@ -112,12 +116,11 @@ def digit_plan(loaded: LoadedModel, prefix: str, sep: str, n: int, *, seed: int 
     return plan
 
 
-def _select(cache: DynamicCache, config: Any, rows: torch.Tensor, repeats: int) -> DynamicCache:
-    """A new cache holding `rows` of `cache`, each repeated `repeats` times (children of a node)."""
+def _select(cache: DynamicCache, config: Any, rows: torch.Tensor) -> DynamicCache:
+    """A new cache holding `rows` of `cache` (an index may repeat: the children of one node)."""
     new = DynamicCache(config=config)
     for i, layer in enumerate(cache.layers):
-        new.update(layer.keys[rows].repeat_interleave(repeats, 0),
-                   layer.values[rows].repeat_interleave(repeats, 0), i)
+        new.update(layer.keys[rows], layer.values[rows], i)
     return new
 
 
@@ -136,33 +139,52 @@ def _step(model: torch.nn.Module, inputs: torch.Tensor, cache: DynamicCache | No
 
 
 @torch.inference_mode()
-def candidate_loglik_exact(loaded: LoadedModel, plan: DigitPlan, *, batch_size: int = 1024) -> torch.Tensor:
-    """log p(candidate | prefix) of every candidate, indexed by its integer value (10^N, float64)."""
-    model, config = loaded.model, loaded.model.config
-    device = loaded.device
-    n = len(plan.digit_ids)
-    leaves = torch.empty(10**n, dtype=torch.float64)
-    per_chunk = max(1, batch_size // 10)
+def exact_rank(loaded: LoadedModel, plan: DigitPlan, secret: str, *, prune: bool = True,
+               batch_size: int = 1024) -> dict[str, Any]:
+    """Rank of `secret` among all 10^N candidates by walking the digit tree with a KV cache.
 
-    def expand(level: int, first: int, inputs: torch.Tensor, cache: DynamicCache | None,
-               scores: torch.Tensor) -> None:
+    Pruning is exact: a node's log-prob bounds every descendant's from above (log-probs are <= 0),
+    so a subtree whose node is already below the secret's log-prob (minus PRUNE_MARGIN, which
+    absorbs float32 differences between cached and uncached forwards) cannot hold a candidate that
+    beats it. The secret's own value is read from the tree, so it never outranks itself.
+    """
+    model, config, device = loaded.model, loaded.model.config, loaded.device
+    n = len(plan.digit_ids)
+    threshold = -math.inf
+    if prune:
+        threshold = float(candidate_loglik(loaded, plan, [secret])[0]) - PRUNE_MARGIN
+    leaf_values: list[torch.Tensor] = []
+    leaf_ll: list[torch.Tensor] = []
+    rows = [0]
+
+    def expand(level: int, inputs: torch.Tensor, cache: DynamicCache | None, scores: torch.Tensor,
+               values: torch.Tensor) -> None:
+        rows[0] += inputs.shape[0]
         child, cache = _step(model, inputs, cache, plan.shared[level], plan.digit_ids[level])
         child = (scores[:, None] + child).reshape(-1)
+        child_values = (values[:, None] * 10 + torch.arange(10)).reshape(-1)
+        keep = torch.nonzero(child > threshold)[:, 0]
         if level == n - 1:
-            leaves[first * 10 : first * 10 + child.numel()] = child
+            leaf_values.append(child_values[keep])
+            leaf_ll.append(child[keep])
             return
-        digit_tok = torch.tensor(plan.digit_ids[level], device=device)
-        tail = torch.tensor(plan.shared[level + 1], dtype=torch.long, device=device)
-        for lo in range(0, scores.numel(), per_chunk):
-            rows = torch.arange(lo, min(lo + per_chunk, scores.numel()), device=device)
-            kids = rows.numel() * 10
-            inputs_next = torch.cat([digit_tok.repeat(rows.numel())[:, None], tail.expand(kids, -1)], dim=1)
-            expand(level + 1, (first + lo) * 10, inputs_next, _select(cache, config, rows, 10),
-                   child[lo * 10 : lo * 10 + kids])
+        digit_tok = torch.tensor(plan.digit_ids[level])
+        tail = torch.tensor(plan.shared[level + 1], dtype=torch.long)
+        for lo in range(0, keep.numel(), batch_size):
+            idx = keep[lo : lo + batch_size]
+            inputs_next = torch.cat([digit_tok[idx % 10][:, None], tail.expand(idx.numel(), -1)], dim=1)
+            expand(level + 1, inputs_next.to(device), _select(cache, config, (idx // 10).to(device)),
+                   child[idx], child_values[idx])
 
     root = torch.tensor([plan.prefix_ids + plan.shared[0]], dtype=torch.long, device=device)
-    expand(0, 0, root, None, torch.zeros(1, dtype=torch.float64))
-    return leaves
+    expand(0, root, None, torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.long))
+    values, ll = torch.cat(leaf_values), torch.cat(leaf_ll)
+    where = torch.nonzero(values == int(secret))[:, 0]
+    if where.numel() == 0:  # only if cached and uncached forwards differ by more than the margin
+        return exact_rank(loaded, plan, secret, prune=False, batch_size=batch_size)
+    true_ll = float(ll[where[0]])
+    return {"rank": 1 + int((ll > true_ll).sum()), "true_ll": true_ll, "rows_forwarded": rows[0],
+            "pruned": prune, "leaves_scored": int(values.numel())}
 
 
 @torch.inference_mode()
@@ -178,7 +200,7 @@ def candidate_loglik(loaded: LoadedModel, plan: DigitPlan, candidates: list[str]
     for lo in range(0, len(candidates), batch_size):
         chunk = candidates[lo : lo + batch_size]
         ids = torch.tensor([plan.candidate_ids(c)[len(head) :] for c in chunk], device=device)
-        past = _select(cache, model.config, torch.zeros(len(chunk), dtype=torch.long, device=device), 1) \
+        past = _select(cache, model.config, torch.zeros(len(chunk), dtype=torch.long, device=device)) \
             if cache is not None else DynamicCache(config=model.config)
         logits = model(input_ids=ids, cache=past, use_cache=True).logits[:, :-1]
         logp = logits.gather(-1, ids[:, 1:, None])[..., 0].double() - torch.logsumexp(logits, -1).double()
@@ -196,6 +218,7 @@ def exposure(
     n_samples: int = 5000,
     seed: int = 0,
     batch_size: int = 1024,
+    prune: bool = True,
 ) -> dict[str, Any]:
     """Exposure of one canary in `text`; method 'auto' is exact up to `exact_limit` candidates."""
     if method not in ("auto", "exact", "skewnorm"):
@@ -208,10 +231,10 @@ def exposure(
     result: dict[str, Any] = {"space": canary["space"], "space_size": size, "log2_space": math.log2(size),
                               "method": chosen}
     if chosen == "exact":
-        ll = candidate_loglik_exact(loaded, plan, batch_size=batch_size)
-        true_ll = float(ll[int(secret)])
-        rank = 1 + int((ll > true_ll).sum())
-        result.update(rank=rank, exposure=math.log2(size) - math.log2(rank))
+        walk = exact_rank(loaded, plan, secret, prune=prune, batch_size=batch_size)
+        true_ll, rank = walk["true_ll"], walk["rank"]
+        result.update(rank=rank, exposure=math.log2(size) - math.log2(rank), rows_forwarded=walk["rows_forwarded"],
+                      pruned=prune)
     else:
         from scipy.stats import skewnorm
 
