@@ -80,7 +80,7 @@ def run_job(job_dir: str | Path, make_plan: Callable[[], dict[str, Any]], merge:
     job_dir = Path(job_dir)
     started = time.perf_counter()
     plan = make_plan()
-    _check_job_dir(job_dir)
+    check_job_dir(job_dir)
     write_plan(job_dir, plan)
     report = JobReport()
     url = plan.get("publish")
@@ -134,7 +134,7 @@ def record_run(job_dir: Path, report: JobReport, engine: str) -> Path:
     })
 
 
-def _check_job_dir(job_dir: Path) -> None:
+def check_job_dir(job_dir: Path) -> None:
     """Refuse a directory that holds something other than this kind of job (e.g. a plain capture)."""
     if job_dir.exists() and not job_dir.is_dir():
         raise MemprobeError(f"{job_dir} is a file, not a directory; choose another output directory")

@@ -41,8 +41,8 @@ def _shared(dist, rank: int, make: Callable[[], Any]) -> Any:
     if rank == 0:
         try:
             box = [("ok", make())]
-        except MemprobeError as exc:
-            box = [("error", str(exc))]
+        except Exception as exc:  # any error: the other ranks must not wait for rank 0 forever
+            box = [("error", str(exc) if isinstance(exc, MemprobeError) else f"{type(exc).__name__}: {exc}")]
     dist.broadcast_object_list(box, src=0)
     kind, value = box[0]
     if kind == "error":
@@ -56,7 +56,7 @@ def run_ranks(job_dir: str | Path, make_plan: Callable[[], dict[str, Any]], merg
     import torch
     import torch.distributed as dist
 
-    from memprobe.distributed.job import JobReport, _check_job_dir, record_run
+    from memprobe.distributed.job import JobReport, check_job_dir, record_run
     from memprobe.distributed.merge import unfinished
     from memprobe.distributed.plan import read_plan, write_plan
     from memprobe.distributed.shard import attempts_file, run_entry
@@ -70,7 +70,7 @@ def run_ranks(job_dir: str | Path, make_plan: Callable[[], dict[str, Any]], merg
     try:
         def plan_and_todo() -> tuple[bool, list[int]]:
             plan = make_plan()
-            _check_job_dir(job_dir)
+            check_job_dir(job_dir)
             write_plan(job_dir, plan)
             if already_merged(plan):
                 return True, []
@@ -84,8 +84,8 @@ def run_ranks(job_dir: str | Path, make_plan: Callable[[], dict[str, Any]], merg
         mine = todo[rank::world]
         try:
             outcome: Any = ("ok", [run_entry(job_dir, plan, i) for i in mine])
-        except MemprobeError as exc:
-            outcome = ("error", f"rank {rank}: {exc}")
+        except Exception as exc:  # reported through the gather, so no rank waits at it forever
+            outcome = ("error", f"rank {rank}: {exc if isinstance(exc, MemprobeError) else repr(exc)}")
         outcomes: list[Any] = [None] * world if rank == 0 else None
         dist.gather_object(outcome, outcomes, dst=0)
 
