@@ -180,3 +180,20 @@ def test_model_samples_are_the_same_at_batch_size_1_and_5():
     full = _model_samples(loaded, seed=3, batch_size=16)  # a short corpus is a prefix of the full one
     assert len(full) == len(SAMPLE_PROMPTS) * SAMPLES_PER_PROMPT
     assert [d["text"] for d in full[: len(one)]] == [d["text"] for d in one]
+
+
+def test_token_stats_with_masked_vocabulary_match_float64():
+    """Logits of -inf (a masked vocabulary entry) have p = 0: finite stats, equal to float64 ones."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(40, 3000, generator=g) * 4
+    logits[:, :100] = float("-inf")
+    targets = torch.randint(100, 3000, (40,), generator=g)
+    s = next_token_stats(logits, targets)
+    logp = torch.log_softmax(logits.double(), -1)
+    p = logp.exp()
+    plogp = torch.where(p > 0, p * logp, 0)
+    mu = plogp.sum(-1)
+    sigma = torch.where(p > 0, p * (logp - mu[:, None]) ** 2, 0).sum(-1).sqrt()
+    torch.testing.assert_close(s.entropy.double(), -mu, rtol=0, atol=1e-5)
+    torch.testing.assert_close(s.logprob_std.double(), sigma, rtol=0, atol=1e-5)
+    torch.testing.assert_close(s.target_logprob.double(), logp.gather(-1, targets[:, None])[:, 0], rtol=0, atol=1e-5)
