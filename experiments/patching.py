@@ -22,7 +22,6 @@ import torch
 from memprobe.corpora import bundled_corpus
 from memprobe.intervene.patching import SITE_KINDS, activation_patching, corrupt_prefix
 from memprobe.models import load_model
-from memprobe.plots import save_figure
 from memprobe.results import experiment_parser, save_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,8 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         agreement[backend] = max(float(np.nanmax(np.abs(other.effects[k][check_layers] - result.effects[k][check_layers])))
                                  for k in SITE_KINDS)
     tag = "_quick" if args.quick else ""
-    fig = result.plot(f"{first.name}: patching clean '{first.decode(clean)[:40]}...' -> memorized {first.decode([target])!r}")
-    save_figure(fig, args.figures / f"intervene_patching{tag}.png", script="experiments/patching.py")
+    result.plot(args.figures / f"intervene_patching{tag}.png", script="experiments/patching.py",
+                title=f"{first.name}: patching clean '{first.decode(clean)[:40]}...' -> memorized "
+                      f"{first.decode([target])!r}")
     save_results(args.out / f"patching{tag}.json",
                  {"model": first.info, **result.to_dict(), "corrupt_tokens": [first.decode([t]) for t in corrupt],
                   "backend_max_abs_diff": agreement, "checked_layers": check_layers,

@@ -116,8 +116,10 @@ def test_sweep_cross_validation_matches_per_fold_probes(tiny_store):
     y = (store.rows.token_id.numpy() % 2).astype(int)  # a label the features can partly decode
     folds = store.rows.doc_index.numpy() % 3
     sweep = ProbeSweep(alpha=0.1, tol=1e-9, max_iter=500, progress=False)
-    oof, shuffled, _ = sweep.cross_validate(store, rows, y, folds, n_shuffled=1)
-    assert set(oof) == set(store.sites)
+    cv = sweep.cross_validate(store, rows, y, folds, n_shuffled=1)
+    oof, shuffled = cv.oof, cv.shuffled
+    assert set(oof) == set(store.sites) and cv.n_folds == 3
+    assert cv.to_dict()["auc"] == {s: cv.auc(s) for s in store.sites}
     for site in store.sites:
         X = read_rows(store, site, rows).double().numpy()
         expect = np.empty(len(y))

@@ -26,13 +26,16 @@ from memprobe.backends.torch_hooks import HookPoint, resolve_module
 from memprobe.errors import MemprobeError
 from memprobe.models import LoadedModel
 from memprobe.sites import hook_point
+from memprobe.studies.result import Result
 
 SITE_KINDS = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out")
 
 
 @dataclass
-class PatchingResult:
-    """Restored fraction of the memorized logit difference, per site kind: (n_layers, n_positions)."""
+class PatchingResult(Result):
+    """Restored fraction of the memorized logit difference, per site kind: (n_layers, n_positions).
+
+    A study result (memprobe.studies.result): `to_dict`, `save(path)`, `plot(path, title=...)`."""
 
     effects: dict[str, np.ndarray]
     clean_ld: float
@@ -47,7 +50,7 @@ class PatchingResult:
                 "corrupt_ld": self.corrupt_ld, "target_token": self.target_token, "foil_token": self.foil_token,
                 "tokens": self.tokens, "backend": self.backend}
 
-    def plot(self, title: str = ""):
+    def figure(self, title: str = "") -> Any:
         import matplotlib.pyplot as plt
 
         kinds = list(self.effects)

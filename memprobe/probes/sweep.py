@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from memprobe.errors import MemprobeError
 from memprobe.probes.estimators import LogisticProbe, fit_logistic_batch
+from memprobe.probes.evaluate import CrossValidation, cross_validate
 from memprobe.probes.features import read_rows
 
 
@@ -94,39 +95,10 @@ class ProbeSweep:
     def cross_validate(self, store: Any, rows: np.ndarray, y: np.ndarray, folds: np.ndarray, *,
                        sites: Sequence[str] | None = None, n_shuffled: int = 1, seed: int = 0,
                        trainable: np.ndarray | None = None, doc_start: np.ndarray | None = None,
-                       ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], SweepFit]:
-        """Out-of-fold scores per site: each row is scored by the probe of the fold that left it out.
-
-        Rows outside `trainable` (default: all) are never trained on but still scored. Also returns
-        the same for probes trained on shuffled labels (labels permuted among each fold's training
-        rows, `n_shuffled` times; scores averaged), the chance-level control.
-        """
-        y, folds = np.asarray(y), np.asarray(folds)
-        trainable = np.ones(len(y), dtype=bool) if trainable is None else np.asarray(trainable, dtype=bool)
-        fold_ids = np.unique(folds)
-        rng = np.random.default_rng(seed)
-        targets, weights = [], []
-        for rep in range(1 + n_shuffled):
-            for f in fold_ids:
-                train = (folds != f) & trainable
-                t = y.astype(np.float64).copy()
-                if rep:
-                    t[train] = rng.permutation(t[train])
-                targets.append(t)
-                weights.append(balanced_weights(t.astype(int), train))
-        fit = self.run(store, rows, np.stack(targets), np.stack(weights), sites, doc_start)
-        n_f = len(fold_ids)
-        oof, shuffled = {}, {}
-        for site, s in fit.scores.items():
-            real = np.empty(len(y))
-            fake = np.zeros(len(y))
-            for i, f in enumerate(fold_ids):
-                held = folds == f
-                real[held] = s[i, held]
-                for rep in range(1, 1 + n_shuffled):
-                    fake[held] += s[rep * n_f + i, held] / n_shuffled
-            oof[site], shuffled[site] = real, fake
-        return oof, shuffled, fit
+                       ) -> CrossValidation:
+        """Out-of-fold scores per site and the shuffled-label control (memprobe.probes.evaluate)."""
+        return cross_validate(self, store, rows, y, folds, sites=sites, n_shuffled=n_shuffled, seed=seed,
+                              trainable=trainable, doc_start=doc_start)
 
     def fit(self, store: Any, rows: np.ndarray, y: np.ndarray, sites: Sequence[str] | None = None,
             doc_start: np.ndarray | None = None) -> dict[str, LogisticProbe]:
