@@ -196,7 +196,7 @@ def continue_tokens(
     rows = [[int(t) for t in p] for p in (prefixes.tolist() if isinstance(prefixes, torch.Tensor) else prefixes)]
     if any(not r for r in rows):
         raise MemprobeError("continue_tokens: every prefix needs at least one token")
-    generators = _row_generators(generator, len(rows), temperature)
+    generators = _row_generators(generator, len(rows))
     if not rows or steps == 0:
         return torch.zeros((len(rows), 0), dtype=torch.long)
     device = _device(model)
@@ -213,13 +213,14 @@ def continue_tokens(
         nxt = last.argmax(-1) if temperature == 0 else _sample(last / temperature, generators).to(device)
         chosen.append(nxt)
         inputs = nxt[:, None]
-        mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
-        position = position[:, -1:] + 1
+        if padded:  # the new token is real in every row, one position further on
+            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
+            position = position[:, -1:] + 1
     return torch.stack(chosen, dim=1).cpu()
 
 
-def _row_generators(generator: torch.Generator | Sequence[torch.Generator] | None, n_rows: int,
-                    temperature: float) -> torch.Generator | list[torch.Generator] | None:
+def _row_generators(generator: torch.Generator | Sequence[torch.Generator] | None,
+                    n_rows: int) -> torch.Generator | list[torch.Generator] | None:
     if generator is None or isinstance(generator, torch.Generator):
         return generator
     generators = list(generator)
