@@ -5,8 +5,9 @@ prefix is STRICTLY lower than the true secret's. Spaces are `digits:N` (secrets 
 in the text separated by single spaces, "7 3 9", or without separator, "739").
 
 Exact when the space is small enough (`exact_limit`, default 10^6 candidates): the digit tree is
-walked level by level with a KV cache, so each internal node costs one forward of its one or two new
-tokens, batched; all 10 children of a node come from that node's single next-token distribution.
+walked with a KV cache in batches of up to `batch_size` nodes (depth first over those batches, so
+memory stays bounded); each internal node costs one forward row of its one or two new tokens, and all
+10 children of a node come from that row's next-token distribution.
 That is at most (10^N - 1)/9 rows of forward (111,111 for digits:6), never 10^N whole candidates,
 and far fewer with exact pruning: a subtree whose log-prob is already below the secret's cannot
 hold a candidate that outranks it, so it is never expanded (the better the secret is memorized, the
@@ -21,6 +22,7 @@ result says which was used.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,21 +140,19 @@ def _step(model: torch.nn.Module, inputs: torch.Tensor, cache: DynamicCache | No
     return (shared_lp[:, None] + digits).cpu(), out.cache
 
 
-@torch.inference_mode()
-def exact_rank(loaded: LoadedModel, plan: DigitPlan, secret: str, *, prune: bool = True,
-               batch_size: int = 1024) -> dict[str, Any]:
-    """Rank of `secret` among all 10^N candidates by walking the digit tree with a KV cache.
+Keep = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
-    Pruning is exact: a node's log-prob bounds every descendant's from above (log-probs are <= 0),
-    so a subtree whose node is already below the secret's log-prob (minus PRUNE_MARGIN, which
-    absorbs float32 differences between cached and uncached forwards) cannot hold a candidate that
-    beats it. The secret's own value is read from the tree, so it never outranks itself.
+
+@torch.inference_mode()
+def walk_tree(loaded: LoadedModel, plan: DigitPlan, keep: Keep, *,
+              batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(values, log-probs, forward rows) of the leaves reached when only nodes `keep` allows expand.
+
+    `keep(level, child_values, child_logprobs)` gives a boolean mask of the children to go on with
+    (at the last level: the leaves to return). Values are the candidates' integers.
     """
     model, config, device = loaded.model, loaded.model.config, loaded.device
     n = len(plan.digit_ids)
-    threshold = -math.inf
-    if prune:
-        threshold = float(candidate_loglik(loaded, plan, [secret])[0]) - PRUNE_MARGIN
     leaf_values: list[torch.Tensor] = []
     leaf_ll: list[torch.Tensor] = []
     rows = [0]
@@ -163,49 +163,58 @@ def exact_rank(loaded: LoadedModel, plan: DigitPlan, secret: str, *, prune: bool
         child, cache = _step(model, inputs, cache, plan.shared[level], plan.digit_ids[level])
         child = (scores[:, None] + child).reshape(-1)
         child_values = (values[:, None] * 10 + torch.arange(10)).reshape(-1)
-        keep = torch.nonzero(child > threshold)[:, 0]
+        kept = torch.nonzero(keep(level, child_values, child))[:, 0]
         if level == n - 1:
-            leaf_values.append(child_values[keep])
-            leaf_ll.append(child[keep])
+            leaf_values.append(child_values[kept])
+            leaf_ll.append(child[kept])
             return
         digit_tok = torch.tensor(plan.digit_ids[level])
         tail = torch.tensor(plan.shared[level + 1], dtype=torch.long)
-        for lo in range(0, keep.numel(), batch_size):
-            idx = keep[lo : lo + batch_size]
+        for lo in range(0, kept.numel(), batch_size):
+            idx = kept[lo : lo + batch_size]
             inputs_next = torch.cat([digit_tok[idx % 10][:, None], tail.expand(idx.numel(), -1)], dim=1)
             expand(level + 1, inputs_next.to(device), _select(cache, config, (idx // 10).to(device)),
                    child[idx], child_values[idx])
 
     root = torch.tensor([plan.prefix_ids + plan.shared[0]], dtype=torch.long, device=device)
     expand(0, root, None, torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.long))
-    values, ll = torch.cat(leaf_values), torch.cat(leaf_ll)
+    return torch.cat(leaf_values), torch.cat(leaf_ll), rows[0]
+
+
+def candidate_loglik(loaded: LoadedModel, plan: DigitPlan, candidates: list[str], *,
+                     batch_size: int = 1024) -> tuple[np.ndarray, int]:
+    """(log p(candidate | prefix) per candidate, forward rows): the walk restricted to their prefixes,
+    so candidates that share leading digits share those forwards."""
+    n = len(plan.digit_ids)
+    wanted = torch.tensor([int(c) for c in candidates], dtype=torch.long)
+    prefixes = [torch.unique(wanted // 10 ** (n - 1 - level)) for level in range(n)]
+    values, ll, rows = walk_tree(loaded, plan, lambda level, v, _: torch.isin(v, prefixes[level]),
+                                 batch_size=batch_size)
+    order = torch.argsort(values)
+    at = torch.searchsorted(values[order], wanted)
+    return ll[order][at].numpy(), rows
+
+
+def exact_rank(loaded: LoadedModel, plan: DigitPlan, secret: str, *, prune: bool = True,
+               batch_size: int = 1024) -> dict[str, Any]:
+    """Rank of `secret` among all 10^N candidates, walking the digit tree.
+
+    Pruning is exact: a node's log-prob bounds every descendant's from above (log-probs are <= 0),
+    so a subtree whose node is already below the secret's log-prob (minus PRUNE_MARGIN, which
+    absorbs float32 differences between batch compositions) cannot hold a candidate that beats it.
+    The secret's own value is read from the same walk, so it never outranks itself.
+    """
+    threshold, rows = -math.inf, 0
+    if prune:
+        secret_ll, rows = candidate_loglik(loaded, plan, [secret], batch_size=batch_size)
+        threshold = float(secret_ll[0]) - PRUNE_MARGIN
+    values, ll, walked = walk_tree(loaded, plan, lambda level, v, lp: lp > threshold, batch_size=batch_size)
     where = torch.nonzero(values == int(secret))[:, 0]
-    if where.numel() == 0:  # only if cached and uncached forwards differ by more than the margin
+    if where.numel() == 0:  # only if batch compositions changed a log-prob by more than the margin
         return exact_rank(loaded, plan, secret, prune=False, batch_size=batch_size)
     true_ll = float(ll[where[0]])
-    return {"rank": 1 + int((ll > true_ll).sum()), "true_ll": true_ll, "rows_forwarded": rows[0],
-            "pruned": prune, "leaves_scored": int(values.numel())}
-
-
-@torch.inference_mode()
-def candidate_loglik(loaded: LoadedModel, plan: DigitPlan, candidates: list[str], *,
-                     batch_size: int = 256) -> np.ndarray:
-    """log p(candidate | prefix) of the given candidates: the prefix cached once, then batched."""
-    model, device = loaded.model, loaded.device
-    head = plan.prefix_ids[:-1]
-    cache = None
-    if head:
-        cache = model(input_ids=torch.tensor([head], device=device), use_cache=True).cache
-    out = np.empty(len(candidates))
-    for lo in range(0, len(candidates), batch_size):
-        chunk = candidates[lo : lo + batch_size]
-        ids = torch.tensor([plan.candidate_ids(c)[len(head) :] for c in chunk], device=device)
-        past = _select(cache, model.config, torch.zeros(len(chunk), dtype=torch.long, device=device)) \
-            if cache is not None else DynamicCache(config=model.config)
-        logits = model(input_ids=ids, cache=past, use_cache=True).logits[:, :-1]
-        logp = logits.gather(-1, ids[:, 1:, None])[..., 0].double() - torch.logsumexp(logits, -1).double()
-        out[lo : lo + len(chunk)] = logp.sum(-1).cpu().numpy()
-    return out
+    return {"rank": 1 + int((ll > true_ll).sum()), "true_ll": true_ll, "rows_forwarded": rows + walked,
+            "pruned": prune}
 
 
 def exposure(
@@ -240,8 +249,9 @@ def exposure(
 
         rng = np.random.default_rng(seed)
         sample = [f"{v:0{n}d}" for v in rng.integers(0, size, n_samples)]
-        ll = candidate_loglik(loaded, plan, [secret, *sample], batch_size=min(batch_size, 256))
+        ll, rows = candidate_loglik(loaded, plan, [secret, *sample], batch_size=batch_size)
         true_ll, perplexities = ll[0], -ll[1:]
+        result["rows_forwarded"] = rows
         a, loc, scale = skewnorm.fit(perplexities)
         below = float(skewnorm.cdf(-true_ll, a, loc, scale))  # share of candidates with lower perplexity
         rank = min(float(size), max(1.0, 1.0 + size * below))
