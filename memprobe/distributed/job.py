@@ -79,13 +79,13 @@ def run_job(job_dir: str | Path, make_plan: Callable[[], dict[str, Any]], merge:
         return run_ranks(job_dir, make_plan, merge, already_merged=already_merged)
     job_dir = Path(job_dir)
     started = time.perf_counter()
-    plan = make_plan()
     check_job_dir(job_dir)
+    plan = make_plan()
     write_plan(job_dir, plan)
     report = JobReport()
     url = plan.get("publish")
     if url:
-        _fetch_published(job_dir, plan, url)
+        fetch_published(job_dir, plan, url)
     if already_merged(plan):
         report.skipped = [e["index"] for e in plan["entries"]]
         return merge(plan), report
@@ -103,7 +103,7 @@ def run_job(job_dir: str | Path, make_plan: Callable[[], dict[str, Any]], merge:
     return result, report
 
 
-def _fetch_published(job_dir: Path, plan: dict[str, Any], url: str) -> None:
+def fetch_published(job_dir: Path, plan: dict[str, Any], url: str) -> None:
     """Bring back what an earlier run published: the merged store, else each finished part."""
     if published(url) is not None:
         remote_plan = json.loads(read_published(url, PLAN_FILE))

@@ -56,9 +56,10 @@ def run_ranks(job_dir: str | Path, make_plan: Callable[[], dict[str, Any]], merg
     import torch
     import torch.distributed as dist
 
-    from memprobe.distributed.job import JobReport, check_job_dir, record_run
+    from memprobe.distributed.job import JobReport, check_job_dir, fetch_published, record_run
     from memprobe.distributed.merge import unfinished
     from memprobe.distributed.plan import read_plan, write_plan
+    from memprobe.distributed.remote import publish
     from memprobe.distributed.shard import attempts_file, run_entry
 
     rank, world = rank_and_world()
@@ -69,9 +70,11 @@ def run_ranks(job_dir: str | Path, make_plan: Callable[[], dict[str, Any]], merg
     dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
     try:
         def plan_and_todo() -> tuple[bool, list[int]]:
-            plan = make_plan()
             check_job_dir(job_dir)
+            plan = make_plan()
             write_plan(job_dir, plan)
+            if plan.get("publish"):
+                fetch_published(job_dir, plan, plan["publish"])
             if already_merged(plan):
                 return True, []
             todo = unfinished(job_dir, plan)
@@ -102,6 +105,8 @@ def run_ranks(job_dir: str | Path, make_plan: Callable[[], dict[str, Any]], merg
             report.seconds = time.perf_counter() - started
             if not merged:
                 record_run(job_dir, report, f"torchrun x{world}")
+                if plan.get("publish"):
+                    publish(job_dir, plan["publish"])
             return report
 
         report = _shared(dist, rank, finish)
