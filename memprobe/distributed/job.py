@@ -117,6 +117,12 @@ def fetch_published(job_dir: Path, plan: dict[str, Any], url: str) -> None:
             fetch(part_url(url, i), part_dir(job_dir, i))
 
 
+def model_for_workers(model_ref: str) -> str:
+    """A local model path made absolute (workers run in other directories); names stay names."""
+    path = Path(model_ref)
+    return str(path.absolute()) if path.exists() and not path.is_absolute() else model_ref
+
+
 def work_dir_for(url: str) -> Path:
     """The local directory a job publishing to `url` works in, unless the caller names one."""
     import hashlib
@@ -157,6 +163,7 @@ def capture_job(model_ref: str, input_path: str | Path, sites: str | list[str], 
     publishes each finished part and finally the merged store there, and returns the local store.
     """
     options = options or EngineOptions()
+    model_ref = model_for_workers(model_ref)
     url = str(out) if is_url(out) else None
     out = Path(work_dir) if work_dir else work_dir_for(url) if url else Path(out)
 
@@ -196,6 +203,7 @@ def records_job(task: str, model_ref: str, input_path: str | Path, output: str |
                 loaded: LoadedModel | None = None):
     """A per-document task whose records are merged into one JSONL at `output`, in input order."""
     options = options or EngineOptions()
+    model_ref = model_for_workers(model_ref)
     if is_url(output):
         raise MemprobeError(f"{task} output {output} is a URL: per-document outputs are written to local paths only")
     output = Path(output)
