@@ -250,21 +250,20 @@ def test_exact_rank_equals_brute_force_on_digits3(lab, which):
 
 def test_tree_costs_one_row_per_internal_node_and_pruning_is_exact(lab):
     doc = canary_doc(lab)
-    text = doc["text"].replace("4 8 1 5", "4 8 1 5 2")
-    canary = {"secret": "48152", "prefix_chars": doc["canary"]["prefix_chars"], "space": "digits:5"}
+    text, canary = doc["text"], doc["canary"]  # digits:4
     rows = []
     hook = lab["base"].model.register_forward_hook(lambda m, a, kw, out: rows.append(kw["input_ids"].shape[0]),
                                                    with_kwargs=True)
     try:
-        full = exposure(lab["base"], text, canary, batch_size=1000, prune=False)
+        full = exposure(lab["base"], text, canary, batch_size=100, prune=False)
     finally:
         hook.remove()
-    assert sum(rows) == full["rows_forwarded"] == (10**5 - 1) // 9 and len(rows) < 40
+    assert sum(rows) == full["rows_forwarded"] == (10**4 - 1) // 9  # one row per internal node
+    assert len(rows) == 1 + 1 + 1 + 10  # root, its 10 children, their 100, then 1000 in batches of 100
     # exact pruning finds the same rank; on a memorized canary it walks almost nothing
     assert exposure(lab["base"], text, canary)["rank"] == full["rank"]
-    doc = canary_doc(lab)
-    trained_full = exposure(lab["trained"], doc["text"], doc["canary"], prune=False)
-    trained = exposure(lab["trained"], doc["text"], doc["canary"])
+    trained_full = exposure(lab["trained"], text, canary, prune=False)
+    trained = exposure(lab["trained"], text, canary)
     assert trained["rank"] == trained_full["rank"] and trained_full["rows_forwarded"] == 1111
     assert trained["rows_forwarded"] < 100
 
