@@ -19,8 +19,6 @@ mode counts every token as confident-correct: it checks the plumbing, not the sc
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -28,108 +26,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from memprobe.capture import capture
-from memprobe.corpora import bundled_corpus
-from memprobe.jsonl import read_jsonl, write_jsonl
-from memprobe.labels import label_documents
-from memprobe.memdata import (
-    CONTROL,
-    MEMORIZED,
-    REPETITION,
-    TokenSet,
-    build_token_set,
-    genre_split,
-    group_folds,
-)
+from memprobe.memdata import CONTROL, MEMORIZED, REPETITION, TokenSet, genre_split
 from memprobe.metrics import roc_auc, roc_curve
-from memprobe.models import load_model
 from memprobe.plots import heatmap, roc_curves, save_figure
-from memprobe.probes import (
-    LogisticProbe,
-    ProbeSweep,
-    detection,
-    read_rows,
-    save_directions,
-    save_probe,
-)
-from memprobe.probes.artefact import DEFAULT_WINDOW, FEATURE_OFFSET, default_probe_dir
+from memprobe.probes import LogisticProbe, ProbeSweep, detection, read_rows
+from memprobe.probes.artefact import DEFAULT_WINDOW
 from memprobe.probes.sweep import balanced_weights
 from memprobe.results import save_results
 from memprobe.sites import layer_of, site_kind
+from memprobe.studies.cache import StepCache
+from memprobe.studies.probe_data import SITES, prepare_probe_data
+from memprobe.studies.probe_sweep import ProbeSweepConfig, cached_cross_validation, run_probe_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
-SITES = "blocks.*.hook_resid_post,blocks.*.mlp.hook_post"
 TRAIN_GENRES = ("legal", "technical", "filler")  # licences, notices, Python's texts, lorem ipsum: cross-genre train side
 K_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 N_FOLDS, ALPHA, MAX_ITER = 5, 1e-2, 150
-
-
-def _digest(payload: Any) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def prepare(model: str, cache: Path, *, quick: bool, seed: int, max_words: int) -> tuple[Any, list[dict], TokenSet, Any]:
-    """Corpus, labels, token set and activation store, each cached (keyed by its inputs)."""
-    loaded = load_model(model)
-    cache.mkdir(parents=True, exist_ok=True)
-    docs_file = cache / f"docs-seed{seed}.jsonl"
-    if docs_file.exists():
-        docs = read_jsonl(docs_file)
-    else:
-        docs = bundled_corpus(loaded, seed=seed)
-        if quick:
-            docs = [d for d in docs if d["kind"] in ("licence", "speech", "literature", "model-sample", "formulaic",
-                                                     "repetition")][::3]
-        docs = [_shorten(d, max_words) for d in docs]
-        write_jsonl(docs_file, docs)
-    labels_file = cache / f"labels-{_digest([loaded.info.get('sha256'), [(d['id'], d['text']) for d in docs]])}.jsonl"
-    if labels_file.exists():
-        records = read_jsonl(labels_file)
-    else:
-        records = label_documents(loaded, docs, progress=True)
-        write_jsonl(labels_file, records)
-    if quick:  # a random model is confident about nothing: treat every token as confident-correct
-        records = [{**r, "memorized": [False] + [True] * (r["n_tokens"] - 1), "memorized_fraction": 1.0}
-                   for r in records]
-    tokens = build_token_set(records)
-    used = set(tokens.doc_id.tolist())
-    store = capture(loaded, [d for d in docs if d["id"] in used], SITES, cache / "store", dtype="bfloat16",
-                    batch_tokens=1024)
-    return loaded, records, tokens, store
-
-
-def _shorten(doc: dict, max_words: int) -> dict:
-    """Keep the first `max_words` words (at a line or word end); documents with a span stay whole."""
-    if doc.get("span") is not None or len(doc["text"].split()) <= max_words:
-        return doc
-    cut, words = 0, 0
-    for i, ch in enumerate(doc["text"]):
-        if ch.isspace() and i and not doc["text"][i - 1].isspace():
-            words += 1
-            if words == max_words:
-                cut = i
-                break
-    return {**doc, "text": doc["text"][:cut], "shortened_to_words": max_words}
-
-
-def cached_cv(cache: Path, sweep: ProbeSweep, store: Any, rows: np.ndarray, y: np.ndarray, folds: np.ndarray,
-              **kwargs: Any) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """sweep.cross_validate, saved under `cache` keyed by its inputs, so a rerun skips the sweep."""
-    mask = kwargs.get("trainable")
-    window = [] if sweep.window == 1 else [sweep.window]  # window-1 sweeps keep their earlier cache key
-    key = _digest([rows.tolist(), y.tolist(), folds.tolist(), None if mask is None else mask.tolist(), sweep.alpha,
-                   sweep.max_iter, {k: v for k, v in kwargs.items() if k not in ("trainable", "doc_start")},
-                   *window])
-    path = cache / f"sweep-{key}.npz"
-    if path.exists():
-        z = np.load(path)
-        sites = [k.removeprefix("oof/") for k in z.files if k.startswith("oof/")]
-        return ({s: z[f"oof/{s}"] for s in sites}, {s: z[f"shuffled/{s}"] for s in sites},
-                {s: z[f"coef/{s}"] for s in sites})
-    oof, shuffled, fit = sweep.cross_validate(store, rows, y, folds, **kwargs)
-    np.savez(path, **{f"oof/{s}": v for s, v in oof.items()}, **{f"shuffled/{s}": v for s, v in shuffled.items()},
-             **{f"coef/{s}": v for s, v in fit.standardized_coef.items()})
-    return oof, shuffled, fit.standardized_coef
 
 
 def site_table(sites: list[str], values: dict[str, float]) -> tuple[list[str], list[int], np.ndarray]:
@@ -162,37 +74,38 @@ def sparse_curve(store: Any, site: str, rows: np.ndarray, y: np.ndarray, folds: 
     return out
 
 
+def study_config(args: argparse.Namespace) -> ProbeSweepConfig:
+    """The full evaluation: 5 folds, document-bootstrap intervals, top neurons at the best site."""
+    return ProbeSweepConfig(window=args.window, n_folds=N_FOLDS, seed=args.seed, alpha=ALPHA, max_iter=MAX_ITER,
+                            n_shuffled=1, n_boot=50 if args.quick else args.n_boot, top_neurons=20)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     t0 = time.time()
-    loaded, records, tokens, store = prepare(args.model, args.cache, quick=args.quick, seed=args.seed,
-                                             max_words=args.max_words)
-    n_boot = 50 if args.quick else args.n_boot
-    rows = tokens.store_rows(store, FEATURE_OFFSET)
-    doc_start = tokens.store_doc_starts(store)
-    y = tokens.label
+    data = prepare_probe_data(args.model, args.cache, quick=args.quick, seed=args.seed, max_words=args.max_words)
+    loaded, tokens, store = data.loaded, data.tokens, data.store
+    cache = StepCache(args.cache)
+    config = study_config(args)
+    study = run_probe_sweep(store, tokens, config, cache=cache)
+    if study.status != "ok":
+        raise SystemExit(f"probe sweep skipped: {study.reason}")
+    n_boot = config.n_boot
+    rows, doc_start, y, folds = study.rows, study.doc_start, tokens.label, study.cv.folds
     is_rep = tokens.category == REPETITION
-    main_mask = ~is_rep  # memorized vs confident controls
-    folds = group_folds(tokens.group, y, n_folds=N_FOLDS, seed=args.seed)
-    sweep = ProbeSweep(alpha=ALPHA, max_iter=MAX_ITER, progress=True, window=args.window)
-    oof, shuffled, fold_coef = cached_cv(args.cache, sweep, store, rows, y, folds, n_shuffled=1, seed=args.seed,
-                                         trainable=main_mask, doc_start=doc_start)
-    sites = [s for s in store.sites if s in oof]
-    per_site = {}
-    for s in sites:
-        per_site[s] = {
-            "probe": detection(oof[s][main_mask], y[main_mask], tokens.doc_id[main_mask], n_boot=n_boot, seed=args.seed),
-            "shuffled_labels_probe": detection(shuffled[s][main_mask], y[main_mask], tokens.doc_id[main_mask], n_boot=0),
-        }
-    best = max(sites, key=lambda s: per_site[s]["probe"]["roc_auc"])
-    baselines = baselines_block(tokens, main_mask, y, n_boot, args.seed)
+    main_mask = study.main  # memorized vs confident controls
+    sweep = config.sweep()
+    oof = study.cv.oof
+    sites = list(study.per_site)
+    per_site, best = study.per_site, study.best_site
+    baselines = study.baselines
 
     # Slonski's per-token probe (one position, window 1) beside the windowed one, same folds and tokens
     per_token = {}
     if args.window != 1:
         single = ProbeSweep(alpha=ALPHA, max_iter=MAX_ITER, progress=True)
-        oof1, _, _ = cached_cv(args.cache, single, store, rows, y, folds, n_shuffled=1, seed=args.seed,
-                               trainable=main_mask)
+        oof1 = cached_cross_validation(cache, "per-token probe sweep", single, store, rows, y, folds, n_shuffled=1,
+                                       seed=args.seed, trainable=main_mask).oof
         auc1 = {s: roc_auc(oof1[s][main_mask], y[main_mask]) for s in sites}
         best1 = max(sites, key=auc1.__getitem__)
         per_token = {"best_site": best1, "auc_per_site": auc1, "at_best_site": detection(
@@ -225,8 +138,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "baselines_memorized_vs_repetition_auc": {n: roc_auc(v[rep_mask], y[rep_mask]) for n, v in tokens.baselines().items()},
         }
         # can a probe tell them apart when trained to? memorized (1) vs repetition (0), same folds
-        rep_oof, _, _ = cached_cv(args.cache, sweep, store, rows, y, folds, n_shuffled=0, seed=args.seed,
-                                  trainable=rep_mask, doc_start=doc_start)
+        rep_oof = cached_cross_validation(cache, "repetition probe sweep", sweep, store, rows, y, folds,
+                                          n_shuffled=0, seed=args.seed, trainable=rep_mask, doc_start=doc_start).oof
         repetition["trained_memorized_vs_repetition_auc"] = {s: roc_auc(rep_oof[s][rep_mask], y[rep_mask]) for s in sites}
 
     # cross-genre: train on legal/technical/filler memorized texts, test on literature/speech/scripture
@@ -255,37 +168,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
 
     # sparse probes at the best site
-    n_f = len(np.unique(folds))
-    curve = sparse_curve(store, best, rows, y, folds, main_mask, main_mask, fold_coef[best][:n_f], args.window,
+    curve = sparse_curve(store, best, rows, y, folds, main_mask, main_mask, study.cv.fold_coef(best), args.window,
                          doc_start)
     dense = per_site[best]["probe"]["roc_auc"]
     target = 0.95 * dense
     needed = next((k for k, v in curve.items() if v >= target), None)
 
-    # the final probe at the best site, on all (non-repetition) tokens: top neurons and the shipped artefact
-    final = sweep.fit(store, rows[main_mask], y[main_mask], sites=[best], doc_start=doc_start[main_mask])[best]
-    order = np.argsort(-np.abs(final.standardized_coef_))[:20]
-    X_best = read_rows(store, best, rows[main_mask], window=args.window, doc_start=doc_start[main_mask]).numpy()
-    ym = y[main_mask]
-    top_neurons = [{"neuron": int(i), "name": f"{best}[{int(i)}]", "standardized_weight": float(final.standardized_coef_[i]),
-                    "mean_memorized": float(X_best[ym == 1, i].mean()), "mean_control": float(X_best[ym == 0, i].mean())}
-                   for i in order]
-    if not args.quick and args.write_default_probe:
-        training = {"documents": len(set(tokens.doc_id[main_mask].tolist())), "tokens": tokens.counts(),
-                    "min_doc_fraction": 0.5, "labeler": records[0]["labeler"], "data": "bundled corpus (seed "
-                    f"{args.seed}), texts cut to {args.max_words} words", "site_selection": f"best of {len(sites)} sites "
-                    f"by {N_FOLDS}-fold document-grouped CV AUC ({dense:.3f})",
-                    "made_by": "experiments/probe_layers.py", "window": args.window}
-        save_probe(default_probe_dir(loaded.name), final, site=best, model_info=loaded.info, training=training,
-                   window=args.window)
-        # Steering directions act on one position's residual stream, so they come from per-token probes
-        resid = [s for s in sites if site_kind(s) == "hook_resid_post"]
-        per_position = ProbeSweep(alpha=ALPHA, max_iter=MAX_ITER, progress=True)
-        every_layer = per_position.fit(store, rows[main_mask], y[main_mask], sites=resid)
-        save_directions(default_probe_dir(loaded.name), {s: p.coef_[0] for s, p in every_layer.items()})
+    # top neurons of the final probe at the best site (all non-repetition tokens); the shipped default
+    # probe is built by `memprobe probe train --site auto` (see README), not here
+    top_neurons = study.top_neurons
 
     results = {
-        "model": loaded.info, "sites": SITES, "n_folds": N_FOLDS, "alpha": ALPHA, "max_iter": MAX_ITER,
+        "model": loaded.info, "sites": SITES, "study": study.to_dict()["config"], "n_folds": N_FOLDS, "alpha": ALPHA, "max_iter": MAX_ITER,
         "feature_position": "activation at t-1 scores token t", "window": args.window,
         "window_meaning": "feature = mean activation over positions max(start, t-window) .. t-1 of the text",
         "per_token_probe_window_1": per_token, "n_boot": n_boot, "quick": args.quick,
@@ -354,8 +248,8 @@ def markdown_table(results: dict) -> str:
              "| score (held-out documents) | ROC-AUC | TPR at 1% FPR |", "|---|---|---|",
              f"| probe at best site `{results['best_site']}` | {_fmt(best['probe'], 'roc_auc')} | "
              f"{_fmt(best['probe'], 'tpr_at_fpr_0.01')} |",
-             f"| same site, shuffled-label probe | {_fmt(best['shuffled_labels_probe'], 'roc_auc')} | "
-             f"{_fmt(best['shuffled_labels_probe'], 'tpr_at_fpr_0.01')} |"]
+             f"| same site, shuffled-label probe | {best['shuffled_labels_auc']:.3f} | "
+             f"{best['shuffled_labels_tpr_at_fpr_0.01']:.3f} |"]
     lex = results.get("lexical_baseline_probe")
     if lex:
         lines.append(f"| lexical baseline: same probe at `{lex['site']}` | {_fmt(lex, 'roc_auc')} | "
@@ -406,8 +300,6 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results")
     p.add_argument("--figures", type=Path, default=ROOT / "figures")
     p.add_argument("--cache", type=Path, help="default: cache/probe_layers/<model> (<model>-quick with --quick)")
-    p.add_argument("--no-default-probe", dest="write_default_probe", action="store_false",
-                   help="do not rewrite the shipped default probe of the model")
     args = p.parse_args()
     if args.quick:  # the tiny random stand-in of the same architecture
         args.model = {"smollm2-135m": "tiny-llama", "gemma3-270m": "tiny-gemma3"}.get(args.model, args.model)

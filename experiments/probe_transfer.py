@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from probe_layers import ALPHA, MAX_ITER, N_FOLDS, ROOT, prepare
 
 from memprobe.capture import capture
 from memprobe.labels import label_documents
@@ -27,6 +26,11 @@ from memprobe.memdata import CONTROL, build_token_set, group_folds, is_memorized
 from memprobe.probes import ProbeSweep, detection, read_rows
 from memprobe.probes.artefact import FEATURE_OFFSET
 from memprobe.results import save_results
+from memprobe.studies.cache import value_digest
+from memprobe.studies.probe_data import prepare_probe_data
+
+ROOT = Path(__file__).resolve().parent.parent
+ALPHA, MAX_ITER, N_FOLDS = 1e-2, 150, 5  # as experiments/probe_layers.py
 
 
 def transfer(a: str, b: str, args: argparse.Namespace, best_site: str, window: int) -> dict:
@@ -36,25 +40,27 @@ def transfer(a: str, b: str, args: argparse.Namespace, best_site: str, window: i
     def cache(model: str) -> Path:
         return args.cache_root / (model + ("-quick" if args.quick else ""))
 
-    loaded, records, tokens, store = prepare(a, cache(a), quick=args.quick, seed=args.seed,
-                                             max_words=args.max_words[a])
+    data = prepare_probe_data(a, cache(a), quick=args.quick, seed=args.seed, max_words=args.max_words[a])
+    loaded, records, tokens, store = data.loaded, data.records, data.tokens, data.store
     main = tokens.category != "repetition"
     tokens = tokens.subset(main)
     rows, y, starts = tokens.store_rows(store, FEATURE_OFFSET), tokens.label, tokens.store_doc_starts(store)
     sweep = ProbeSweep(alpha=ALPHA, max_iter=MAX_ITER, progress=False, window=window)
     folds = group_folds(tokens.group, y, n_folds=N_FOLDS, seed=args.seed)
-    oof, _, _ = sweep.cross_validate(store, rows, y, folds, sites=[best_site], n_shuffled=0, seed=args.seed,
-                                     doc_start=starts)
+    oof = sweep.cross_validate(store, rows, y, folds, sites=[best_site], n_shuffled=0, seed=args.seed,
+                               doc_start=starts).oof
     probe = sweep.fit(store, rows, y, sites=[best_site], doc_start=starts)[best_site]
 
-    _, other_records, _, _ = prepare(b, cache(b), quick=args.quick, seed=args.seed, max_words=args.max_words[b])
-    other_docs = [json.loads(line) for line in (cache(b) / f"docs-seed{args.seed}.jsonl").open()]
-    samples = [d for d in other_docs if d["kind"] == "model-sample"]
+    other = prepare_probe_data(b, cache(b), quick=args.quick, seed=args.seed, max_words=args.max_words[b])
+    other_records = other.records
+    samples = [d for d in other.docs if d["kind"] == "model-sample"]
     sample_records = label_documents(loaded, samples)
     if args.quick:  # as in probe_layers --quick: a random model is confident about nothing
         sample_records = [{**r, "memorized": [False] + [True] * (r["n_tokens"] - 1)} for r in sample_records]
     sample_tokens = build_token_set(sample_records)
-    sample_store = capture(loaded, samples, [best_site], cache(a) / f"samples-of-{b}-{best_site}", progress=False)
+    # keyed by content (the samples' ids and texts, the site), not by name: other samples get another store
+    key = value_digest([best_site, [(d["id"], d["text"]) for d in samples]])[:16]
+    sample_store = capture(loaded, samples, [best_site], cache(a) / f"samples-of-{b}-{key}", progress=False)
     X = read_rows(sample_store, best_site, sample_tokens.store_rows(sample_store, FEATURE_OFFSET), window=window,
                   doc_start=sample_tokens.store_doc_starts(sample_store)).numpy()
     foreign = probe.decision_function(X)

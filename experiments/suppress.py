@@ -14,6 +14,7 @@ is saved, exported as a HF directory, and re-measured through plain transformers
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from memprobe.corpora import bundled_corpus
 from memprobe.errors import MemprobeError
-from memprobe.intervene.ablation import load_edit, save_edit
+from memprobe.intervene.ablation import save_edit
 from memprobe.intervene.export import export_patched
 from memprobe.intervene.localizers import mean_activations, random_scores, top_neurons
 from memprobe.intervene.suppress import (
@@ -34,11 +35,13 @@ from memprobe.intervene.suppress import (
     split_memorized,
     targets_from_labels,
 )
-from memprobe.intervene.weight_edit import random_low_rank_like, train_low_rank_edit
+from memprobe.intervene.weight_edit import random_low_rank_like
 from memprobe.labels import token_labels
 from memprobe.models import load_model
 from memprobe.plots import save_figure
-from memprobe.results import experiment_parser, save_results, write_json
+from memprobe.results import experiment_parser, save_results
+from memprobe.studies.cache import StepCache
+from memprobe.studies.suppression import SuppressionConfig, run_suppression
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "cache" / "intervene"
@@ -47,20 +50,21 @@ LOW_RANK_STRENGTHS = (0.25, 0.5, 1.0, 1.5)
 PPL_BUDGET = 0.05
 
 
-def labelled_records(loaded, docs, max_tokens: int, cache: Path | None) -> list[dict]:
-    """Token labels of each document's first `max_tokens` tokens (cached by model and ids)."""
+def labelled_records(loaded, docs, max_tokens: int, cache: StepCache | None) -> list[dict]:
+    """Token labels of each document's first `max_tokens` tokens (cached by model, ids and code)."""
     ids = [loaded.encode(d["text"])[:max_tokens] for d in docs]
-    if cache is not None and cache.exists():
-        stored = {r["id"]: r for r in json.loads(cache.read_text())}
-        if all(d["id"] in stored and stored[d["id"]]["token_ids"] == i for d, i in zip(docs, ids, strict=True)):
-            return [stored[d["id"]] for d in docs]
-    labels = token_labels(loaded.model, ids, batch_size=8)
-    records = [{"id": d["id"], "kind": d.get("kind"), "role": d.get("role"), "split_group": d.get("split_group", d["id"]),
-                "token_ids": i, "memorized": lab.memorized.tolist(), "memorized_fraction": lab.memorized_fraction}
-               for d, i, lab in zip(docs, ids, labels, strict=True)]
-    if cache is not None:
-        write_json(cache, records)  # type: ignore[arg-type]
-    return records
+
+    def label() -> list[dict]:
+        labels = token_labels(loaded.model, ids, batch_size=8)
+        return [{"id": d["id"], "kind": d.get("kind"), "role": d.get("role"),
+                 "split_group": d.get("split_group", d["id"]), "token_ids": i, "memorized": lab.memorized.tolist(),
+                 "memorized_fraction": lab.memorized_fraction} for d, i, lab in zip(docs, ids, labels, strict=True)]
+
+    if cache is None:
+        return label()
+    model = {k: loaded.info.get(k) for k in ("name", "sha256")}
+    return cache.json("labels", label, inputs={"model": model, "docs": [(d["id"], d.get("kind"), d.get("role"),
+                      d.get("split_group"), i) for d, i in zip(docs, ids, strict=True)]}, code=[label, token_labels])
 
 
 def _quick_setup(seed: int):
@@ -90,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     loaded, docs, max_tokens = _quick_setup(args.seed) if args.quick else _full_setup(args.seed)
     tag = "quick" if args.quick else "smollm2"
-    cache = None if args.quick else CACHE / f"labels_{tag}.json"
+    cache = None if args.quick else StepCache(CACHE / tag)
     records = labelled_records(loaded, docs, max_tokens, cache)
     # The quick model is trained on its candidates and never sees its controls: looser thresholds.
     parts = split_memorized(records, seed=args.seed, threshold=0.12 if args.quick else 0.3,
@@ -106,30 +110,27 @@ def main(argv: list[str] | None = None) -> int:
     mem_targets = targets_from_labels(ids["build_memorized"], [r["memorized"] for r in parts["build_memorized"]])
     ctrl_targets = targets_from_labels(ids["build_control"])
 
-    points_path = CACHE / f"suppress_points_{tag}.json"
-    points: dict[str, dict] = json.loads(points_path.read_text()) if points_path.exists() and not args.quick else {}
+    points: dict[str, dict] = {}
 
     def measure(key: str, edit) -> dict:
         if key not in points:
             t = time.time()
             heldout = evaluate(loaded.model, ids["heldout_memorized"], ids["heldout_control"], edit)
             points[key] = {**heldout, "size": 0 if edit is None else edit.size, "seconds": time.time() - t}
-            if not args.quick:
-                write_json(points_path, points)
         return points[key]
 
     base = measure("none", None)
-    score_file = CACHE / f"contrast_scores_mean_{tag}.safetensors"
-    if score_file.exists() and not args.quick:
-        stored = load_file(str(score_file))
-        scores, means = stored["scores"], stored["means"]
-    else:
-        t = time.time()
+    def score(path: Path) -> None:
         means = mean_activations(loaded.model, ctrl_targets)
-        scores = contrast_scores(loaded.model, mem_targets, ctrl_targets, means)
-        build_seconds = time.time() - t
-        if not args.quick:
-            save_file({"scores": scores, "means": means}, str(score_file), metadata={"seconds": str(build_seconds)})
+        save_file({"scores": contrast_scores(loaded.model, mem_targets, ctrl_targets, means), "means": means},
+                  str(path))
+
+    build_key = {"inputs": {"model": {k: loaded.info.get(k) for k in ("name", "sha256", "seed")}, "labels": records, "parts": {k: [r["id"] for r in v] for k, v in parts.items()}},
+                 "code": [score, mean_activations, contrast_scores]}
+    scratch = cache or StepCache(tempfile.mkdtemp(prefix="suppress-quick-"))
+    scratch.run("contrast scores", ["contrast_scores_mean.safetensors"], score, **build_key)
+    stored = load_file(str(scratch.root / "contrast_scores_mean.safetensors"))
+    scores, means = stored["scores"], stored["means"]
 
     def random_neurons(frac: float):
         return top_neurons(random_scores(loaded.model, args.seed), frac, means=means,
@@ -150,15 +151,14 @@ def main(argv: list[str] | None = None) -> int:
             curves["random-neurons"].append({"fraction": frac, "strength": 1.0, **measure(f"random-neurons:{frac}:1.0", rnd)})
     # Guarded: the same ranking, skipping neurons whose mean ablation alone costs > 0.01 nats on the
     # build controls (never the held-out ones).
-    guard_file = CACHE / f"guarded_{tag}.json"
     ks, max_k = ((12, 16, 20, 24), 24) if not args.quick else ((2, 4), 4)
-    if guard_file.exists() and not args.quick:
-        guard = json.loads(guard_file.read_text())
-    else:
+
+    def guarded() -> dict:
         g = guarded_top_neurons(loaded.model, scores, means, ctrl_targets, max_k, max_candidates=max_k + 12)
-        guard = {"kept": g.meta["kept_neurons"], "skipped": g.meta["skipped_neurons"]}
-        if not args.quick:
-            write_json(guard_file, guard)
+        return {"kept": g.meta["kept_neurons"], "skipped": g.meta["skipped_neurons"]}
+
+    guard = scratch.json("guarded neurons", guarded, settings={"max_k": max_k}, inputs=build_key["inputs"],
+                         code=[guarded, guarded_top_neurons])
     curves["guarded-contrast-neurons"] = []
     for k in ks:
         if k > len(guard["kept"]):
@@ -177,24 +177,23 @@ def main(argv: list[str] | None = None) -> int:
         curves["mean-diff-direction"].append({"strength": s, **measure(f"mean-diff-direction:{s}", edit)})
         rnd = make_edit(loaded.model, "random-direction", [], [], strength=s, seed=args.seed)
         curves["random-direction"].append({"strength": s, **measure(f"random-direction:{s}", rnd)})
-    # A learned low-rank edit of MLP output weights (memprobe.intervene.weight_edit), built from the same
-    # build texts; its random baseline has the same layers, rank and per-layer norm.
-    low_rank_file = CACHE / f"low_rank_edit_{tag}.safetensors"
-    if low_rank_file.exists() and not args.quick:
-        learned = load_edit(low_rank_file)
-    else:
-        t = time.time()
-        learned = train_low_rank_edit(loaded.model, mem_targets, ctrl_targets, seed=args.seed,
-                                      max_tokens=max_tokens)
-        learned.meta["build_seconds"] = time.time() - t
-        if not args.quick:
-            save_edit(learned, low_rank_file)
+    # A learned low-rank edit of MLP output weights (memprobe.studies.suppression, as the audit runs it),
+    # built from the same build texts; its random baseline has the same layers, rank and per-layer norm.
+    study = run_suppression(loaded.model, parts["build_memorized"], parts["build_control"],
+                            parts["heldout_memorized"], parts["heldout_control"],
+                            SuppressionConfig(seed=args.seed, max_tokens=max_tokens, strengths=LOW_RANK_STRENGTHS,
+                                              ppl_budget=PPL_BUDGET))
+    learned = study.edit
+    learned.meta["build_seconds"] = study.build_seconds
     curves["low-rank-edit"], curves["random-low-rank"] = [], []
-    for s in LOW_RANK_STRENGTHS:
-        edits[f"low-rank-edit:{s}"] = learned.with_strength(s)
-        curves["low-rank-edit"].append({"strength": s, **measure(f"low-rank-edit:{s}", edits[f"low-rank-edit:{s}"])})
-        rnd = random_low_rank_like(learned, seed=args.seed).with_strength(s)
-        curves["random-low-rank"].append({"strength": s, **measure(f"random-low-rank:{s}", rnd)})
+    for name, rows, edit in (("low-rank-edit", study.curve, learned), ("random-low-rank", study.random_curve,
+                                                                        study.random_edit)):
+        for row in rows:
+            s = row["strength"]
+            points[f"{name}:{s}"] = {k: v for k, v in row.items() if k != "strength"} | {"size": edit.size}
+            if name == "low-rank-edit":
+                edits[f"{name}:{s}"] = learned.with_strength(s)
+            curves[name].append(dict(row) | {"size": edit.size})
     probe_status = "not tried in quick mode"
     if not args.quick:  # the issue-3 probe's direction, when its artefact exists for this model
         try:

@@ -12,22 +12,20 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import inspect
 import json
 import os
-import shutil
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from memprobe.errors import MemprobeError
-from memprobe.io.atomic import remove_staged, staged_directory
+from memprobe.io.atomic import staged_directory
 from memprobe.jsonl import read_jsonl, write_jsonl
 from memprobe.report import render_report
 from memprobe.results import write_json
+from memprobe.studies.cache import StepCache
 
 DEFAULT_SITES = "blocks.*.hook_resid_post,blocks.*.mlp.hook_post"
 
@@ -53,6 +51,7 @@ class Audit:
         self.out = Path(out)
         self._loaded = None
         self._claim_directory()
+        self.cache = StepCache(self.out)
         timings = self.out / "timings.json"
         self.timings: dict[str, float] = json.loads(timings.read_text()) if timings.exists() else {}
 
@@ -81,82 +80,24 @@ class Audit:
         return self._loaded
 
     def step(self, name: str, output: str, fn: Callable[[Path], Any], *, inputs: Sequence[str | Path] = (),
-             also: Sequence[str] = (), resumable: Sequence[str] = ()) -> Path:
-        """Run `fn(out/output)` unless the step is done (see the module docstring); time it.
+             also: Sequence[str] = (), resumable: Sequence[str] = (), code: Sequence[Any] = ()) -> Path:
+        """Run `fn(out/output)` unless the step is done (memprobe.studies.cache); time it.
 
-        `inputs`: files or directories it reads (audit-relative names or paths), part of its key;
-        `also`: other outputs it writes (verified and recorded like `output`); `resumable`: outputs a
-        killed attempt with the same key leaves for the next one to continue (the activation store)
-        instead of being deleted.
+        `inputs`: files or directories it reads (audit-relative names or paths), part of its key with
+        the audit settings and the source of `fn` and of `code` (the study modules it calls); `also`:
+        other outputs it writes (verified and recorded like `output`); `resumable`: outputs a killed
+        attempt with the same key leaves for the next one to continue (the activation store).
         """
         path = self.out / output
-        outputs = [output, *also]
-        key = self._step_key(name, fn, inputs)
-        record = self.out / "steps" / f"{_slug(name)}.done.json"
-        if self._verified_record(record, key):
+        key = self.cache.key(name, inputs={str(i): Path(i) for i in inputs}, settings=self.config, code=[fn, *code])
+        if self.cache.is_done(name, key):
             print(f"[audit] {name}: reusing {path}")
             return path
-        self._clear_stale(name, key, [*outputs, *resumable], resumable)
         print(f"[audit] {name} ...", flush=True)
-        t = time.perf_counter()
-        fn(path)
-        seconds = time.perf_counter() - t
-        digests = {o: _output_digest(self.out / o) for o in outputs}
-        write_json(record, {"step": name, "key": key, "outputs": digests, "seconds": seconds})
-        self.timings[name] = seconds
+        self.cache.run(name, [output, *also], fn, key=key, resumable=resumable)
+        self.timings[name] = self.cache.seconds(name) or 0.0
         write_json(self.out / "timings.json", self.timings)  # kept, so a resumed audit reports every step
         return path
-
-    def _step_key(self, name: str, fn: Callable[[Path], Any], inputs: Sequence[str | Path]) -> str:
-        """What a step's result depends on: its inputs' content, the audit settings, the code."""
-        from memprobe import __version__
-
-        try:
-            code = inspect.getsource(fn)
-        except (OSError, TypeError):
-            code = getattr(fn, "__qualname__", repr(fn))
-        found = {}
-        for item in inputs:
-            where = self.out / item  # an absolute path stays itself
-            found[str(item)] = _output_digest(where)
-        payload = {"step": name, "config": asdict(self.config), "inputs": found,
-                   "code": {"memprobe": __version__, "step": hashlib.sha256(code.encode()).hexdigest()}}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-    def _verified_record(self, record: Path, key: str) -> bool:
-        """Whether `record` names this key and every output it lists is still there, whole and unchanged."""
-        try:
-            done = json.loads(record.read_text())
-        except (OSError, ValueError):
-            return False
-        if not isinstance(done, dict) or done.get("key") != key or not isinstance(done.get("outputs"), dict):
-            return False
-        try:
-            return all(_output_digest(self.out / o) == d for o, d in done["outputs"].items())
-        except (MemprobeError, OSError):  # damaged, incomplete, or vanished while being read
-            return False
-
-    def _clear_stale(self, name: str, key: str, outputs: Sequence[str], resumable: Sequence[str]) -> None:
-        """Before (re-)running a step: delete what an earlier, unverified attempt left.
-
-        Outputs in `resumable` survive when that attempt had the same key (it is continued);
-        `steps/<step>.started.json` records the key of the attempt in progress.
-        """
-        started = self.out / "steps" / f"{_slug(name)}.started.json"
-        try:
-            same_key = json.loads(started.read_text()).get("key") == key
-        except (OSError, ValueError, AttributeError):
-            same_key = False
-        for output in outputs:
-            target = self.out / output
-            remove_staged(target)
-            if output in resumable and same_key:
-                continue
-            if target.is_dir():
-                shutil.rmtree(target)
-            else:
-                target.unlink(missing_ok=True)
-        write_json(started, {"step": name, "key": key})
 
     # -- steps ------------------------------------------------------------------------------
 
@@ -207,52 +148,15 @@ class Audit:
 
     def probes(self, path: Path) -> None:
         """One probe per captured site, cross-validated by document family; AUC beside baselines."""
-        import numpy as np
-
-        from memprobe.memdata import REPETITION, build_token_set, group_folds
-        from memprobe.metrics import roc_auc
-        from memprobe.probes import ProbeSweep, detection, read_rows
-        from memprobe.probes.artefact import DEFAULT_WINDOW
+        from memprobe.memdata import build_token_set
         from memprobe.store import ActivationStore
+        from memprobe.studies.probe_sweep import run_probe_sweep
 
-        records = read_jsonl(self.out / "labels.jsonl")
-        store = ActivationStore.open(self.out / "store")
-        tokens = build_token_set(records)
-        main = tokens.category != REPETITION
-        y = tokens.label
-        positives, negatives = sorted(set(tokens.group[main & (y == 1)])), sorted(set(tokens.group[main & (y == 0)]))
-        if len(positives) < 2 or len(negatives) < 2:
-            write_json(path, {"status": "skipped", "reason": (
-                f"{len(positives)} memorized and {len(negatives)} control document families: probes need at "
-                "least 2 of each to be trained and tested on different documents")})
-            return
-        rows, starts = tokens.store_rows(store, -1), tokens.store_doc_starts(store)
-        # A screening sweep: 3 folds and a short L-BFGS budget keep the audit within minutes on a CPU;
-        # experiments/probe_layers.py runs the full 5-fold evaluation with bootstrap intervals.
-        folds = group_folds(tokens.group, y, n_folds=min(3, len(positives)), seed=self.config.seed)
-        sweep = ProbeSweep(max_iter=60, progress=True, window=DEFAULT_WINDOW)
-        oof, shuffled, _ = sweep.cross_validate(store, rows, y, folds, n_shuffled=1, seed=self.config.seed,
-                                                trainable=main, doc_start=starts)
-        n_boot = 0 if self.config.quick else 100
-        per_site = {s: {"probe": detection(oof[s][main], y[main], tokens.doc_id[main], n_boot=n_boot, seed=self.config.seed),
-                        "shuffled_labels_auc": roc_auc(shuffled[s][main], y[main])} for s in oof}
-        best = max(per_site, key=lambda s: per_site[s]["probe"]["roc_auc"])
-        baselines = {name: detection(v[main], y[main], tokens.doc_id[main], n_boot=0)
-                     for name, v in tokens.baselines().items()}
-        mlp_sites = [s for s in per_site if s.endswith("mlp.hook_post")]
-        top_neurons = []
-        if mlp_sites:
-            best_mlp = max(mlp_sites, key=lambda s: per_site[s]["probe"]["roc_auc"])
-            probe = sweep.fit(store, rows[main], y[main], sites=[best_mlp], doc_start=starts[main])[best_mlp]
-            X = read_rows(store, best_mlp, rows[main], window=DEFAULT_WINDOW, doc_start=starts[main]).numpy()
-            ym = y[main]
-            for i in np.argsort(-np.abs(probe.standardized_coef_))[:15]:
-                top_neurons.append({"neuron": f"{best_mlp}[{int(i)}]", "weight": float(probe.standardized_coef_[i]),
-                                    "mean_memorized": float(X[ym == 1, i].mean()), "mean_control": float(X[ym == 0, i].mean())})
-        _probe_heatmap({s: v["probe"]["roc_auc"] for s, v in per_site.items()}, self.out / "figures" / "probe_auc.png")
-        write_json(path, {"status": "ok", "best_site": best, "per_site": per_site, "baselines": baselines,
-                          "top_neurons": top_neurons, "token_counts": tokens.counts(), "window": DEFAULT_WINDOW,
-                          "split": f"{int(folds.max()) + 1}-fold cross-validation grouped by document family"})
+        tokens = build_token_set(read_jsonl(self.out / "labels.jsonl"))
+        result = run_probe_sweep(ActivationStore.open(self.out / "store"), tokens, audit_probe_config(self.config))
+        if result.status == "ok":
+            result.plot(self.out / "figures" / "probe_auc.png", script="memprobe audit")
+        result.save(path)
 
     def patching(self, path: Path) -> None:
         """Activation patching on the most memorized text: clean prefix vs a perturbed prefix."""
@@ -271,50 +175,30 @@ class Audit:
         result = activation_patching(self.loaded, clean, corrupt, record["token_ids"][t], layers=layers)
         write_json(path, {"status": "ok", "document": record["id"], "target_position": t,
                           "target_token": self.loaded.decode([record["token_ids"][t]]), **result.to_dict()})
-        fig = result.plot(title=f"activation patching: {record['id']}")
-        from memprobe.plots import save_figure
-
-        save_figure(fig, self.out / "figures" / "patching.png", script="memprobe audit")
+        result.plot(self.out / "figures" / "patching.png", title=f"activation patching: {record['id']}",
+                    script="memprobe audit")
 
     def suppress(self, path: Path) -> None:
         """Learn a suppression edit on half the memorized texts; measure it on the other half."""
         from memprobe.intervene.ablation import save_edit
-        from memprobe.intervene.suppress import evaluate, split_memorized, targets_from_labels
-        from memprobe.intervene.weight_edit import random_low_rank_like, train_low_rank_edit
+        from memprobe.intervene.suppress import split_memorized
+        from memprobe.studies.suppression import SuppressionConfig, run_suppression
 
-        records = read_jsonl(self.out / "labels.jsonl")
-        parts = split_memorized(records, seed=self.config.seed)
+        parts = split_memorized(read_jsonl(self.out / "labels.jsonl"), seed=self.config.seed)
+        sizes = {k: len(v) for k, v in parts.items()}
         if not parts["build_memorized"] or not parts["heldout_memorized"] or not parts["build_control"]:
             write_json(path, {"status": "skipped", "reason": "too few memorized texts (memorized fraction >= 0.5) "
                               "and controls to build a patch and test it on texts it was not built from",
-                              "split_sizes": {k: len(v) for k, v in parts.items()}})
+                              "split_sizes": sizes})
             return
-        cut = 64
-        ids = {k: [r["token_ids"][:cut] for r in v] for k, v in parts.items()}
-        mem = targets_from_labels(ids["build_memorized"], [r["memorized"][:cut] for r in parts["build_memorized"]])
-        ctrl = targets_from_labels(ids["build_control"])
-        model = self.loaded.model
-        held_mem, held_ctrl = ids["heldout_memorized"], ids["heldout_control"] or ids["build_control"]
-        base = evaluate(model, held_mem, held_ctrl)
-        edit = train_low_rank_edit(model, mem, ctrl, seed=self.config.seed, max_tokens=cut,
-                                   max_controls=MAX_TRAIN_CONTROLS)
-        random_edit = random_low_rank_like(edit, seed=self.config.seed)
-        curve, random_curve = [], []
-        for strength in SUPPRESSION_STRENGTHS:
-            for e, into in ((edit, curve), (random_edit, random_curve)):
-                row = evaluate(model, held_mem, held_ctrl, e.with_strength(strength))
-                into.append({"strength": strength, **row, **_changes(row, base)})
-        within = [r for r in curve if r["ppl_change"] <= PPL_BUDGET]
-        # The strongest edit within the perplexity budget; if none fits, the mildest one, flagged as such.
-        chosen = {**(max(within, key=lambda r: r["suppression"]) if within else curve[0]), "within_budget": bool(within)}
-        final = edit.with_strength(chosen["strength"])
-        save_edit(final, self.out / "edit.safetensors")  # the export step bakes it into patched-model/
-        write_json(path, {"status": "ok", "method": SUPPRESSION_METHOD, "size": edit.size, "base": base,
-                          "training": edit.meta, "curve": curve, "random_baseline": random_curve, "chosen": chosen,
-                          "split_sizes": {k: len(v) for k, v in parts.items()},
+        result = run_suppression(self.loaded.model, parts["build_memorized"], parts["build_control"],
+                                 parts["heldout_memorized"], parts["heldout_control"],
+                                 SuppressionConfig(seed=self.config.seed, max_controls=MAX_TRAIN_CONTROLS))
+        save_edit(result.chosen_edit, self.out / "edit.safetensors")  # the export step bakes it into patched-model/
+        write_json(path, {"status": "ok", **result.to_dict(), "split_sizes": sizes,
                           "heldout_ids": [r["id"] for r in parts["heldout_memorized"]],
                           "patched_model": str((self.out / "patched-model").resolve())})
-        _pareto_figure(curve, random_curve, self.out / "figures" / "suppression.png")
+        result.plot(self.out / "figures" / "suppression.png", script="memprobe audit")
 
     def export(self, path: Path) -> None:
         """Bake the chosen edit into a HF model directory that appears at `path` whole or not at all."""
@@ -353,6 +237,9 @@ class Audit:
         write_json(path, {"status": "ok", "continuations": rows})
 
     def run(self) -> dict[str, Any]:
+        from memprobe.studies import probe_sweep as probe_sweep_study
+        from memprobe.studies import suppression as suppression_study
+
         self.out.mkdir(parents=True, exist_ok=True)
         user_texts = [Path(self.config.texts).absolute()] if self.config.texts else []
         self.step("texts", "texts.jsonl", self.texts, inputs=user_texts)
@@ -360,11 +247,11 @@ class Audit:
         # activations), so the store is one of its outputs; a killed one resumes it shard by shard.
         self.step("label", "labels.jsonl", self.label, inputs=["texts.jsonl"], also=["store"], resumable=["store"])
         self.step("probe sweep", "probes.json", self.probes, inputs=["labels.jsonl", "store"],
-                  also=["figures/probe_auc.png"])
+                  also=["figures/probe_auc.png"], code=[probe_sweep_study])
         self.step("activation patching", "patching.json", self.patching, inputs=["labels.jsonl"],
                   also=["figures/patching.png"])
         self.step("suppression patch", "suppression.json", self.suppress, inputs=["labels.jsonl"],
-                  also=["edit.safetensors", "figures/suppression.png"])
+                  also=["edit.safetensors", "figures/suppression.png"], code=[suppression_study])
         self.step("export patched model", "patched-model", self.export, inputs=["edit.safetensors"])
         self.step("re-label with the patch", "relabel.json", self.relabel, inputs=["labels.jsonl", "patched-model"])
         summary = self.summary()
@@ -387,84 +274,17 @@ class Audit:
         return summary
 
 
-PPL_BUDGET = 0.05  # largest perplexity increase on control texts that a shipped patch may cost
-SUPPRESSION_METHOD = "low-rank-edit"  # memprobe.intervene.weight_edit; see README for why not neuron ablation
-SUPPRESSION_STRENGTHS = (0.25, 0.5, 1.0, 1.5)
-MAX_TRAIN_CONTROLS = 16
+MAX_TRAIN_CONTROLS = 16  # control texts the suppression edit is trained against (CPU budget)
 
 
-def _changes(row: dict[str, float], base: dict[str, float]) -> dict[str, float]:
-    rate = base["memorized_token_rate"]
-    return {"suppression": (rate - row["memorized_token_rate"]) / rate if rate else 0.0,
-            "ppl_change": row["perplexity"] / base["perplexity"] - 1,
-            "top1_change": row["top1_accuracy"] - base["top1_accuracy"]}
+def audit_probe_config(config: AuditConfig):  # noqa: ANN201 - memprobe.studies.probe_sweep.ProbeSweepConfig
+    """The audit's screening sweep: at most 3 folds and a short L-BFGS budget keep it within minutes on
+    a CPU (experiments/probe_layers.py runs the full 5-fold evaluation); top neurons at the best MLP site."""
+    from memprobe.probes.artefact import DEFAULT_WINDOW
+    from memprobe.studies.probe_sweep import ProbeSweepConfig
 
-
-def _pareto_figure(curve: list[dict], random_curve: list[dict], path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    from memprobe.plots import save_figure
-
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for rows, label, style in ((curve, SUPPRESSION_METHOD, "o-"), (random_curve, "random edit (same size)", "s--")):
-        ax.plot([100 * r["ppl_change"] for r in rows], [100 * r["suppression"] for r in rows], style, label=label)
-        for r in rows:
-            ax.annotate(f"x{r['strength']}", (100 * r["ppl_change"], 100 * r["suppression"]), fontsize=7)
-    ax.axvline(5, color="0.6", lw=0.8, ls=":")
-    ax.set_xlabel("perplexity change on control texts (%)")
-    ax.set_ylabel("memorized-token rate reduction, held-out texts (%)")
-    ax.set_title("suppression vs cost")
-    ax.legend(fontsize=8)
-    save_figure(fig, path, script="memprobe audit")
-
-
-def _probe_heatmap(auc: dict[str, float], path: Path) -> None:
-    import numpy as np
-
-    from memprobe.plots import heatmap, save_figure
-    from memprobe.sites import layer_of, site_kind
-
-    kinds = list(dict.fromkeys(site_kind(s) for s in auc))
-    n_layers = max(layer_of(s) for s in auc) + 1
-    grid = np.full((len(kinds), n_layers), np.nan)
-    for s, v in auc.items():
-        grid[kinds.index(site_kind(s)), layer_of(s)] = v
-    fig = heatmap(grid, row_labels=kinds, col_labels=[str(i) for i in range(n_layers)], vmin=0.5, vmax=1.0,
-                  title="probe ROC-AUC, memorized vs confident control tokens (held-out documents)",
-                  cbar_label="ROC-AUC")
-    fig.axes[0].set_xlabel("layer")
-    save_figure(fig, path, script="memprobe audit")
-
-
-def _slug(name: str) -> str:
-    return "-".join(name.split())
-
-
-def _output_digest(path: Path) -> str | None:
-    """A digest of a step output as it is now (None: absent), after checking it is whole.
-
-    An activation store counts only when complete and every shard verifies (else MemprobeError),
-    and is then known by its manifest, which holds every shard's checksums; a directory is known by
-    its files' digests.
-    """
-    from memprobe.store import MANIFEST, ActivationStore
-    from memprobe.store.integrity import file_digest
-
-    if not path.exists():
-        return None
-    if path.is_file():
-        return file_digest(path, "xxh3_128")
-    if (path / MANIFEST).is_file():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # an incomplete store is reported below, not warned about
-            store = ActivationStore.open(path)
-        if not store.complete:
-            raise MemprobeError(f"{path} is an incomplete activation store; re-run the audit to finish it")
-        store.verify()
-        return "store:" + file_digest(path / MANIFEST, "xxh3_128")
-    files = sorted(p for p in path.rglob("*") if p.is_file())
-    listing = [[str(p.relative_to(path)), file_digest(p, "xxh3_128")] for p in files]
-    return "dir:" + hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+    return ProbeSweepConfig(window=DEFAULT_WINDOW, n_folds=3, seed=config.seed, max_iter=60, n_shuffled=1,
+                            n_boot=0 if config.quick else 100, top_neurons=15, top_neurons_at="best_mlp")
 
 
 def _pause_for_test(point: str) -> None:

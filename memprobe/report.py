@@ -118,6 +118,33 @@ def pretty_json(value: Any) -> str:
     return f"<pre>{_esc(json.dumps(value, indent=2))}</pre>"
 
 
+def load_tokenizer(model_info: dict[str, Any]) -> Any:
+    """The tokenizer of the model a record names (its `info`), without loading the model's weights.
+
+    An HF directory or a GGUF file gives its own tokenizer; a registered name is located first; the
+    tiny test models share the byte tokenizer memprobe keeps in its cache. None when none is found
+    (the report then shows token ids).
+    """
+    from transformers import AutoTokenizer
+
+    from memprobe.errors import MemprobeError
+    from memprobe.models import CACHE_DIR, locate
+
+    name, path = model_info.get("name"), model_info.get("path")
+    try:
+        if str(name).startswith("tiny-"):
+            where = CACHE_DIR / "tiny-byte-tokenizer"
+            return AutoTokenizer.from_pretrained(where) if (where / "tokenizer.json").is_file() else None
+        where = Path(path) if path else (locate(name)[1] if name else None)
+        if where is None or not where.exists():
+            return None
+        if where.is_file():  # a GGUF file carries its tokenizer
+            return AutoTokenizer.from_pretrained(where.parent, gguf_file=where.name)
+        return AutoTokenizer.from_pretrained(where)
+    except (OSError, ValueError, MemprobeError):
+        return None
+
+
 def _load(out: Path, name: str) -> dict[str, Any]:
     f = out / f"{name}.json"
     return json.loads(f.read_text()) if f.exists() else {"status": "missing"}
@@ -131,12 +158,11 @@ def render_report(out: str | Path, path: str | Path) -> Path:
     """The audit report from the files of an audit directory (labels, probes, patching, suppression)."""
     from memprobe.jsonl import read_jsonl
     from memprobe.labels import summarize
-    from memprobe.models import load_model
 
     out = Path(out)
     records = read_jsonl(out / "labels.jsonl")
     model = records[0].get("model", {}) if records else {}
-    tokenizer = load_model(model.get("name") or "smollm2-135m").tokenizer if model.get("name") else None
+    tokenizer = load_tokenizer(model)
 
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids) if tokenizer is not None else " ".join(map(str, ids))

@@ -7,6 +7,7 @@ position's activation scores a token, and how the probe was trained.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import tempfile
 from collections.abc import Sequence
@@ -65,7 +66,8 @@ def memorization_direction(loaded: Any, layer: int, probe_dir: str | Path | None
     a unit vector pointing toward "memorized", from the model's shipped probe directions."""
     path = Path(probe_dir or default_probe_dir(loaded.name)) / DIRECTIONS
     if not path.is_file():
-        raise MemprobeError(f"no probe directions at {path}: run experiments/probe_layers.py --model {loaded.name}")
+        raise MemprobeError(f"no probe directions at {path}: build them with `memprobe probe train --model "
+                            f"{loaded.name} --site auto --directions --out DIR`")
     directions = load_file(path)
     site = f"blocks.{layer}.hook_resid_post"
     if site not in directions:
@@ -93,13 +95,22 @@ def load_probe(path: str | Path) -> tuple[LogisticProbe, dict[str, Any]]:
     return probe, config
 
 
+AUTO_SITES = "blocks.*.hook_resid_post"  # what `site="auto"` chooses among
+
+
 def train_probe(loaded: Any, docs: Sequence[dict[str, Any]], *, site: str, alpha: float = 1e-2,
                 min_doc_fraction: float = 0.5, window: int = DEFAULT_WINDOW, progress: bool = False,
+                candidates: str = AUTO_SITES, n_folds: int = 5, seed: int = 0, directions: bool = False,
                 ) -> tuple[LogisticProbe, dict[str, Any]]:
     """Label `docs` with the model, select memorized vs confident control tokens, fit a probe at `site`.
 
     Documents need `role` ("candidate" or "control"); repetition documents are not trained on.
-    Returns the probe and a description of its training data (which records the window).
+    site="auto": the site among `candidates` with the best grouped cross-validated AUC (n_folds folds by
+    document family, INSIDE these documents: nothing else is looked at); the training record reports
+    that inner CV AUC, which is optimistic for the chosen site (a selection on the same folds).
+    directions: also fit a per-position probe at every residual-stream site (window 1; steering acts
+    on one position) and return their directions under `training["directions"]` (popped by callers
+    that save them with save_directions). Returns the probe and a description of its training data.
     """
     from memprobe.capture import capture
     from memprobe.labels import label_documents
@@ -113,14 +124,46 @@ def train_probe(loaded: Any, docs: Sequence[dict[str, Any]], *, site: str, alpha
         raise MemprobeError("training needs memorized tokens and confident control tokens; found "
                             f"{tokens.counts()}: add candidate texts the model memorized and control texts")
     used = set(tokens.doc_id.tolist())
+    wanted = (candidates if site == "auto" else site).split(",") + ([AUTO_SITES] if directions else [])
+    training: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="memprobe-probe-") as tmp:
-        store = capture(loaded, [d for d in docs if d["id"] in used], [site], tmp, progress=progress)
-        X = read_rows(store, site, tokens.store_rows(store, FEATURE_OFFSET), window=window,
-                      doc_start=tokens.store_doc_starts(store)).numpy().astype(np.float64)
+        store = capture(loaded, [d for d in docs if d["id"] in used], ",".join(dict.fromkeys(wanted)), tmp, progress=progress)
+        if site == "auto":
+            site, training["site_selection"] = select_site(store, tokens, candidates, window=window, alpha=alpha,
+                                                            n_folds=n_folds, seed=seed, progress=progress)
+        rows, starts = tokens.store_rows(store, FEATURE_OFFSET), tokens.store_doc_starts(store)
+        X = read_rows(store, site, rows, window=window, doc_start=starts).numpy().astype(np.float64)
+        if directions:
+            from memprobe.probes.sweep import ProbeSweep
+
+            resid = [s for s in store.sites if s.endswith("hook_resid_post")]
+            fitted = ProbeSweep(alpha=alpha, max_iter=150, progress=progress).fit(store, rows, tokens.label, sites=resid)
+            training["directions"] = {s: p.coef_[0] for s, p in fitted.items()}
     probe = LogisticProbe(alpha=alpha, class_weight="balanced").fit(X, tokens.label)
-    training = {"documents": len(used), "tokens": tokens.counts(), "min_doc_fraction": min_doc_fraction,
-                "labeler": records[0]["labeler"] if records else None, "window": window}
+    training.update({"site": site, "documents": len(used), "tokens": tokens.counts(),
+                     "min_doc_fraction": min_doc_fraction, "labeler": records[0]["labeler"] if records else None,
+                     "window": window})
     return probe, training
+
+
+def select_site(store: Any, tokens: Any, candidates: str = AUTO_SITES, *, window: int = DEFAULT_WINDOW,
+                alpha: float = 1e-2, n_folds: int = 5, seed: int = 0, progress: bool = False,
+                ) -> tuple[str, dict[str, Any]]:
+    """The site of `store` matching `candidates` (globs, comma-separated) with the best grouped-CV AUC
+    on `tokens` (memprobe.studies.probe_sweep), and how it was chosen (with that inner CV AUC)."""
+    from memprobe.studies.probe_sweep import ProbeSweepConfig, run_probe_sweep
+
+    patterns = candidates.split(",")
+    sites = tuple(s for s in store.sites if any(fnmatch.fnmatch(s, p) for p in patterns))
+    config = ProbeSweepConfig(sites=sites, window=window, n_folds=n_folds, seed=seed, alpha=alpha, n_boot=0,
+                              top_neurons=0)
+    result = run_probe_sweep(store, tokens, config, progress=progress)
+    if result.status != "ok":
+        raise MemprobeError(f"--site auto cannot choose a site: {result.reason}; pass --site or more documents")
+    auc = {s: v["probe"]["roc_auc"] for s, v in result.per_site.items()}
+    return result.best_site, {"method": f"best of {len(auc)} sites by {result.n_folds}-fold CV grouped by "
+                              "document family, inside the training data", "candidates": candidates,
+                              "cv_auc_inner": auc[result.best_site], "auc_per_site": auc}
 
 
 @torch.inference_mode()

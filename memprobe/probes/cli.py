@@ -4,24 +4,34 @@ from __future__ import annotations
 
 import argparse
 
-from memprobe.probes.artefact import DEFAULT_WINDOW
+from memprobe.probes.artefact import AUTO_SITES, DEFAULT_WINDOW
 
 
 def _train(args: argparse.Namespace) -> int:
     from memprobe.corpora import bundled_corpus
     from memprobe.jsonl import read_jsonl
     from memprobe.models import load_model
-    from memprobe.probes.artefact import save_probe, train_probe
+    from memprobe.probes.artefact import save_directions, save_probe, train_probe
     from memprobe.sites import resolve
 
     loaded = load_model(args.model)
     docs = read_jsonl(args.data) if args.data else bundled_corpus(loaded, seed=args.seed)
     site = args.site or f"blocks.{loaded.model.config.num_hidden_layers // 2}.hook_resid_post"
-    (site,) = resolve(loaded.model, site) if "*" not in site else (site,)
+    if site != "auto":
+        (site,) = resolve(loaded.model, site) if "*" not in site else (site,)
     probe, training = train_probe(loaded, docs, site=site, alpha=args.alpha, min_doc_fraction=args.min_doc_fraction,
-                                  window=args.window, progress=True)
+                                  window=args.window, progress=True, candidates=args.candidates,
+                                  n_folds=args.folds, seed=args.seed, directions=args.directions)
+    site = training["site"]
+    directions = training.pop("directions", None)
     training["data"] = args.data or f"bundled corpus (seed {args.seed})"
+    training["made_by"] = "memprobe probe train"
     out = save_probe(args.out, probe, site=site, model_info=loaded.info, training=training, window=args.window)
+    if directions is not None:
+        save_directions(args.out, directions)
+    if "site_selection" in training:
+        print(f"chose {site}: inner grouped-CV AUC {training['site_selection']['cv_auc_inner']:.3f} "
+              f"({training['site_selection']['method']})")
     counts = training["tokens"]
     print(f"trained a probe at {site} on {counts['memorized']['tokens']} memorized and "
           f"{counts['control']['tokens']} confident control tokens; wrote {out}")
@@ -51,7 +61,12 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--model", default="smollm2-135m")
     train.add_argument("--data", help="JSONL {id, text, role: candidate|control, ...} (default: the bundled corpus)")
     train.add_argument("--out", required=True, help="directory for probe.safetensors + probe.json")
-    train.add_argument("--site", help="one site, e.g. blocks.20.hook_resid_post (default: the middle layer's resid_post)")
+    train.add_argument("--site", help="one site, e.g. blocks.20.hook_resid_post, or 'auto': the --candidates site with "
+                       "the best grouped-CV AUC inside the training data (default: the middle layer's resid_post)")
+    train.add_argument("--candidates", default=AUTO_SITES, help="sites --site auto chooses among (a glob)")
+    train.add_argument("--folds", type=int, default=5, help="document-grouped CV folds of --site auto")
+    train.add_argument("--directions", action="store_true",
+                       help="also write directions.safetensors: a per-position probe direction per residual layer")
     train.add_argument("--alpha", type=float, default=1e-2, help="L2 penalty on standardised weights")
     train.add_argument("--min-doc-fraction", type=float, default=0.5,
                        help="a candidate text counts as memorized when this share of its tokens is")
