@@ -132,7 +132,7 @@ def main() -> None:
     docs = corpus_docs(loaded, args.tokens)
     report = {"model": loaded.info, "threads": torch.get_num_threads(), "batch_tokens": BATCH_TOKENS,
               "sites": SITES, "dtype": DTYPE, "quick": args.quick}
-    report["results"] = r = run_peers(loaded, docs, args.rounds, 16 if args.quick else SAMPLE_TOKENS)
+    report["timing"] = r = run_peers(loaded, docs, args.rounds, 16 if args.quick else SAMPLE_TOKENS)
     save_results(args.out, report, seed=0)
     print(f"{loaded.name}: {r['documents']} documents, {r['tokens']} tokens, {r['batches']} batches")
     for name, s in r["best_seconds"].items():
