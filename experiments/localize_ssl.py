@@ -23,18 +23,14 @@ candidate stands in f and an independent point in g). The same for supervised en
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from memprobe.datasets import load_images  # noqa: E402
-from memprobe.localize import (  # noqa: E402
+from memprobe.datasets import load_images
+from memprobe.localize import (
     alignment_distances,
     layermem,
     residual_sites,
@@ -42,10 +38,10 @@ from memprobe.localize import (  # noqa: E402
     sslmem,
     stream_unitmem,
 )
-from memprobe.localize.unitmem import token_mean  # noqa: E402
-from memprobe.results import save_results  # noqa: E402
-from memprobe.train.augment import AugmentConfig, make_augment  # noqa: E402
-from memprobe.train.simclr import (  # noqa: E402
+from memprobe.localize.unitmem import token_mean
+from memprobe.results import save_results
+from memprobe.train.augment import AugmentConfig, make_augment
+from memprobe.train.simclr import (
     SmallResNet,
     TrainConfig,
     knn_accuracy,
@@ -53,6 +49,8 @@ from memprobe.train.simclr import (  # noqa: E402
     memorization_split,
     train_encoder,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SCALES = {
     # shared/candidates/independent: the split; epochs: per encoder (all four the same);
@@ -193,7 +191,7 @@ def unit_analysis(model, x: torch.Tensor, labels: torch.Tensor, sites: list, sc:
             "unitmem_median": accs[s].compute("median").numpy(),
             "classmem": caccs[s].compute("mean").numpy(),
             "argmax_point": accs[s].argmax.numpy(),
-            "dead_units": int((accs[s]._max <= 0).sum()),
+            "dead_units": int((accs[s].max_mean <= 0).sum()),
         }
     return out
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from smi_common import add_label_noise, make_figures, run_study, study_parser
 
 from memprobe.datasets import load_images
 from memprobe.results import save_results
+from memprobe.studies.smi import add_label_noise, make_figures, run_study, study_parser
 from memprobe.train.classifier import TrainConfig, mlp
 
 

@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from smi_common import add_label_noise, make_figures, run_study, study_parser
 
 from memprobe.backends.torch_hooks import HookPoint, run_with_hooks
 from memprobe.errors import MemprobeError
 from memprobe.models import load_model
 from memprobe.results import save_results
+from memprobe.studies.smi import add_label_noise, make_figures, run_study, study_parser
 from memprobe.train.classifier import TrainConfig, mlp
 
 PLAYS = ("tragedies/hamlet.md", "tragedies/macbeth.md", "comedies/a-midsummer-night-s-dream.md",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -246,8 +245,11 @@ def test_training_resumes_exactly_from_a_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_quick_experiment_runs(tmp_path):
-    sys.path.insert(0, str(ROOT / "experiments"))
-    import localize_ssl
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("localize_ssl", ROOT / "experiments" / "localize_ssl.py")
+    localize_ssl = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(localize_ssl)
 
     out = localize_ssl.main(["--quick", "--out", str(tmp_path / "r.json"), "--figures", str(tmp_path / "fig"),
                              "--ckpt-dir", str(tmp_path / "ckpt")])

@@ -23,6 +23,9 @@ def test_probe_layers_and_transfer_quick(tmp_path):
     run("probe_layers.py", *out, "--cache", str(tmp_path / "cache" / "tiny-llama-quick"))
     results = json.loads((tmp_path / "probe_layers_tiny_llama.json").read_text())["results"]
     assert results["quick"] and results["best_site"] in results["per_site"]
+    # the keys of memprobe.studies.probe_sweep, the same as the audit's probes.json
+    assert set(results["per_site"][results["best_site"]]) == {"probe", "shuffled_labels_auc",
+                                                              "shuffled_labels_tpr_at_fpr_0.01"}
     best = results["best"]["probe"]
     assert best["roc_auc_ci95"][0] <= best["roc_auc"] <= best["roc_auc_ci95"][1]
     assert set(results["baselines"]) == {"target_prob", "neg_loss", "neg_entropy", "top_prob"}

@@ -236,12 +236,21 @@ def test_stream_unitmem_refuses_pre_relu_site_and_single_point():
 
 # ------------------------------------------------------------------ text points and augmentations
 def _text_module():
-    import importlib
-    import sys
+    from memprobe.localize import text_units
+
+    return text_units
+
+
+def _text_experiment():
+    """experiments/unitmem_text.py, loaded from its file (experiments are scripts, not a package)."""
+    import importlib.util
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-    return importlib.import_module("unitmem_text")
+    path = Path(__file__).resolve().parents[1] / "experiments" / "unitmem_text.py"
+    spec = importlib.util.spec_from_file_location("unitmem_text_experiment", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_text_perturbations_preserve_the_words():
@@ -279,7 +288,7 @@ def test_speeches_skip_stage_directions_over_several_lines(tmp_path):
 @pytest.mark.slow
 @pytest.mark.real
 def test_text_experiment_quick(tmp_path):
-    ut = _text_module()
+    ut = _text_experiment()
     out = ut.main(["--quick", "--out", str(tmp_path / "t.json"), "--figure", str(tmp_path / "t.png")])
     assert (tmp_path / "t.png").exists()
     sm = out["models"]["smollm2-135m"]["by_negatives"]

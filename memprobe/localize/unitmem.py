@@ -308,6 +308,13 @@ class UnitMemAccumulator:
         return self._arg.cpu()
 
     @property
+    def max_mean(self) -> torch.Tensor:
+        """mu_max of each unit: its largest per-point mean (<= 0 marks a unit that never fires)."""
+        if self._max is None:
+            raise MemprobeError("no points added yet")
+        return self._max.cpu()
+
+    @property
     def state_bytes(self) -> int:
         """Bytes held by the streaming state (excluding kept means)."""
         if self._sum is None:

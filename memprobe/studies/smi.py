@@ -1,4 +1,4 @@
-"""The a priori memorization study shared by smi_fashion.py and smi_text.py.
+"""The a priori memorization study shared by experiments/smi_fashion.py and experiments/smi_text.py.
 
 One target model trains on a random half of the data, with per-sample loss snapshots. Its early checkpoint
 (median training loss <= 5% of the initial one) gives the predictors: PSMI per layer (low = suspicious),
