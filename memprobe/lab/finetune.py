@@ -65,6 +65,7 @@ class FinetuneArgs:
     weight_decay: float
     save_steps: list[int] = field(default_factory=list)
     state_every: int = DEFAULT_STATE_EVERY
+    steps: int | None = None  # optimizer steps when fixed (defenses match a baseline's)
 
 
 def _sha256_json(value: Any) -> str:
@@ -348,12 +349,15 @@ def finetune(
     resume: bool = True,
     progress: bool = True,
     device: str | None = None,
+    steps: int | None = None,
 ) -> dict[str, Any]:
     """Train `model` (a registered name, local path, or a LoadedModel, trained in place) on member
     documents; returns the provenance written to `out_dir/memprobe-finetune.json`.
 
     save_steps: an interval (every N optimizer steps) or a list of steps for `checkpoint-<step>/`;
-    state_every: steps between resume states (default 100; also written at every checkpoint)."""
+    state_every: steps between resume states (default 100; also written at every checkpoint);
+    steps: a fixed number of optimizer steps instead of `epochs` passes (the order keeps cycling
+    through seeded epochs), so a defense on other data can take exactly a baseline's steps."""
     from tqdm.auto import tqdm
 
     from memprobe.models import load_model
@@ -379,7 +383,9 @@ def finetune(
         windows[doc_id] += 1
     windows = {d["id"]: windows[d["id"]] // d.get("copies", 1) for d in docs}
     steps_per_epoch = math.ceil(len(examples) / batch_size)
-    total = steps_per_epoch * epochs
+    if steps is not None and (not isinstance(steps, int) or steps < 1):
+        raise MemprobeError(f"steps={steps!r}: give a whole number >= 1 (or None for `epochs`)")
+    total = steps if steps is not None else steps_per_epoch * epochs
     args = FinetuneArgs(
         model=loaded.name,
         model_weights_sha256=base_sha,
@@ -396,6 +402,7 @@ def finetune(
         weight_decay=weight_decay,
         save_steps=_save_steps(save_steps, total),
         state_every=state_every or DEFAULT_STATE_EVERY,
+        steps=steps,
     )
     _check_args(out_dir, args, resume)
     done_file = out_dir / PROVENANCE_FILE
