@@ -3,6 +3,7 @@ its summary goes to experiments/results/audit_smollm2.json (with step timings an
 screenshot of its report, checked in headless Chromium first, to figures/audit_report.png.
 
     .venv/bin/python experiments/audit_smollm2.py [--audit-dir DIR]
+    .venv/bin/python experiments/audit_smollm2.py --quick --out /tmp/a.json --figure /tmp/a.png  # tiny-llama
 
 An existing --audit-dir resumes (finished steps are reused, so their timings are the first run's).
 """
@@ -27,9 +28,13 @@ def main() -> None:
     ap.add_argument("--audit-dir", type=Path, default=ROOT / "runs" / "audit-smollm2-default")
     ap.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "audit_smollm2.json")
     ap.add_argument("--figure", type=Path, default=ROOT / "figures" / "audit_report.png")
+    ap.add_argument("--quick", action="store_true", help="the quick audit of a random tiny-llama (plumbing only)")
     args = ap.parse_args()
+    config = AuditConfig(model="tiny-llama", quick=True) if args.quick else AuditConfig()
+    if args.quick and args.audit_dir == ap.get_default("audit_dir"):
+        args.audit_dir = ROOT / "runs" / "audit-tiny-llama-quick"
     t = time.perf_counter()
-    Audit(AuditConfig(), args.audit_dir).run()
+    Audit(config, args.audit_dir).run()
     wall = time.perf_counter() - t
     summary = json.loads((args.audit_dir / "results.json").read_text())
     page = check_page(args.audit_dir / "report.html")

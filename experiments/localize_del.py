@@ -28,6 +28,8 @@ from memprobe.intervene.ablation import hooked_edit
 from memprobe.labels import sequence_labels, token_labels
 from memprobe.models import load_model
 from memprobe.results import experiment_parser, save_results, write_json
+from memprobe.studies.cache import StepCache
+from memprobe.studies.suppression import label_records, suppression_documents
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "cache" / "intervene" / "del"
@@ -70,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         cache, steps, ig_steps = None, 5, 2
     else:
         loaded = load_model("smollm2-135m")
-        records = json.loads((ROOT / "cache" / "intervene" / "labels_smollm2.json").read_text())
+        # the labels experiments/suppress.py uses (same texts, same cache: computed once for both)
+        records = label_records(loaded, suppression_documents(args.seed), 64,
+                                StepCache(ROOT / "cache" / "intervene" / "smollm2"))
         mem = sorted((r for r in records if r["role"] == "candidate" and len(r["token_ids"]) >= PREFIX + SUFFIX),
                      key=lambda r: -float(np.mean(r["memorized"][PREFIX:])))[: args.sequences]
         ctrl = [r for r in records if r["kind"] in ("novel", "pii")][:4]

@@ -36,35 +36,22 @@ from memprobe.intervene.suppress import (
     targets_from_labels,
 )
 from memprobe.intervene.weight_edit import random_low_rank_like
-from memprobe.labels import token_labels
 from memprobe.models import load_model
 from memprobe.plots import save_figure
 from memprobe.results import experiment_parser, save_results
 from memprobe.studies.cache import StepCache
-from memprobe.studies.suppression import SuppressionConfig, run_suppression
+from memprobe.studies.suppression import (
+    SuppressionConfig,
+    label_records,
+    run_suppression,
+    suppression_documents,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "cache" / "intervene"
 DIRECTION_STRENGTHS = (0.1, 0.25, 1.0)
 LOW_RANK_STRENGTHS = (0.25, 0.5, 1.0, 1.5)
 PPL_BUDGET = 0.05
-
-
-def labelled_records(loaded, docs, max_tokens: int, cache: StepCache | None) -> list[dict]:
-    """Token labels of each document's first `max_tokens` tokens (cached by model, ids and code)."""
-    ids = [loaded.encode(d["text"])[:max_tokens] for d in docs]
-
-    def label() -> list[dict]:
-        labels = token_labels(loaded.model, ids, batch_size=8)
-        return [{"id": d["id"], "kind": d.get("kind"), "role": d.get("role"),
-                 "split_group": d.get("split_group", d["id"]), "token_ids": i, "memorized": lab.memorized.tolist(),
-                 "memorized_fraction": lab.memorized_fraction} for d, i, lab in zip(docs, ids, labels, strict=True)]
-
-    if cache is None:
-        return label()
-    model = {k: loaded.info.get(k) for k in ("name", "sha256")}
-    return cache.json("labels", label, inputs={"model": model, "docs": [(d["id"], d.get("kind"), d.get("role"),
-                      d.get("split_group"), i) for d, i in zip(docs, ids, strict=True)]}, code=[label, token_labels])
 
 
 def _quick_setup(seed: int):
@@ -79,10 +66,7 @@ def _quick_setup(seed: int):
 
 
 def _full_setup(seed: int):
-    loaded = load_model("smollm2-135m")
-    docs = [d for d in bundled_corpus(None, seed=seed, include_model_samples=False)
-            if d["role"] == "candidate" or d["kind"] in ("novel", "pii", "formulaic", "code")]
-    return loaded, docs, 64
+    return load_model("smollm2-135m"), suppression_documents(seed), 64
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     loaded, docs, max_tokens = _quick_setup(args.seed) if args.quick else _full_setup(args.seed)
     tag = "quick" if args.quick else "smollm2"
     cache = None if args.quick else StepCache(CACHE / tag)
-    records = labelled_records(loaded, docs, max_tokens, cache)
+    records = label_records(loaded, docs, max_tokens, cache)
     # The quick model is trained on its candidates and never sees its controls: looser thresholds.
     parts = split_memorized(records, seed=args.seed, threshold=0.12 if args.quick else 0.3,
                             control_max=1.0 if args.quick else 0.25)

@@ -1,8 +1,9 @@
 """`memprobe audit`: from a model and texts to what it memorized, where, and how to suppress it.
 
-Each step writes its outputs into the audit directory. A step is done only when its outputs were
-verified after it ran and `steps/<step>.done.json` (written last, atomically) records them under a
-key of the step's inputs, settings and code; a re-run reuses a step whose record matches and whose
+Each step writes its outputs into the audit directory, through memprobe.studies.cache.StepCache: a
+step is done only when its outputs were verified after it ran and `steps/<step>.done.json` (written
+last, atomically) records them under a key of the step's inputs, settings and code (the step and the
+study it calls, memprobe.studies.probe_sweep or .suppression); a re-run reuses a step whose record matches and whose
 outputs still verify, and re-runs any other: a killed capture resumes shard by shard, anything else
 half-written is deleted and made again. So an interrupted audit finishes with the results an
 uninterrupted one would have given, and a finished one is not recomputed.

@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from memprobe.errors import MemprobeError
+from memprobe.studies.cache import StepCache
 from memprobe.studies.result import Result
 
 METHOD = "low-rank-edit"  # memprobe.intervene.weight_edit; see README for why not neuron ablation
@@ -78,6 +79,36 @@ class SuppressionResult(Result):
         ax.set_title(title)
         ax.legend(fontsize=8)
         return fig
+
+
+def suppression_documents(seed: int = 0) -> list[dict[str, Any]]:
+    """The texts the suppression and localization experiments label on smollm2: the bundled corpus's
+    candidates and its made-up controls (novel, PII, formulaic, code), no model samples."""
+    from memprobe.corpora import bundled_corpus
+
+    return [d for d in bundled_corpus(None, seed=seed, include_model_samples=False)
+            if d["role"] == "candidate" or d["kind"] in ("novel", "pii", "formulaic", "code")]
+
+
+def label_records(loaded: Any, docs: Sequence[dict[str, Any]], max_tokens: int, cache: StepCache | None = None,
+                  ) -> list[dict[str, Any]]:
+    """Token labels (memprobe.labels.token_labels) of each document's first `max_tokens` tokens, in `cache`
+    when given (keyed by the model, the documents' ids and tokens, and the code)."""
+    from memprobe.labels import token_labels
+
+    ids = [loaded.encode(d["text"])[:max_tokens] for d in docs]
+
+    def label() -> list[dict[str, Any]]:
+        labels = token_labels(loaded.model, ids, batch_size=8)
+        return [{"id": d["id"], "kind": d.get("kind"), "role": d.get("role"),
+                 "split_group": d.get("split_group", d["id"]), "token_ids": i, "memorized": lab.memorized.tolist(),
+                 "memorized_fraction": lab.memorized_fraction} for d, i, lab in zip(docs, ids, labels, strict=True)]
+
+    if cache is None:
+        return label()
+    model = {k: loaded.info.get(k) for k in ("name", "sha256")}
+    return cache.json("labels", label, inputs={"model": model, "docs": [(d["id"], d.get("kind"), d.get("role"),
+                      d.get("split_group"), i) for d, i in zip(docs, ids, strict=True)]}, code=[label, token_labels])
 
 
 def run_suppression(model: nn.Module, build_memorized: Sequence[dict[str, Any]], build_control: Sequence[dict[str, Any]],
