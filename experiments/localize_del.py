@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from memprobe.intervene import localizers as L
 from memprobe.intervene.ablation import hooked_edit
 from memprobe.labels import sequence_labels, token_labels
 from memprobe.models import load_model
-from memprobe.results import experiment_parser, save_results, write_json
+from memprobe.results import experiment_parser, save_results
 from memprobe.studies.cache import StepCache
 from memprobe.studies.suppression import label_records, suppression_documents
 
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         loaded = train_tiny_lm(docs[:3], steps=100, seq_len=64, batch=8, lr=1e-2, seed=args.seed)
         mem_ids = [loaded.encode(t)[: PREFIX + SUFFIX] for t in docs[:3]]
         ctrl_ids = [loaded.encode(t)[:64] for t in docs[-2:]]
-        cache, steps, ig_steps = None, 5, 2
+        cache, steps, ig_steps = Path(tempfile.mkdtemp(prefix="localize-del-quick-")), 5, 2  # exercises the cache
     else:
         loaded = load_model("smollm2-135m")
         # the labels experiments/suppress.py uses (same texts, same cache: computed once for both)
@@ -93,34 +94,40 @@ def main(argv: list[str] | None = None) -> int:
                                                    max(1, round(args.fraction * L.mlp_shape(model)[0] * L.mlp_shape(model)[1]))),
         "random": lambda t: L.random_scores(model, args.seed + int(t.token_ids.sum())),
     }
-    measured_path = None if cache is None else cache / "measured.json"
-    measured = json.loads(measured_path.read_text()) if measured_path and measured_path.exists() else {}
+    # Scores and measurements are kept in a content-keyed cache (memprobe.studies.cache): keyed by the
+    # model, the sequences, the settings and the localizers' code, so a rerun resumes where it stopped.
+    steps_cache = None if cache is None else StepCache(cache)
+    key_inputs = {"model": {k: loaded.info.get(k) for k in ("name", "sha256")}, "memorized": mem_ids,
+                  "controls": ctrl_ids}
+    settings = {"fraction": args.fraction, "steps": steps, "ig_steps": ig_steps, "seed": args.seed}
 
-    def measure(key, edit):
-        if key not in measured:
-            measured[key] = _measure(model, edit, mem_ids, ctrl_ids)
-            if measured_path:
-                write_json(measured_path, measured)
-        return measured[key]
+    def measure(key: str, edit, scores=None) -> dict:
+        if steps_cache is None:
+            return _measure(model, edit, mem_ids, ctrl_ids)
+        return steps_cache.json(f"measure {key}", lambda: _measure(model, edit, mem_ids, ctrl_ids),
+                                inputs={**key_inputs, "scores": scores}, settings=settings, code=[_measure, L])
+
+    def localize(name: str, j: int, fn, target) -> tuple[torch.Tensor, float]:
+        if steps_cache is None:
+            t = time.time()
+            return fn(target).detach(), time.time() - t
+        step, output = f"scores {name} {j}", f"scores/{name}_{j}.safetensors"
+
+        def write(path: Path) -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"scores": fn(target).detach().contiguous()}, str(path))
+
+        steps_cache.run(step, [output], write, inputs={**key_inputs, "sequence": j}, settings=settings,
+                        code=[L, fn, _measure])
+        return load_file(str(steps_cache.root / output))["scores"], steps_cache.seconds(step) or 0.0
 
     base = measure("base", None)
     rows: dict[str, list[dict]] = {m: [] for m in methods}
     for j, ids in enumerate(mem_ids):
         target = L.Target.suffix(ids, PREFIX)
         for name, fn in methods.items():
-            score_file = None if cache is None else cache / f"{name}_{j}.safetensors"
-            if score_file is not None and score_file.exists():
-                scores = load_file(str(score_file))["scores"]
-                seconds = float(json.loads(score_file.with_suffix(".json").read_text())["seconds"])
-            else:
-                t = time.time()
-                scores = fn(target).detach()
-                seconds = time.time() - t
-                if score_file is not None:
-                    score_file.parent.mkdir(parents=True, exist_ok=True)
-                    save_file({"scores": scores.contiguous()}, str(score_file))
-                    score_file.with_suffix(".json").write_text(json.dumps({"seconds": seconds}))
-            after = measure(f"{name}:{j}", L.top_neurons(scores, args.fraction))
+            scores, seconds = localize(name, j, fn, target)
+            after = measure(f"{name}:{j}", L.top_neurons(scores, args.fraction), scores)
             others = [i for i in range(len(mem_ids)) if i != j]
             rows[name].append({
                 "sequence": j, "seconds": seconds,

@@ -138,7 +138,10 @@ def load_tokenizer(model_info: dict[str, Any]) -> Any:
         where = Path(path) if path else (locate(name)[1] if name else None)
         if where is None or not where.exists():
             return None
-        if where.is_file():  # a GGUF file carries its tokenizer
+        if where.is_file():  # a GGUF file: the HF directory memprobe made of it, else the file's own tokenizer
+            converted = CACHE_DIR / "hf" / f"{where.stem}-{str(model_info.get('sha256'))[:16]}"
+            if (converted / "memprobe-complete").is_file():
+                return AutoTokenizer.from_pretrained(converted)
             return AutoTokenizer.from_pretrained(where.parent, gguf_file=where.name)
         return AutoTokenizer.from_pretrained(where)
     except (OSError, ValueError, MemprobeError):
