@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from memprobe.backends.torch_hooks import capture_modules
-from memprobe.metrics import detection_summary
+from memprobe.metrics import bootstrap_ci, detection_summary
 from memprobe.predict.smi import pointwise_smi
 
 
@@ -38,7 +38,25 @@ def psmi_per_layer(features: dict[str, np.ndarray], labels: np.ndarray, *, n_dir
     return {name: pointwise_smi(x, labels, n_directions=n_directions, seed=seed) for name, x in features.items()}
 
 
+def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the precision-recall curve (sklearn's step-wise AP): chance level = the positive rate."""
+    from sklearn.metrics import average_precision_score
+
+    return float(average_precision_score(np.asarray(labels).astype(bool), np.asarray(scores, dtype=np.float64)))
+
+
 def evaluate_predictors(predictors: dict[str, np.ndarray], memorized: np.ndarray, *, n_boot: int = 0,
                         seed: int = 0) -> dict[str, dict]:
-    """detection_summary of each predictor (scores where higher = more likely memorized)."""
-    return {name: detection_summary(s, memorized, n_boot=n_boot, seed=seed) for name, s in predictors.items()}
+    """detection_summary of each predictor (higher = more likely memorized), plus average precision.
+
+    AP beside AUC because memorized samples are few: AP weighs the top of the ranking, where a flagged
+    sample would be acted on. Intervals resample samples (each sample is its own document here).
+    """
+    out = {}
+    for name, s in predictors.items():
+        out[name] = detection_summary(s, memorized, n_boot=n_boot, seed=seed)
+        out[name]["average_precision"] = average_precision(s, memorized)
+        if n_boot:
+            out[name]["average_precision_ci95"] = list(bootstrap_ci(average_precision, s, memorized,
+                                                                    n_boot=n_boot, seed=seed))
+    return out

