@@ -14,7 +14,8 @@ judged on memorized texts it was not built from.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -38,9 +39,85 @@ def _batch(targets: Sequence[Target]) -> tuple[torch.Tensor, torch.Tensor, torch
     return ids, mask, pos
 
 
-def _log_probs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities of the next token at every position: (n, T - 1, vocab)."""
-    return torch.log_softmax(model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float(), -1)
+class _Replay(nn.Module):
+    """Stands in for a frozen block below the edit: returns (a copy of) what the real block returned."""
+
+    def __init__(self, output: object, block: nn.Module) -> None:
+        super().__init__()
+        self.output = output
+        if hasattr(block, "attention_type"):  # some models pick each block's attention mask by it
+            self.attention_type = block.attention_type
+
+    def forward(self, *args: object, **kwargs: object) -> object:
+        copy = lambda v: v.clone() if isinstance(v, torch.Tensor) else v  # noqa: E731 - a block may add in place
+        return tuple(copy(v) for v in self.output) if isinstance(self.output, tuple) else copy(self.output)
+
+
+class _PassThrough(nn.Module):
+    """Stands in for the output head, so the model returns the final hidden states."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+
+@contextmanager
+def _swapped(model: nn.Module, swaps: dict[str, nn.Module]) -> Iterator[None]:
+    """Temporarily replace the submodules at the given paths."""
+    originals = {path: model.get_submodule(path) for path in swaps}
+    try:
+        for path, module in swaps.items():
+            model.set_submodule(path, module)
+        yield
+    finally:
+        for path, module in originals.items():
+            model.set_submodule(path, module)
+
+
+class _EditForward:
+    """Next-token log-probs at chosen positions of one fixed batch, computing only what the edit changes.
+
+    Why: the base is frozen and the edit starts at layer `start`, so the blocks below it give the same
+    output at every step; they run once (their output is replayed after), and the vocabulary head runs
+    only at the positions scored (not at padding or unscored tokens). Both shortcuts are checked once
+    against the full model (a family whose head does more than the head module, e.g. logit soft-capping,
+    falls back to the full forward).
+    """
+
+    def __init__(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, where: torch.Tensor,
+                 start: int) -> None:
+        self.model, self.ids, self.mask, self.where = model, ids, mask, where  # where: (n, T - 1) scored
+        adapter = adapter_for(model)
+        recorded = {}
+        hook = (model.get_submodule(adapter.block(start - 1)).register_forward_hook(
+            lambda _m, _a, out: recorded.setdefault("out", out)) if start > 0 else None)
+        try:
+            with torch.no_grad():
+                self.reference = self._full()
+        finally:
+            if hook is not None:
+                hook.remove()
+        self.head = model.get_submodule(adapter.unembed)
+        self.swaps = {adapter.block(i): _Replay(recorded["out"], model.get_submodule(adapter.block(i)))
+                      for i in range(start)}
+        self.swaps[adapter.unembed] = _PassThrough()
+        try:
+            with torch.no_grad():
+                self.fast = torch.allclose(self._shortcut(), self.reference, rtol=1e-4, atol=1e-4)
+        except (AttributeError, TypeError, IndexError, RuntimeError):  # a forward the shortcut cannot follow
+            self.fast = False
+
+    def _full(self) -> torch.Tensor:
+        logits = self.model(input_ids=self.ids, attention_mask=self.mask, use_cache=False).logits
+        return torch.log_softmax(logits[:, :-1][self.where].float(), -1)
+
+    def _shortcut(self) -> torch.Tensor:
+        with _swapped(self.model, self.swaps):
+            hidden = self.model(input_ids=self.ids, attention_mask=self.mask, use_cache=False).logits
+        return torch.log_softmax(self.head(hidden[:, :-1][self.where]).float(), -1)
+
+    def __call__(self) -> torch.Tensor:
+        """(scored positions, vocab) log-probs under the model as currently hooked."""
+        return self._shortcut() if self.fast else self._full()
 
 
 def train_low_rank_edit(model: nn.Module, memorized: Sequence[Target], controls: Sequence[Target], *,
@@ -76,29 +153,32 @@ def train_low_rank_edit(model: nn.Module, memorized: Sequence[Target], controls:
     # B starts at 0, so the edit starts as the identity; A random so that gradients reach B
     factors = {i: ((torch.randn(rank, d_mlp, generator=g) / math.sqrt(d_mlp)).requires_grad_(),
                    torch.zeros(d_model, rank, requires_grad=True)) for i in layers}
-    mem_ids, mem_mask, mem_pos = _batch(memorized)
-    ctl_ids, ctl_mask, _ = _batch(controls)
-    if not mem_pos[:, 1:].any():
+    ids, mask, pos = _batch([*memorized, *controls])
+    n_mem = len(memorized)
+    scored = torch.cat([pos[:n_mem, 1:], mask[n_mem:, 1:].bool()])  # logit t scores token t + 1
+    if not scored[:n_mem].any():
         raise MemprobeError("the memorized targets mark no token to suppress")
-    ctl_keep = ctl_mask[:, 1:].bool()
+    is_mem = (torch.arange(len(ids))[:, None] < n_mem).expand_as(scored)[scored]
+    mem_targets = ids[:, 1:][scored][is_mem]
     was_training = model.training
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
     model.eval()
-    with torch.no_grad():
-        reference = _log_probs(model, ctl_ids, ctl_mask)
-    handles = [model.get_submodule(adapter.at(i, adapter.mlp_out)).register_forward_hook(
-        lambda _m, args, out, i=i: out + (args[0] @ factors[i][0].T) @ factors[i][1].T) for i in layers]
-    history = []
+    handles = []
     try:
+        forward = _EditForward(model, ids, mask, scored, start=min(layers))
+        reference = forward.reference[~is_mem]
+        reference_p = reference.exp()
+        handles = [model.get_submodule(adapter.at(i, adapter.mlp_out)).register_forward_hook(
+            lambda _m, args, out, i=i: out + (args[0] @ factors[i][0].T) @ factors[i][1].T) for i in layers]
+        history = []
         opt = torch.optim.Adam([t for pair in factors.values() for t in pair], lr=lr)
         for step in range(steps):
-            lp = _log_probs(model, mem_ids, mem_mask)
-            p_target = lp.gather(-1, mem_ids[:, 1:, None])[..., 0].exp()
-            unlikelihood = -torch.log1p(-p_target.clamp(max=1 - 1e-6))[mem_pos[:, 1:]].mean()
-            lq = _log_probs(model, ctl_ids, ctl_mask)
-            kl = (reference.exp() * (reference - lq)).sum(-1)[ctl_keep].mean()
+            lp = forward()
+            p_target = lp[is_mem].gather(-1, mem_targets[:, None])[:, 0].exp()
+            unlikelihood = -torch.log1p(-p_target.clamp(max=1 - 1e-6)).mean()
+            kl = (reference_p * (reference - lp[~is_mem])).sum(-1).mean()
             loss = unlikelihood + kl_weight * kl
             opt.zero_grad()
             loss.backward()
