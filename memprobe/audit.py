@@ -238,6 +238,7 @@ class Audit:
         write_json(path, {"status": "ok", "continuations": rows})
 
     def run(self) -> dict[str, Any]:
+        from memprobe import report as report_module
         from memprobe.studies import probe_sweep as probe_sweep_study
         from memprobe.studies import suppression as suppression_study
 
@@ -258,7 +259,7 @@ class Audit:
         summary = self.summary()
         self.step("report", "report.html", lambda p: render_report(self.out, p),
                   inputs=["labels.jsonl", "probes.json", "patching.json", "suppression.json", "relabel.json",
-                          "figures"])
+                          "figures"], code=[report_module])
         return summary
 
     def summary(self) -> dict[str, Any]:

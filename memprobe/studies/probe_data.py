@@ -41,8 +41,9 @@ def shorten(doc: dict, max_words: int) -> dict:
     return {**doc, "text": doc["text"][:cut], "shortened_to_words": max_words}
 
 
-def prepare_probe_data(model: str, cache_dir: str | Path, *, quick: bool, seed: int, max_words: int,
-                       sites: str = SITES) -> ProbeData:
+def prepare_probe_data(
+    model: str, cache_dir: str | Path, *, quick: bool, seed: int, max_words: int, sites: str = SITES
+) -> ProbeData:
     """Corpus, labels, token set and a bfloat16 store of `sites` for `model`, cached in `cache_dir`.
 
     quick: a subset of kinds on a random tiny model, which is confident about nothing, so every token
@@ -63,16 +64,32 @@ def prepare_probe_data(model: str, cache_dir: str | Path, *, quick: bool, seed: 
             docs = [d for d in docs if d["kind"] in QUICK_KINDS][::3]
         return [shorten(d, max_words) for d in docs]
 
-    docs = cache.json("docs", corpus, inputs={"model": model_key},
-                      settings={"seed": seed, "quick": quick, "max_words": max_words}, code=[corpus, shorten])
-    records = cache.json("labels", lambda: label_documents(loaded, docs, progress=True),
-                         inputs={"model": model_key, "docs": [(d["id"], d["text"]) for d in docs]},
-                         code=[label_documents])
+    docs = cache.json(
+        "docs",
+        corpus,
+        inputs={"model": model_key},
+        settings={"seed": seed, "quick": quick, "max_words": max_words},
+        code=[corpus, shorten],
+    )
+    records = cache.json(
+        "labels",
+        lambda: label_documents(loaded, docs, progress=True),
+        inputs={"model": model_key, "docs": [(d["id"], d["text"]) for d in docs]},
+        code=[label_documents],
+    )
     if quick:
-        records = [{**r, "memorized": [False] + [True] * (r["n_tokens"] - 1), "memorized_fraction": 1.0}
-                   for r in records]
+        records = [
+            {**r, "memorized": [False] + [True] * (r["n_tokens"] - 1), "memorized_fraction": 1.0}
+            for r in records
+        ]
     tokens = build_token_set(records)
     used = set(tokens.doc_id.tolist())
-    store = capture(loaded, [d for d in docs if d["id"] in used], sites, Path(cache_dir) / "store",
-                    dtype="bfloat16", batch_tokens=1024)
+    store = capture(
+        loaded,
+        [d for d in docs if d["id"] in used],
+        sites,
+        Path(cache_dir) / "store",
+        dtype="bfloat16",
+        batch_tokens=1024,
+    )
     return ProbeData(loaded, docs, records, tokens, store)

@@ -49,7 +49,9 @@ class ProbeSweepConfig:
     top_neurons_at: str = "best"  # "best" site, or "best_mlp" (the best mlp.hook_post site)
 
     def sweep(self, progress: bool = True) -> ProbeSweep:
-        return ProbeSweep(alpha=self.alpha, max_iter=self.max_iter, progress=progress, window=self.window)
+        return ProbeSweep(
+            alpha=self.alpha, max_iter=self.max_iter, progress=progress, window=self.window
+        )
 
 
 class TensorStore:
@@ -68,9 +70,10 @@ class TensorStore:
                 while end < len(ids) and ids[end] == doc:
                     end += 1
                 self._starts[doc] = range(i, end)
-        self.identity = hashlib.sha256(b"".join(
-            s.encode() + v.float().numpy().tobytes() for s, v in self.activations.items())
-            + "\n".join(ids).encode()).hexdigest()
+        self.identity = hashlib.sha256(
+            b"".join(s.encode() + v.float().numpy().tobytes() for s, v in self.activations.items())
+            + "\n".join(ids).encode()
+        ).hexdigest()
 
     def __len__(self) -> int:
         return len(next(iter(self.activations.values())))
@@ -84,11 +87,21 @@ class TensorStore:
 
 def _store_input(store: Any) -> Any:
     """What identifies a store in a cache key: its directory's content, or the tensors' digest."""
-    return Path(store.path).resolve() if getattr(store, "path", None) is not None else store.identity
+    return (
+        Path(store.path).resolve() if getattr(store, "path", None) is not None else store.identity
+    )
 
 
-def cached_cross_validation(cache: StepCache | None, name: str, sweep: ProbeSweep, store: Any, rows: np.ndarray,
-                            y: np.ndarray, folds: np.ndarray, **kwargs: Any) -> CrossValidation:
+def cached_cross_validation(
+    cache: StepCache | None,
+    name: str,
+    sweep: ProbeSweep,
+    store: Any,
+    rows: np.ndarray,
+    y: np.ndarray,
+    folds: np.ndarray,
+    **kwargs: Any,
+) -> CrossValidation:
     """`sweep.cross_validate`, kept in `cache` (when given) under a key of the store's content, the
     rows, labels, split and every setting, and the sweep's code: a rerun with the same inputs skips it."""
     if cache is None:
@@ -97,14 +110,30 @@ def cached_cross_validation(cache: StepCache | None, name: str, sweep: ProbeSwee
     from memprobe.probes import sweep as sweep_module
 
     trainable = kwargs.get("trainable")
-    inputs = {"store": _store_input(store), "rows": rows, "y": y, "folds": folds,
-              "trainable": None if trainable is None else np.asarray(trainable, dtype=bool),
-              "doc_start": kwargs.get("doc_start")}
-    settings = {"alpha": sweep.alpha, "max_iter": sweep.max_iter, "tol": sweep.tol, "window": sweep.window,
-                **{k: v for k, v in kwargs.items() if k not in ("trainable", "doc_start")}}
+    inputs = {
+        "store": _store_input(store),
+        "rows": rows,
+        "y": y,
+        "folds": folds,
+        "trainable": None if trainable is None else np.asarray(trainable, dtype=bool),
+        "doc_start": kwargs.get("doc_start"),
+    }
+    settings = {
+        "alpha": sweep.alpha,
+        "max_iter": sweep.max_iter,
+        "tol": sweep.tol,
+        "window": sweep.window,
+        **{k: v for k, v in kwargs.items() if k not in ("trainable", "doc_start")},
+    }
     output = f"{'-'.join(name.split())}.npz"
-    cache.run(name, [output], lambda path: sweep.cross_validate(store, rows, y, folds, **kwargs).save_arrays(path),
-              inputs=inputs, settings=settings, code=[sweep_module, estimators, cached_cross_validation])
+    cache.run(
+        name,
+        [output],
+        lambda path: sweep.cross_validate(store, rows, y, folds, **kwargs).save_arrays(path),
+        inputs=inputs,
+        settings=settings,
+        code=[sweep_module, estimators, cached_cross_validation],
+    )
     return CrossValidation.load_arrays(cache.root / output)
 
 
@@ -132,11 +161,18 @@ class ProbeSweepResult(Result):
     def to_dict(self) -> dict[str, Any]:
         if self.status != "ok":
             return {"status": self.status, "reason": self.reason}
-        return {"status": "ok", "best_site": self.best_site, "per_site": self.per_site,
-                "baselines": self.baselines, "top_neurons": self.top_neurons, "token_counts": self.token_counts,
-                "window": self.config.window, "n_folds": self.n_folds,
-                "split": f"{self.n_folds}-fold cross-validation grouped by document family",
-                "config": asdict(self.config)}
+        return {
+            "status": "ok",
+            "best_site": self.best_site,
+            "per_site": self.per_site,
+            "baselines": self.baselines,
+            "top_neurons": self.top_neurons,
+            "token_counts": self.token_counts,
+            "window": self.config.window,
+            "n_folds": self.n_folds,
+            "split": f"{self.n_folds}-fold cross-validation grouped by document family",
+            "config": asdict(self.config),
+        }
 
     def figure(self, title: str = "") -> Any:
         """Probe AUC per site kind (rows) and layer (columns)."""
@@ -144,22 +180,37 @@ class ProbeSweepResult(Result):
         from memprobe.sites import layer_of, site_kind
 
         if self.status != "ok":
-            raise MemprobeError(f"the probe sweep was skipped ({self.reason}): there is nothing to plot")
+            raise MemprobeError(
+                f"the probe sweep was skipped ({self.reason}): there is nothing to plot"
+            )
         auc = {s: v["probe"]["roc_auc"] for s, v in self.per_site.items()}
         kinds = list(dict.fromkeys(site_kind(s) for s in auc))
         n_layers = max(layer_of(s) for s in auc) + 1
         grid = np.full((len(kinds), n_layers), np.nan)
         for s, v in auc.items():
             grid[kinds.index(site_kind(s)), layer_of(s)] = v
-        fig = heatmap(grid, row_labels=kinds, col_labels=[str(i) for i in range(n_layers)], vmin=0.5, vmax=1.0,
-                      title=title or "probe ROC-AUC, memorized vs confident control tokens (held-out documents)",
-                      cbar_label="ROC-AUC")
+        fig = heatmap(
+            grid,
+            row_labels=kinds,
+            col_labels=[str(i) for i in range(n_layers)],
+            vmin=0.5,
+            vmax=1.0,
+            title=title
+            or "probe ROC-AUC, memorized vs confident control tokens (held-out documents)",
+            cbar_label="ROC-AUC",
+        )
         fig.axes[0].set_xlabel("layer")
         return fig
 
 
-def run_probe_sweep(store: Any, tokens: TokenSet, config: ProbeSweepConfig, *, cache: StepCache | None = None,
-                    progress: bool = True) -> ProbeSweepResult:
+def run_probe_sweep(
+    store: Any,
+    tokens: TokenSet,
+    config: ProbeSweepConfig,
+    *,
+    cache: StepCache | None = None,
+    progress: bool = True,
+) -> ProbeSweepResult:
     """Cross-validate a probe at every site of `store` (an ActivationStore, or a TensorStore) on `tokens`.
 
     `tokens` carries the labels (memorized = 1), the document families folds are grouped by, and the
@@ -171,28 +222,68 @@ def run_probe_sweep(store: Any, tokens: TokenSet, config: ProbeSweepConfig, *, c
     positives = sorted(set(tokens.group[main & (y == 1)].tolist()))
     negatives = sorted(set(tokens.group[main & (y == 0)].tolist()))
     if len(positives) < 2 or len(negatives) < 2:
-        return ProbeSweepResult(config, "skipped", reason=(
-            f"{len(positives)} memorized and {len(negatives)} control document families: probes need at least 2 "
-            "of each to be trained and tested on different documents"))
+        return ProbeSweepResult(
+            config,
+            "skipped",
+            reason=(
+                f"{len(positives)} memorized and {len(negatives)} control document families: probes need at least 2 "
+                "of each to be trained and tested on different documents"
+            ),
+        )
     rows, starts = tokens.store_rows(store, FEATURE_OFFSET), tokens.store_doc_starts(store)
-    folds = group_folds(tokens.group, y, n_folds=min(config.n_folds, len(positives)), seed=config.seed)
+    folds = group_folds(
+        tokens.group, y, n_folds=min(config.n_folds, len(positives)), seed=config.seed
+    )
     sweep = config.sweep(progress)
-    cv = cached_cross_validation(cache, "probe sweep", sweep, store, rows, y, folds,
-                                 sites=None if config.sites is None else list(config.sites),
-                                 n_shuffled=config.n_shuffled, seed=config.seed, trainable=main, doc_start=starts)
+    cv = cached_cross_validation(
+        cache,
+        "probe sweep",
+        sweep,
+        store,
+        rows,
+        y,
+        folds,
+        sites=None if config.sites is None else list(config.sites),
+        n_shuffled=config.n_shuffled,
+        seed=config.seed,
+        trainable=main,
+        doc_start=starts,
+    )
     per_site = {}
     for s in (s for s in store.sites if s in cv.oof):
         shuffled = detection(cv.shuffled[s][main], y[main], tokens.doc_id[main], n_boot=0)
-        per_site[s] = {"probe": detection(cv.oof[s][main], y[main], tokens.doc_id[main], n_boot=config.n_boot,
-                                          seed=config.seed),
-                       "shuffled_labels_auc": shuffled["roc_auc"],
-                       "shuffled_labels_tpr_at_fpr_0.01": shuffled["tpr_at_fpr_0.01"]}
+        per_site[s] = {
+            "probe": detection(
+                cv.oof[s][main],
+                y[main],
+                tokens.doc_id[main],
+                n_boot=config.n_boot,
+                seed=config.seed,
+            ),
+            "shuffled_labels_auc": shuffled["roc_auc"],
+            "shuffled_labels_tpr_at_fpr_0.01": shuffled["tpr_at_fpr_0.01"],
+        }
     best = max(per_site, key=lambda s: per_site[s]["probe"]["roc_auc"])
-    baselines = {name: detection(v[main], y[main], tokens.doc_id[main], n_boot=config.n_boot, seed=config.seed)
-                 for name, v in tokens.baselines().items()}
-    result = ProbeSweepResult(config, "ok", best_site=best, per_site=per_site, baselines=baselines,
-                              token_counts=tokens.counts(), n_folds=cv.n_folds, cv=cv, tokens=tokens, main=main,
-                              rows=rows, doc_start=starts)
+    baselines = {
+        name: detection(
+            v[main], y[main], tokens.doc_id[main], n_boot=config.n_boot, seed=config.seed
+        )
+        for name, v in tokens.baselines().items()
+    }
+    result = ProbeSweepResult(
+        config,
+        "ok",
+        best_site=best,
+        per_site=per_site,
+        baselines=baselines,
+        token_counts=tokens.counts(),
+        n_folds=cv.n_folds,
+        cv=cv,
+        tokens=tokens,
+        main=main,
+        rows=rows,
+        doc_start=starts,
+    )
     at = best
     if config.top_neurons_at == "best_mlp":
         mlp = [s for s in per_site if s.endswith("mlp.hook_post")]
@@ -203,7 +294,13 @@ def run_probe_sweep(store: Any, tokens: TokenSet, config: ProbeSweepConfig, *, c
         ym = y[main]
         result.final_probe = probe
         result.top_neurons = [
-            {"neuron": f"{at}[{int(i)}]", "index": int(i), "weight": float(probe.standardized_coef_[i]),
-             "mean_memorized": float(X[ym == 1, i].mean()), "mean_control": float(X[ym == 0, i].mean())}
-            for i in np.argsort(-np.abs(probe.standardized_coef_))[: config.top_neurons]]
+            {
+                "neuron": f"{at}[{int(i)}]",
+                "index": int(i),
+                "weight": float(probe.standardized_coef_[i]),
+                "mean_memorized": float(X[ym == 1, i].mean()),
+                "mean_control": float(X[ym == 0, i].mean()),
+            }
+            for i in np.argsort(-np.abs(probe.standardized_coef_))[: config.top_neurons]
+        ]
     return result

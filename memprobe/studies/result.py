@@ -37,7 +37,9 @@ class Result:
     def figure(self, **kwargs: Any) -> Any:
         raise NotImplementedError(f"{type(self).__name__} has no figure")
 
-    def plot(self, path: str | Path | None = None, *, script: str | None = None, **kwargs: Any) -> Any:
+    def plot(
+        self, path: str | Path | None = None, *, script: str | None = None, **kwargs: Any
+    ) -> Any:
         fig = self.figure(**kwargs)
         if path is not None:
             from memprobe.plots import save_figure
