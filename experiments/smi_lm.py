@@ -13,7 +13,7 @@ and after the final norm ("head:taps.*", captured through memprobe's module hook
 in advance: the head's input (taps.norm). Every stage is cached under --cache and resumes: the frozen
 prefix, the target's snapshots, each shadow.
 
-    python experiments/smi_lm.py            # SmolLM2-135M, 4 x 120 lines, 6 shadows (~40 min, 2 cores)
+    python experiments/smi_lm.py            # SmolLM2-135M, 4 x 120 lines, 8 shadows (~45 min, shared 2 cores)
     python experiments/smi_lm.py --quick    # tiny random Llama, seconds
 """
 
@@ -72,11 +72,11 @@ def play_lines(per_play: int, min_words: int, seed: int) -> tuple[list[str], np.
 
 def main() -> None:
     ap = study_parser(__doc__, "cache/smi_lm")
-    ap.set_defaults(shadows=6, epochs=25, noise=0.04)
+    ap.set_defaults(shadows=8, epochs=15, noise=0.04)
     ap.add_argument("--per-play", type=int, default=120)
     ap.add_argument("--min-words", type=int, default=6)
     ap.add_argument("--max-tokens", type=int, default=24)
-    ap.add_argument("--train-layers", type=int, default=4)
+    ap.add_argument("--train-layers", type=int, default=3)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch-size", type=int, default=16)
@@ -92,7 +92,7 @@ def main() -> None:
     tag = (f"{loaded.name}_n{len(texts)}_t{args.max_tokens}_L{args.train_layers}_r{args.rank}_s{args.shadows}"
            f"_e{args.epochs}_lr{args.lr:g}_b{args.batch_size}_noise{args.noise:g}_seed{args.seed}")
     cache = args.cache / tag
-    prefix = frozen_prefix(loaded, texts, cut, max_tokens=args.max_tokens)  # ~1 min on SmolLM2, once per run
+    prefix = frozen_prefix(loaded, texts, cut, max_tokens=args.max_tokens, cache_path=cache / "prefix.safetensors")
     print(f"frozen prefix: {tuple(prefix.hidden.shape)} (blocks 0..{cut - 1} frozen)", flush=True)
     spec = LoRASpec(train_layers=args.train_layers, rank=args.rank, alpha=2.0 * args.rank)
     y, noisy = add_label_noise(clean, args.noise, len(classes), args.seed)

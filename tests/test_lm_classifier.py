@@ -45,6 +45,28 @@ class Interrupted(Exception):
     pass
 
 
+def test_prefix_cache_is_reused_only_for_the_same_inputs(tiny, tmp_path, monkeypatch):
+    import memprobe.train.lm_classifier as lm
+
+    texts, _ = planted(6)
+    path = tmp_path / "prefix.safetensors"
+    first = frozen_prefix(tiny, texts, 1, cache_path=path)
+    fresh_reversed = frozen_prefix(tiny, texts[::-1], 1)
+    real_run = lm._run_prefix
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("recomputed although the cache holds these inputs")
+
+    monkeypatch.setattr(lm, "_run_prefix", refuse)
+    again = frozen_prefix(tiny, texts, 1, cache_path=path)
+    torch.testing.assert_close(again.hidden, first.hidden)
+    torch.testing.assert_close(again.last_token["layer0"], first.last_token["layer0"])
+    assert torch.equal(again.lengths, first.lengths)
+    monkeypatch.setattr(lm, "_run_prefix", real_run)
+    other = frozen_prefix(tiny, texts[::-1], 1, cache_path=path)  # other inputs: recomputed, not reused
+    torch.testing.assert_close(other.hidden, fresh_reversed.hidden)
+
+
 def test_prefix_plus_trained_blocks_equal_the_full_model(tiny):
     texts, _ = planted(12)
     prefix = frozen_prefix(tiny, texts, cut=1, max_tokens=32)

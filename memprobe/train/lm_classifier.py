@@ -12,9 +12,12 @@ it unchanged. Its state dict holds only what training changes (LoRA and head), s
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +29,7 @@ from memprobe.backends.torch_hooks import run_with_hooks
 from memprobe.capture import pad_batch, pad_id
 from memprobe.errors import MemprobeError
 from memprobe.hookpoint import HookPoint
+from memprobe.io.atomic import atomic_write
 from memprobe.models import LoadedModel
 from memprobe.predict.shadow import TrainFn
 from memprobe.train.classifier import TrainConfig, predict_logits, train_classifier
@@ -75,24 +79,56 @@ def encode_texts(loaded: LoadedModel, texts: Sequence[str], max_tokens: int) -> 
     """Token ids of each text with the model's one tokenisation, keeping the first `max_tokens`."""
     out = []
     for i, text in enumerate(texts):
-        ids = loaded.encode(text)[:max_tokens] if isinstance(text, str) else []
-        if not ids:
-            raise MemprobeError(f"text {i} is empty (no tokens): remove it or give it text")
-        out.append(ids)
+        if not isinstance(text, str) or not text.strip():
+            raise MemprobeError(f"text {i} is empty: remove it or give it text")
+        out.append(loaded.encode(text)[:max_tokens])
     return out
+
+
+def _prefix_key(loaded: LoadedModel, seqs: list[list[int]], cut: int) -> str:
+    """Content key of a prefix: the model (name, weights hash), the cut and the exact token ids."""
+    what = [loaded.info.get("name"), loaded.info.get("sha256"), loaded.info.get("seed"), cut, seqs]
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()
 
 
 @torch.no_grad()
 def frozen_prefix(loaded: LoadedModel, texts: Sequence[str], cut: int, *, max_tokens: int = 32,
-                  batch_size: int = 32) -> FrozenPrefix:
-    """Run blocks 0..cut-1 once over all texts (memprobe's hooks; the forward stops after block cut-1)."""
+                  batch_size: int = 32, cache_path: str | Path | None = None) -> FrozenPrefix:
+    """Run blocks 0..cut-1 once over all texts (memprobe's hooks; the forward stops after block cut-1).
+
+    With `cache_path` the prefix is saved there (safetensors, written atomically) and reused by a later
+    call only if its content key (model, cut, token ids) matches; otherwise it is recomputed.
+    """
+    from safetensors.torch import load_file, save
+
     model = loaded.model.eval()
     adapter, _ = _blocks(model)
     if not 1 <= cut < adapter.n_layers:
         raise MemprobeError(f"cut must be in 1..{adapter.n_layers - 1} (at least one frozen and one trained "
                             f"block), not {cut}")
     seqs = encode_texts(loaded, texts, max_tokens)
-    ids, mask = pad_batch(seqs, pad_id(loaded))
+    key = _prefix_key(loaded, seqs, cut)
+    path = Path(cache_path) if cache_path is not None else None
+    if path is not None and path.exists():
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as f:
+            same = (f.metadata() or {}).get("key") == key
+        if same:
+            data = load_file(path)
+            last = {k.removeprefix("last."): v for k, v in data.items() if k.startswith("last.")}
+            return FrozenPrefix(data["hidden"], data["lengths"], cut, last)
+    prefix = _run_prefix(model, adapter, seqs, pad_id(loaded), cut, batch_size)
+    if path is not None:
+        tensors = {"hidden": prefix.hidden, "lengths": prefix.lengths,
+                   **{f"last.{k}": v for k, v in prefix.last_token.items()}}
+        atomic_write(path, save(tensors, metadata={"key": key}))
+    return prefix
+
+
+def _run_prefix(model: nn.Module, adapter: Any, seqs: list[list[int]], pad: int, cut: int,
+                batch_size: int) -> FrozenPrefix:
+    ids, mask = pad_batch(seqs, pad)
     points = {f"layer{i}": HookPoint(adapter.block(i)) for i in range(cut)}
     hidden, last = [], {k: [] for k in points}
     for i in range(0, len(seqs), batch_size):
@@ -132,6 +168,10 @@ class LoRALastTokenClassifier(nn.Module):
         self.rotary = copy.deepcopy(model.get_submodule(rotary))
         for p in self.parameters():
             p.requires_grad_(False)
+        present = {name.rsplit(".", 1)[-1] for name, _ in self.blocks.named_modules()}
+        if not set(spec.targets) & present:
+            raise MemprobeError(f"no LoRA target among {spec.targets} in the trained blocks: name their "
+                                f"linear layers in LoRASpec.targets (they have {sorted(present - {''})[:8]})")
         inject_adapter_in_model(LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
                                            target_modules=list(spec.targets)), self.blocks)
         self.taps = nn.ModuleDict({name: nn.Identity() for name in [*self.names, "norm"]})
@@ -139,9 +179,6 @@ class LoRALastTokenClassifier(nn.Module):
         self.register_buffer("prefix_hidden", prefix.hidden, persistent=False)
         self.register_buffer("lengths", prefix.lengths, persistent=False)
         self.trained = {name for name, p in self.named_parameters() if p.requires_grad}
-        if not any(name.startswith("blocks.") for name in self.trained):
-            raise MemprobeError(f"no LoRA target among {spec.targets} in the trained blocks: name their "
-                                "linear layers in LoRASpec.targets")
 
     def forward(self, index: torch.Tensor) -> torch.Tensor:
         index = torch.as_tensor(index, dtype=torch.long, device=self.prefix_hidden.device)
