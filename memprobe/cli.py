@@ -155,6 +155,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 EXTENSIONS = {"audit": "memprobe.audit", "probe": "memprobe.probes", "patch": "memprobe.intervene.export", "mia": "memprobe.mia.cli"}
 EXTENSIONS["lab"] = "memprobe.lab.cli"
 EXTENSIONS["finetune"] = "memprobe.lab.cli"
+EXTENSIONS["defend"] = "memprobe.defend.cli"
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:

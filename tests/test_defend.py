@@ -208,3 +208,74 @@ def test_dp_sgd_reports_epsilon_within_target_and_the_accountants_delta(tmp_path
     assert (tmp_path / "dp" / "model" / "adapter").is_dir()
     with pytest.raises(MemprobeError, match="epsilon"):
         dp_finetune(tiny_model("llama"), docs, tmp_path / "bad", epsilon=0)
+
+
+def test_knobs_outside_their_range_are_refused_before_training(tmp_path: Path):
+    from dataclasses import replace
+
+    from memprobe.defend.posthoc import check_knob
+    from memprobe.studies.defenses import DefenseConfig, run_defenses
+
+    quick = DefenseConfig.quick()
+    for bad in (replace(quick, rmft_fractions=(1.5,)), replace(quick, dp_epsilons=(0.0,)),
+                replace(quick, sparsities=(1.0,)), replace(quick, ablate_fractions=(0.9,)),
+                replace(quick, edit_strengths=(-1.0,)), replace(quick, methods=("rmft", "magic"))):
+        with pytest.raises(MemprobeError, match="range|lie in|unknown defense"):
+            run_defenses(bad, tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+    with pytest.raises(MemprobeError, match="strength"):
+        check_knob("edit", 5.0)
+
+
+def _small_lab(src: Path, dst: Path, per_kind: int = 3) -> None:
+    """The tiny lab cut to `per_kind` documents of distinct groups per kind and side, so build,
+    validation and test get one each (an evaluation that runs in seconds); the manifest is kept."""
+    import shutil
+
+    from memprobe.jsonl import read_jsonl, write_jsonl
+
+    dst.mkdir(parents=True)
+    shutil.copy(src / "manifest.json", dst / "manifest.json")
+    for name in ("members.jsonl", "nonmembers.jsonl"):
+        kept, groups = [], {}
+        for doc in read_jsonl(src / name):
+            seen = groups.setdefault(doc["kind"], set())
+            if len(seen) < per_kind and doc["split_group"] not in seen:
+                seen.add(doc["split_group"])
+                kept.append(doc)
+        write_jsonl(dst / name, kept)
+
+
+def test_defend_cli_matches_steps_resumes_and_refuses_a_foreign_base(tmp_path: Path, capsys):
+    from memprobe.cli import main
+    from memprobe.lab.finetune import finetune
+
+    build_lab(tmp_path / "full", preset="tiny", seed=0)
+    _small_lab(tmp_path / "full", tmp_path / "lab")
+    members, _, _ = load_lab(tmp_path / "lab")
+    baseline = finetune("tiny-llama", members, tmp_path / "ft", epochs=3, lr=3e-3, batch_size=4,
+                        seq_len=512, progress=False)
+    argv = ["defend", "--lab", str(tmp_path / "lab"), "--model", "tiny-llama", "--finetuned",
+            str(tmp_path / "ft"), "--method", "rmft", "--knob", "1.0", "--fast-eval", "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    import json
+
+    result = json.loads((tmp_path / "out" / "defenses.json").read_text())
+    rmft_prov = json.loads((tmp_path / "out" / "models" / "rmft-1.0" / "memprobe-finetune.json").read_text())
+    assert rmft_prov["steps"]["total"] == baseline["steps"]["total"] == result["notes"]["steps"]
+    assert rmft_prov["hyperparameters"]["batch_size"] == 4  # the fine-tune's, not the defaults
+    assert result["notes"]["rmft-1.0"]["max_occurrences_after"] == 1
+    test_row = result["methods"]["rmft"]["1.0"]["test"]
+    for key in ("ter", "ter_ci95", "ser", "mia", "utility_nonmembers", "utility_hard"):
+        assert key in test_row
+    assert test_row["utility_hard"]["documents"] > 0 and test_row["utility_hard"]["perplexity_ci95"]
+    assert (tmp_path / "out" / "defenses.png").exists()
+    weights = tmp_path / "out" / "models" / "rmft-1.0" / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    assert main(argv) == 0  # resumed: nothing retrained or re-measured, the same result
+    assert weights.stat().st_mtime_ns == stamp
+    again = json.loads((tmp_path / "out" / "defenses.json").read_text())
+    assert again["summary"] == result["summary"] and again["methods"] == result["methods"]
+    bad = [*argv[:4], "tiny-gpt2", *argv[5:-1], str(tmp_path / "out2")]
+    assert main(bad) == 2
+    assert "not a fine-tune of base" in capsys.readouterr().err

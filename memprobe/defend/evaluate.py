@@ -42,11 +42,12 @@ class EvalConfig:
     """Settings of the evaluation; the defaults are the study's, the tests shrink them."""
 
     extraction_samples: int = 8
-    exposure_samples: int = 2000
+    exposure_samples: int = 2000  # skew-normal rank estimate (an exact walk of 10^6 is too slow)
     n_boot: int = 500
     seed: int = 0
     max_tokens: int = 256
     sample_prompts: int | None = 4  # prompts for the base model's own samples (None: all)
+    batch_size: int = 16
 
 
 def split_lab(members: Sequence[dict], nonmembers: Sequence[dict], *, seed: int = 0,
@@ -122,7 +123,7 @@ def _utility(model: torch.nn.Module, loaded: LoadedModel, docs: Sequence[dict], 
     ids = [i for i in ids if len(i) >= 2]
     if not ids:
         raise MemprobeError("no utility text of at least 2 tokens")
-    rows = _token_totals(model, ids)
+    rows = _token_totals(model, ids, cfg.batch_size)
 
     def ppl(rs: Sequence[tuple]) -> float:
         return math.exp(sum(r[0] for r in rs) / sum(r[1] for r in rs))
@@ -158,7 +159,8 @@ def measure(loaded: LoadedModel, base: LoadedModel, members: Sequence[dict], non
     out: dict[str, Any] = {"members": len(members), "nonmembers": len(nonmembers)}
     with_pii = [d for d in [*members, *nonmembers] if d.get("pii_spans")]
     if with_pii:
-        ext = pii_extraction(loaded, with_pii, seen_ids=seen_ids, n_samples=cfg.extraction_samples, seed=cfg.seed)
+        ext = pii_extraction(loaded, with_pii, seen_ids=seen_ids, n_samples=cfg.extraction_samples, seed=cfg.seed,
+                             batch_size=cfg.batch_size)
         per_doc: dict[str, dict[str, bool]] = {}
         for occ in ext["occurrences"]:
             if occ["member"] and not occ.get("skipped"):
@@ -173,7 +175,8 @@ def measure(loaded: LoadedModel, base: LoadedModel, members: Sequence[dict], non
         out["nonmember_extraction_rate"] = ext["nonmember_extraction_rate"]
     canaries = [d for d in members if d.get("canary")]
     if canaries:
-        rep = exposure_report(loaded, canaries, n_samples=cfg.exposure_samples, seed=cfg.seed)
+        rep = exposure_report(loaded, canaries, method="skewnorm", n_samples=cfg.exposure_samples,
+                              seed=cfg.seed)
         by: dict[str, list[float]] = {}
         for row in rep["canaries"]:
             by.setdefault(str(row["copies"]), []).append(row["exposure"])
@@ -185,7 +188,7 @@ def measure(loaded: LoadedModel, base: LoadedModel, members: Sequence[dict], non
                                          for c, v in sorted(by.items(), key=lambda kv: int(kv[0]))}}
     scored = [d for d in [*members, *nonmembers] if len(loaded.encode(d["text"])) > 6]
     scores = score_texts(loaded, [{"id": d["id"], "text": d["text"][: cfg.max_tokens * 4]} for d in scored],
-                         reference=base)
+                         reference=base, batch_size=cfg.batch_size)
     mia = evaluate_mia(scores, {d["id"]: bool(d.get("member")) for d in scored}, n_boot=0)
     best = max(mia["attacks"], key=lambda a: mia["attacks"][a]["roc_auc"])
     labels = np.array([bool(d.get("member")) for d in scored])

@@ -21,6 +21,16 @@ from memprobe.models import LoadedModel
 
 METHODS = {"ablate": "contrast-neurons", "edit": "low-rank-edit"}
 KNOBS = {"ablate": (0.001, 0.005, 0.02), "edit": (0.5, 1.0, 2.0)}  # neuron fraction; edit strength
+RANGES = {"ablate": (0.0, 0.5), "edit": (0.0, 4.0)}  # open below, closed above
+
+
+def check_knob(method: str, knob: float) -> None:
+    """Refuse a knob outside its method's range, naming the range."""
+    lo, hi = RANGES[method]
+    if isinstance(knob, bool) or not isinstance(knob, (int, float)) or not lo < knob <= hi:
+        what = "the share of MLP neurons ablated" if method == "ablate" else "the learned edit's strength"
+        raise MemprobeError(f"{method} knob {knob!r} is out of range: it is {what}, in ({lo}, {hi}] "
+                            f"(the study uses {KNOBS[method]})")
 
 
 def memorized_targets(loaded: LoadedModel, docs: Sequence[dict[str, Any]], *, min_prob: float = 0.5,
@@ -61,8 +71,7 @@ def with_knob(loaded: LoadedModel, method: str, edit: Any, knob: float, build_me
     from memprobe.intervene.export import patched_model
     from memprobe.intervene.suppress import make_edit, targets_from_labels
 
-    if knob not in KNOBS[method] and not (isinstance(knob, float) and 0 < knob <= 4):
-        raise MemprobeError(f"{method} knob {knob!r} is out of range: use one of {KNOBS[method]}")
+    check_knob(method, knob)
     if method == "edit":
         return patched_model(loaded.model, edit.with_strength(knob))
     memorized, _ = memorized_targets(loaded, build_members)

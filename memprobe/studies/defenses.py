@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +58,9 @@ class DefenseConfig:
     def quick(cls) -> DefenseConfig:
         return cls(model="tiny-llama", lab_preset="tiny", epochs=4, lr=3e-3, batch_size=8, seq_len=512,
                    lora=False, dp_lr=5e-2, dp_epsilons=(8.0,), sparsities=(0.3,), ablate_fractions=(0.02,),
-                   edit_strengths=(1.0,), evaluation=EvalConfig(extraction_samples=2, exposure_samples=100,
-                                                                n_boot=50, max_tokens=128, sample_prompts=1))
+                   edit_strengths=(1.0,), evaluation=EvalConfig(extraction_samples=1, exposure_samples=100,
+                                                                n_boot=50, max_tokens=128, sample_prompts=1,
+                                                                batch_size=32))
 
 
 def _cached(path: Path, compute: Any) -> Any:
@@ -72,40 +73,135 @@ def _cached(path: Path, compute: Any) -> Any:
     return value
 
 
-def run_defenses(cfg: DefenseConfig, out_dir: str | Path, *, progress: bool = False) -> DefenseStudy:
-    """Run (or resume) the whole study; returns the result (also saved as `defenses.json`)."""
+def check_config(cfg: DefenseConfig) -> None:
+    """Refuse a knob outside its range before anything is trained."""
+    from memprobe.defend.posthoc import check_knob
+
+    checks = [("rmft_fractions", cfg.rmft_fractions, lambda v: 0 < v <= 1, "(0, 1]"),
+              ("dp_epsilons", cfg.dp_epsilons, lambda v: 0 < v <= 100, "(0, 100]"),
+              ("sparsities", cfg.sparsities, lambda v: 0 <= v < 1, "[0, 1)")]
+    for name, values, ok, interval in checks:
+        bad = [v for v in values if not ok(v)]
+        if bad or not values:
+            raise MemprobeError(f"{name}={values}: every value must lie in {interval}")
+    for v in cfg.ablate_fractions:
+        check_knob("ablate", v)
+    for v in cfg.edit_strengths:
+        check_knob("edit", v)
+
+
+@dataclass
+class _Context:
+    """What every defense of one study shares: the config, base name, members, the undefended
+    fine-tune, the splits, its step count and where models go."""
+
+    cfg: DefenseConfig
+    members: list[dict]
+    splits: dict[str, dict[str, list]]
+    finetuned: Any  # LoadedModel of the undefended fine-tune
+    steps: int
+    models: Path
+    notes: dict[str, Any]
+    progress: bool = False
+    _edit: Any = None
+
+    def train_args(self) -> dict[str, Any]:
+        c = self.cfg
+        return dict(epochs=c.epochs, lr=c.lr, batch_size=c.batch_size, seq_len=c.seq_len, lora=c.lora,
+                    seed=c.seed, progress=self.progress)
+
+
+def defended_model(ctx: _Context, method: str, knob: Any) -> tuple[Any, list[str]]:
+    """(LoadedModel of `method` at `knob`, ids of the documents it trained on)."""
     from memprobe.defend.dedup import deduplicate
     from memprobe.defend.dp import dp_finetune
     from memprobe.defend.posthoc import build_posthoc, with_knob
     from memprobe.defend.prune import prune_mlp
     from memprobe.defend.rmft import rmft
-    from memprobe.lab.corpus import build_lab, load_lab
     from memprobe.lab.finetune import finetune
     from memprobe.models import LoadedModel, load_model
+
+    cfg, ft, all_ids, name = ctx.cfg, ctx.finetuned, [d["id"] for d in ctx.members], f"{method}-{knob}"
+    if method == "dedup":
+        docs, ctx.notes[name] = deduplicate(ctx.members)
+        finetune(cfg.model, docs, ctx.models / name, **ctx.train_args(), steps=ctx.steps)
+        return load_model(str(ctx.models / name)), [d["id"] for d in docs]
+    if method == "rmft":
+        docs, ctx.notes[name] = rmft(ctx.members, fraction=knob, seed=cfg.seed)
+        finetune(cfg.model, docs, ctx.models / name, **ctx.train_args(), steps=ctx.steps)
+        return load_model(str(ctx.models / name)), all_ids
+    if method == "dp":
+        prov = dp_finetune(cfg.model, ctx.members, ctx.models / name, epsilon=knob, epochs=cfg.epochs,
+                           lr=cfg.dp_lr, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed)
+        ctx.notes[name] = {"privacy": prov["privacy"], "steps": prov["steps"]}
+        return load_model(str(ctx.models / name / "model")), all_ids
+    if method.startswith("prune-"):
+        kind = method.removeprefix("prune-")
+        pruned = LoadedModel(f"{ft.name}+{name}", copy.deepcopy(ft.model), ft.tokenizer, ft.info)
+        calibration = [ft.encode(d["text"])[: cfg.seq_len] for d in ctx.splits["build"]["nonmembers"]]
+        ctx.notes[name] = prune_mlp(pruned.model, knob, method=kind, calibration=calibration)
+        return pruned, all_ids
+    if method in ("ablate", "edit"):
+        build = (ctx.splits["build"]["members"], ctx.splits["build"]["nonmembers"])
+        if method == "edit" and ctx._edit is None:
+            ctx._edit = build_posthoc(ft, method, *build, seed=cfg.seed)
+        net = with_knob(ft, method, ctx._edit, knob, *build, seed=cfg.seed)
+        return LoadedModel(f"{ft.name}+{name}", net, ft.tokenizer, ft.info), all_ids
+    raise MemprobeError(f"unknown defense method {method!r}: choose from {', '.join(ALL_METHODS)}")
+
+
+def knobs_of(cfg: DefenseConfig, method: str) -> tuple[Any, ...]:
+    """The settings the study tries for `method`."""
+    return {"dedup": ("exact+near",), "rmft": cfg.rmft_fractions, "dp": cfg.dp_epsilons,
+            "prune-magnitude": cfg.sparsities, "prune-wanda": cfg.sparsities,
+            "ablate": cfg.ablate_fractions, "edit": cfg.edit_strengths}[method]
+
+
+def run_defenses(cfg: DefenseConfig, out_dir: str | Path, *, progress: bool = False,
+                 lab: str | Path | None = None, finetuned: str | Path | None = None) -> DefenseStudy:
+    """Run (or resume) the whole study; returns the result (also saved as `defenses.json`).
+
+    `lab` and `finetuned` reuse an existing lab directory and undefended fine-tune (whose
+    `memprobe-finetune.json` gives the step count); otherwise both are made under `out_dir`."""
+    from memprobe.lab.corpus import build_lab, load_lab
+    from memprobe.lab.finetune import PROVENANCE_FILE, finetune
+    from memprobe.models import load_model
 
     unknown = sorted(set(cfg.methods) - set(ALL_METHODS))
     if unknown:
         raise MemprobeError(f"unknown defense methods {unknown}: choose from {', '.join(ALL_METHODS)}")
+    check_config(cfg)
     out = Path(out_dir)
-    lab_dir = out / "lab"
-    if not (lab_dir / "manifest.json").exists():
+    lab_dir = Path(lab) if lab is not None else out / "lab"
+    if lab is None and not (lab_dir / "manifest.json").exists():
         build_lab(lab_dir, preset=cfg.lab_preset, seed=cfg.lab_seed)
     members, nonmembers, _ = load_lab(lab_dir)
     splits = split_lab(members, nonmembers, seed=cfg.seed)
     base = load_model(cfg.model)
-    hard = _cached(out / "eval" / "hard_texts.json",
-                   lambda: hard_texts(base, seed=cfg.seed, sample_prompts=cfg.evaluation.sample_prompts))
-    train_args = dict(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
-                      lora=cfg.lora, seed=cfg.seed, progress=progress)
     models = out / "models"
     models.mkdir(parents=True, exist_ok=True)
-    baseline_prov = finetune(cfg.model, members, models / "baseline", **train_args)
-    steps = baseline_prov["steps"]["total"]
-    notes: dict[str, Any] = {"steps": steps, "equalised": "dedup and RMFT: the baseline's optimizer steps "
-                             "and batch size (finetune(steps=...)); DP-SGD: the same epochs over one record "
-                             "per document presentation (expected batches of batch_size)"}
+    if finetuned is None:
+        finetuned = models / "baseline"
+        finetune(cfg.model, members, finetuned, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
+                 seq_len=cfg.seq_len, lora=cfg.lora, seed=cfg.seed, progress=progress)
+    prov_file = Path(finetuned) / PROVENANCE_FILE
+    if not prov_file.exists():
+        raise MemprobeError(f"{finetuned} has no {PROVENANCE_FILE}: give a model trained by `memprobe finetune` "
+                            "(its steps and hyperparameters are what the defenses must match)")
+    baseline_prov = json.loads(prov_file.read_text(encoding="utf-8"))
+    hp = baseline_prov.get("hyperparameters", {})
+    cfg = replace(cfg, **{k: hp[k] for k in ("epochs", "lr", "batch_size", "seq_len", "lora", "seed") if k in hp})
+    ft = load_model(str(finetuned))
+    check_pair(base, ft)
+    hard = _cached(out / "eval" / "hard_texts.json",
+                   lambda: hard_texts(base, seed=cfg.seed, sample_prompts=cfg.evaluation.sample_prompts))
+    notes: dict[str, Any] = {"steps": baseline_prov["steps"]["total"],
+                             "equalised": "dedup and RMFT: the baseline's optimizer steps and batch size "
+                             "(finetune(steps=...)); DP-SGD: the same epochs over one record per document "
+                             "presentation (expected batches of batch_size)"}
+    ctx = _Context(cfg, members, splits, ft, baseline_prov["steps"]["total"], models, notes, progress)
 
-    def evaluate(name: str, loaded: LoadedModel, seen: list[str]) -> dict[str, Any]:
+    def evaluate(name: str, loaded: Any, seen: list[str]) -> dict[str, Any]:
         check_pair(base, loaded)
         return {split: _cached(out / "eval" / f"{name}-{split}.json",
                                lambda split=split: measure(loaded, base, splits[split]["members"],
@@ -113,48 +209,13 @@ def run_defenses(cfg: DefenseConfig, out_dir: str | Path, *, progress: bool = Fa
                                                            seen_ids=seen))
                 for split in ("validation", "test")}
 
-    all_ids = [d["id"] for d in members]
-    ft = load_model(str(models / "baseline"))
-    baseline = evaluate("baseline", ft, all_ids)
+    baseline = evaluate("baseline", ft, [d["id"] for d in members])
     methods: dict[str, dict[Any, dict[str, Any]]] = {}
-    if "dedup" in cfg.methods:
-        docs, report = deduplicate(members)
-        notes["dedup"] = report
-        finetune(cfg.model, docs, models / "dedup", **train_args, steps=steps)
-        methods["dedup"] = {"exact+near": evaluate("dedup", load_model(str(models / "dedup")),
-                                                   [d["id"] for d in docs])}
-    if "rmft" in cfg.methods:
-        methods["rmft"] = {}
-        for fraction in cfg.rmft_fractions:
-            docs, report = rmft(members, fraction=fraction, seed=cfg.seed)
-            notes[f"rmft-{fraction}"] = report
-            finetune(cfg.model, docs, models / f"rmft-{fraction}", **train_args, steps=steps)
-            methods["rmft"][fraction] = evaluate(f"rmft-{fraction}", load_model(str(models / f"rmft-{fraction}")),
-                                                 all_ids)
-    if "dp" in cfg.methods:
-        methods["dp"] = {}
-        for eps in cfg.dp_epsilons:
-            prov = dp_finetune(cfg.model, members, models / f"dp-{eps}", epsilon=eps, epochs=cfg.epochs,
-                               lr=cfg.dp_lr, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed)
-            notes[f"dp-{eps}"] = {"privacy": prov["privacy"], "steps": prov["steps"]}
-            methods["dp"][eps] = evaluate(f"dp-{eps}", load_model(str(models / f"dp-{eps}" / "model")), all_ids)
-    calibration = [ft.encode(d["text"])[: cfg.seq_len] for d in splits["build"]["nonmembers"]]
-    for kind in ("magnitude", "wanda"):
-        if f"prune-{kind}" in cfg.methods:
-            methods[f"prune-{kind}"] = {}
-            for s in cfg.sparsities:
-                pruned = LoadedModel(f"{ft.name}+prune-{kind}-{s}", copy.deepcopy(ft.model), ft.tokenizer, ft.info)
-                notes[f"prune-{kind}-{s}"] = prune_mlp(pruned.model, s, method=kind, calibration=calibration)
-                methods[f"prune-{kind}"][s] = evaluate(f"prune-{kind}-{s}", pruned, all_ids)
-    for method, knobs in (("ablate", cfg.ablate_fractions), ("edit", cfg.edit_strengths)):
-        if method in cfg.methods:
-            build = (splits["build"]["members"], splits["build"]["nonmembers"])
-            edit = build_posthoc(ft, method, *build, seed=cfg.seed) if method == "edit" else None
-            methods[method] = {}
-            for knob in knobs:
-                net = with_knob(ft, method, edit, knob, *build, seed=cfg.seed)
-                methods[method][knob] = evaluate(f"{method}-{knob}", LoadedModel(f"{ft.name}+{method}-{knob}", net,
-                                                                              ft.tokenizer, ft.info), all_ids)
+    for method in cfg.methods:
+        methods[method] = {}
+        for knob in knobs_of(cfg, method):
+            loaded, seen = defended_model(ctx, method, knob)
+            methods[method][knob] = evaluate(f"{method}-{knob}", loaded, seen)
     notes["config"] = json.loads(json.dumps(asdict(cfg)))
     notes["splits"] = {s: {k: len(v) for k, v in parts.items()} for s, parts in splits.items()}
     study = DefenseStudy(cfg.evaluation, baseline, methods, notes)
