@@ -408,6 +408,8 @@ def finetune(
     done_file = out_dir / PROVENANCE_FILE
     if done_file.exists():
         return json.loads(done_file.read_text(encoding="utf-8"))
+    for partial in out_dir.glob(".tmp-*"):  # a checkpoint a killed run was half-way through writing
+        shutil.rmtree(partial, ignore_errors=True)
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     net = loaded.model.to(dev)
