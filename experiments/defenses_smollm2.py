@@ -14,19 +14,25 @@ resumes from the last complete one. Results: <out>/defenses.json and <out>/defen
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
-from memprobe.studies.defenses import DefenseConfig, run_defenses
+from memprobe.studies.defenses import ALL_METHODS, DefenseConfig, run_defenses
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny model and tiny lab (the tested path)")
     p.add_argument("--out", default=None, help="work and result directory (default experiments/results/...)")
-    args = p.parse_args()
+    p.add_argument("--methods", nargs="+", choices=ALL_METHODS, help="a subset of the defenses (default: all)")
+    p.add_argument("--lab", help="an existing lab directory (default: build one under --out)")
+    p.add_argument("--finetuned", help="an existing undefended fine-tune of the model (default: train one)")
+    args = p.parse_args(argv)
     cfg = DefenseConfig.quick() if args.quick else DefenseConfig()
+    if args.methods:
+        cfg = replace(cfg, methods=tuple(args.methods))
     out = Path(args.out or f"experiments/results/defenses_{'quick' if args.quick else 'smollm2'}")
-    study = run_defenses(cfg, out, progress=not args.quick)
+    study = run_defenses(cfg, out, progress=not args.quick, lab=args.lab, finetuned=args.finetuned)
     study.plot(out / "defenses.png", script=__file__)
     for method, row in study.summary().items():
         print(f"{method:16s} knob={row['chosen_knob']!s:10s} MaxTER@6%={row['max_ter_at_6pct']:.3f} "

@@ -276,6 +276,15 @@ def test_defend_cli_matches_steps_resumes_and_refuses_a_foreign_base(tmp_path: P
     assert weights.stat().st_mtime_ns == stamp
     again = json.loads((tmp_path / "out" / "defenses.json").read_text())
     assert again["summary"] == result["summary"] and again["methods"] == result["methods"]
+    import runpy
+
+    experiment = runpy.run_path(str(Path(__file__).parent.parent / "experiments" / "defenses_smollm2.py"))
+    experiment["main"](["--quick", "--lab", str(tmp_path / "lab"), "--finetuned", str(tmp_path / "ft"),
+                        "--methods", "prune-wanda", "--out", str(tmp_path / "out")])
+    quick = json.loads((tmp_path / "out" / "defenses.json").read_text())
+    assert quick["baseline"] == result["baseline"]  # the same evaluation settings: measured once
+    assert quick["notes"]["prune-wanda-0.3"]["achieved_sparsity"] == pytest.approx(0.3, abs=0.01)
+    assert set(quick["summary"]) == {"prune-wanda"}
     bad = [*argv[:4], "tiny-gpt2", *argv[5:-1], str(tmp_path / "out2")]
     assert main(bad) == 2
     assert "not a fine-tune of base" in capsys.readouterr().err

@@ -11,7 +11,6 @@ KNOB_FIELD = {"rmft": "rmft_fractions", "dp": "dp_epsilons", "prune": "sparsitie
 
 
 def _defend(args: argparse.Namespace) -> int:
-    from memprobe.defend.evaluate import EvalConfig
     from memprobe.errors import MemprobeError
     from memprobe.studies.defenses import DefenseConfig, run_defenses
 
@@ -22,8 +21,7 @@ def _defend(args: argparse.Namespace) -> int:
             raise MemprobeError(f"--knob: {args.method} has no knob (it runs one setting)")
         cfg = replace(cfg, **{KNOB_FIELD[args.method]: tuple(args.knob)})
     if args.fast_eval:
-        cfg = replace(cfg, evaluation=EvalConfig(extraction_samples=1, exposure_samples=50, n_boot=50,
-                                                 max_tokens=128, sample_prompts=1, batch_size=32))
+        cfg = replace(cfg, evaluation=DefenseConfig.quick().evaluation)
     study = run_defenses(cfg, args.out, lab=args.lab, finetuned=args.finetuned, progress=True)
     study.plot(f"{args.out}/defenses.png")
     for method, row in study.summary().items():

@@ -14,6 +14,7 @@ Fine-tuned weights stay in `out_dir/models` (not for committing); results are JS
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -71,6 +72,13 @@ def _cached(path: Path, compute: Any) -> Any:
     value = compute()
     write_json(path, value)
     return value
+
+
+def lab_hash(lab_dir: Path) -> str:
+    """sha256 of the lab's member and non-member files: a changed lab is a new evaluation."""
+    from memprobe.models import file_sha256
+
+    return ":".join(file_sha256(lab_dir / f) for f in ("members.jsonl", "nonmembers.jsonl"))
 
 
 def check_config(cfg: DefenseConfig) -> None:
@@ -193,7 +201,11 @@ def run_defenses(cfg: DefenseConfig, out_dir: str | Path, *, progress: bool = Fa
     cfg = replace(cfg, **{k: hp[k] for k in ("epochs", "lr", "batch_size", "seq_len", "lora", "seed") if k in hp})
     ft = load_model(str(finetuned))
     check_pair(base, ft)
-    hard = _cached(out / "eval" / "hard_texts.json",
+    # measurements are keyed by what decides them: evaluation settings, base, fine-tune, lab, seed
+    key = json.dumps([asdict(cfg.evaluation), cfg.model, baseline_prov.get("base_model", {}).get("weights_sha256"),
+                      str(Path(finetuned).resolve()), lab_hash(lab_dir), cfg.seed], sort_keys=True)
+    eval_dir = out / "eval" / hashlib.sha256(key.encode()).hexdigest()[:12]
+    hard = _cached(eval_dir / "hard_texts.json",
                    lambda: hard_texts(base, seed=cfg.seed, sample_prompts=cfg.evaluation.sample_prompts))
     notes: dict[str, Any] = {"steps": baseline_prov["steps"]["total"],
                              "equalised": "dedup and RMFT: the baseline's optimizer steps and batch size "
@@ -203,7 +215,7 @@ def run_defenses(cfg: DefenseConfig, out_dir: str | Path, *, progress: bool = Fa
 
     def evaluate(name: str, loaded: Any, seen: list[str]) -> dict[str, Any]:
         check_pair(base, loaded)
-        return {split: _cached(out / "eval" / f"{name}-{split}.json",
+        return {split: _cached(eval_dir / f"{name}-{split}.json",
                                lambda split=split: measure(loaded, base, splits[split]["members"],
                                                            splits[split]["nonmembers"], hard, cfg.evaluation,
                                                            seen_ids=seen))
@@ -217,6 +229,7 @@ def run_defenses(cfg: DefenseConfig, out_dir: str | Path, *, progress: bool = Fa
             loaded, seen = defended_model(ctx, method, knob)
             methods[method][knob] = evaluate(f"{method}-{knob}", loaded, seen)
     notes["config"] = json.loads(json.dumps(asdict(cfg)))
+    notes["evaluation_cache"] = str(eval_dir)
     notes["splits"] = {s: {k: len(v) for k, v in parts.items()} for s, parts in splits.items()}
     study = DefenseStudy(cfg.evaluation, baseline, methods, notes)
     study.save(out / "defenses.json")
