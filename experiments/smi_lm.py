@@ -82,7 +82,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     args = ap.parse_args()
     if args.quick:
-        args.per_play, args.shadows, args.epochs, args.directions, args.train_layers = 30, 4, 15, 200, 1
+        args.per_play, args.shadows, args.epochs, args.directions, args.train_layers = 24, 4, 12, 200, 1
     torch.set_num_threads(1)  # the 2 cores are shared: one thread avoids OpenMP spin-waits
 
     texts, clean, classes = play_lines(args.per_play, args.min_words, args.seed)

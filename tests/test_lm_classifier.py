@@ -150,7 +150,7 @@ def test_average_precision_matches_its_definition():
     labels = np.array([1, 0, 1, 0, 0])
     scores = np.array([0.9, 0.8, 0.7, 0.2, 0.1])
     assert average_precision(scores, labels) == pytest.approx((1.0 + 2 / 3) / 2)
-    assert average_precision(-scores[::-1], labels[::-1]) == pytest.approx((1.0 + 2 / 3) / 2)
+    assert average_precision(scores[::-1], labels[::-1]) == pytest.approx((1.0 + 2 / 3) / 2)
 
 
 def test_bad_input_fails_clearly(tiny):
