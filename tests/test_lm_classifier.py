@@ -168,6 +168,10 @@ def test_bad_input_fails_clearly(tiny):
     other = LoRALastTokenClassifier(tiny.model, prefix, 3, LoRASpec(train_layers=1, rank=2))
     with pytest.raises(MemprobeError, match="same LoRASpec"):
         clf.load_state_dict({k: v for k, v in other.state_dict().items() if "head" not in k})
+    with pytest.raises(MemprobeError, match="other shapes"):
+        clf.load_state_dict(other.state_dict() | {k: v for k, v in clf.state_dict().items() if "lora" in k})
+    with pytest.raises(MemprobeError, match="sample indices"):
+        clf(torch.tensor([0, 8]))
     with pytest.raises(MemprobeError, match="Llama-style"):
         frozen_prefix(tiny_model("gpt2"), texts, cut=1)
 

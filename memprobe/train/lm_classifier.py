@@ -182,6 +182,9 @@ class LoRALastTokenClassifier(nn.Module):
 
     def forward(self, index: torch.Tensor) -> torch.Tensor:
         index = torch.as_tensor(index, dtype=torch.long, device=self.prefix_hidden.device)
+        if index.numel() == 0 or index.min() < 0 or index.max() >= len(self.lengths):
+            raise MemprobeError(f"inputs are sample indices into the prefix's {len(self.lengths)} texts; got "
+                                f"{index.numel()} indices outside 0..{len(self.lengths) - 1} or none")
         last = self.lengths[index] - 1
         width = int(last.max()) + 1
         h = self.prefix_hidden[index, :width]
@@ -205,7 +208,10 @@ class LoRALastTokenClassifier(nn.Module):
             raise MemprobeError(f"state does not match this classifier's trained tensors (missing "
                                 f"{sorted(self.trained - set(state))[:3]}, unexpected "
                                 f"{sorted(set(state) - self.trained)[:3]}): same LoRASpec and classes?")
-        return super().load_state_dict(state, strict=False, assign=assign)
+        try:
+            return super().load_state_dict(state, strict=False, assign=assign)
+        except RuntimeError as exc:
+            raise MemprobeError(f"state has other shapes than this classifier (classes, rank?): {exc}") from None
 
 
 def shadow_train_fn(make_model: Callable[[], nn.Module], labels: np.ndarray, config: TrainConfig) -> TrainFn:
