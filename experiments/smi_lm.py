@@ -27,6 +27,7 @@ import torch
 
 from memprobe.errors import MemprobeError
 from memprobe.models import load_model, tiny_model
+from memprobe.predict import evaluate_predictors
 from memprobe.results import save_results
 from memprobe.studies.smi import add_label_noise, make_figures, run_study, study_parser
 from memprobe.train.classifier import TrainConfig
@@ -103,13 +104,17 @@ def main() -> None:
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          eval_every=max(1, args.per_play * len(classes) // 2 // args.batch_size // 2),
                          seed=args.seed)
+    n_boot = 50 if args.quick else 500
     results, arrays = run_study(
         x=torch.arange(len(texts)), y=y, noisy=noisy,
         make_model=lambda: LoRALastTokenClassifier(loaded.model, prefix, len(classes), spec),
         hidden_modules=trained, config=config, n_shadows=args.shadows, n_directions=args.directions,
         memorized_fraction=args.memorized_fraction, seed=args.seed, cache_dir=cache,
-        frozen_features=frozen, n_boot=50 if args.quick else 500,
+        frozen_features=frozen, n_boot=n_boot,
     )
+    if arrays["noisy"].any():  # the other ground truth: is the given label a flipped one (with CIs here)
+        results["flipped_label_detection_with_ci"] = evaluate_predictors(
+            arrays["predictors"], arrays["noisy"], n_boot=n_boot, seed=args.seed)
     results["scale"].update(
         task=f"which of {len(classes)} plays a verse line (>= {args.min_words} words) comes from",
         classes=classes, lines_per_play=args.per_play, max_tokens=args.max_tokens,
@@ -129,7 +134,10 @@ def main() -> None:
         for k in ("psmi[head:taps.norm]", results["best_early_psmi_layer_by_lira_auc"], "early_loss",
                   "early_logit_gap"):
             print(f"{gname:15s} {k:28s} AUC {ev[k]['roc_auc']:.3f} {ev[k]['roc_auc_ci95']}  "
-                  f"AP {ev[k].get('average_precision', float('nan')):.3f}")
+                  f"AP {ev[k]['average_precision']:.3f}")
+    for k, v in results.get("flipped_label_detection_with_ci", {}).items():
+        if k in ("psmi[head:taps.norm]", "early_loss", "early_logit_gap"):
+            print(f"flipped label   {k:28s} AUC {v['roc_auc']:.3f} {v['roc_auc_ci95']}  AP {v['average_precision']:.3f}")
     print("wrote", path, *figs)
 
 

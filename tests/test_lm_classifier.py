@@ -192,6 +192,8 @@ def test_experiment_quick_mode(tmp_path):
     # the target fits its training lines far better than it predicts held-out ones: it memorizes
     assert res["target"]["train_accuracy_final"] > res["target"]["heldout_accuracy_final_vs_given_labels"] + 0.3
     assert res["shadows"]["mean_in_accuracy"] > res["shadows"]["mean_out_accuracy"] + 0.3
+    flipped = res["flipped_label_detection_with_ci"]["early_loss"]
+    assert len(flipped["average_precision_ci95"]) == 2 and 0.0 <= flipped["roc_auc"] <= 1.0
     assert len(list((tmp_path / "fig").glob("smi_lm_quick_*.png"))) == 4
     # a rerun finds every stage cached (target snapshots, each shadow) and reproduces the result
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
