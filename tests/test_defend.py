@@ -288,3 +288,28 @@ def test_defend_cli_matches_steps_resumes_and_refuses_a_foreign_base(tmp_path: P
     bad = [*argv[:4], "tiny-gpt2", *argv[5:-1], str(tmp_path / "out2")]
     assert main(bad) == 2
     assert "not a fine-tune of base" in capsys.readouterr().err
+
+
+def test_posthoc_edits_are_built_from_the_build_split_and_suppress_memorized_tokens(tmp_path: Path):
+    from memprobe.defend.posthoc import build_posthoc, memorized_targets, with_knob
+    from memprobe.lab.finetune import finetune
+    from memprobe.models import LoadedModel, load_model
+
+    build = [{"id": f"m{i}", "text": f"Member {i}: call Dana Smith on 555-01{i:02d} about invoice INV-7{i}."}
+             for i in range(4)]
+    controls = [{"id": f"c{i}", "text": f"An ordinary sentence number {i} about the weather and the sea."}
+                for i in range(3)]
+    finetune("tiny-llama", build, tmp_path / "ft", epochs=60, lr=1e-2, batch_size=4, seq_len=128,
+             progress=False)
+    ft = load_model(str(tmp_path / "ft"))
+    before, ids = memorized_targets(ft, build)
+    assert ids and set(ids) <= {d["id"] for d in build}
+    n_before = sum(int(t.positions.sum()) for t in before)
+    edit = build_posthoc(ft, "edit", build, controls)
+    assert set(edit.meta["built_from_ids"]) <= {d["id"] for d in build}
+    for method, knob, handle in (("edit", 2.0, edit), ("ablate", 0.02, None)):
+        edited = LoadedModel("edited", with_knob(ft, method, handle, knob, build, controls), ft.tokenizer)
+        after, _ = memorized_targets(edited, build)
+        assert sum(int(t.positions.sum()) for t in after) < n_before, method
+    with pytest.raises(MemprobeError, match="out of range"):
+        with_knob(ft, "ablate", None, 0.9, build, controls)

@@ -205,7 +205,8 @@ def measure(loaded: LoadedModel, base: LoadedModel, members: Sequence[dict], non
 
 
 def relative(row: dict[str, Any], baseline: dict[str, Any]) -> tuple[float, float]:
-    """(relative TER reduction, relative perplexity increase on held-out non-members) vs the baseline."""
+    """(relative TER reduction, relative perplexity increase on held-out non-members) vs the baseline;
+    the reduction is 0 when the baseline extracts nothing (the summary flags it)."""
     ppl0 = baseline["utility_nonmembers"]["perplexity"]
     increase = (row["utility_nonmembers"]["perplexity"] - ppl0) / ppl0
     if not baseline.get("ter"):  # nothing extracted, nothing to reduce: no method earns credit
@@ -259,7 +260,11 @@ class DefenseStudy(Result):
                 "max_ter_at_6pct": max_ter(points, 0.06),
                 "aurc_0_10pct": aurc(points),
                 "aurc_normalised": aurc(points) / AURC_MAX_TAU,
+                "baseline_ter": {s: self.baseline[s].get("ter") for s in ("validation", "test")},
             }
+            if not self.baseline["test"].get("ter"):
+                out[method]["warning"] = ("the undefended model extracts no PII on test (TER 0): there is "
+                                          "nothing to reduce, so every reduction reads 0")
         return out
 
     def to_dict(self) -> dict[str, Any]:
