@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from memprobe.intervene.ablation import DirectionEdit, LowRankEdit, hooked_edit
-from memprobe.intervene.localizers import mlp_shape, random_scores, top_neurons
+from memprobe.intervene.localizers import RandomScores, mlp_shape, top_neurons
 from memprobe.models import load_model
 from memprobe.results import save_results
 
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     start = max(0, n_layers // 2 - 1)  # the layers train_low_rank_edit edits by default
     low_rank = LowRankEdit({i: (torch.randn(4, d_mlp, generator=g), torch.randn(d_model, 4, generator=g) * 1e-3)
                             for i in range(start, max(start + 1, n_layers - 2))})
-    edits = {"neurons_0.5%": top_neurons(random_scores(model, 0), 0.005),
+    edits = {"neurons_0.5%": top_neurons(RandomScores(model, 0).localize().scores, 0.005),
              "direction": DirectionEdit(torch.randn(d_model, generator=torch.Generator().manual_seed(0))),
              "low_rank_4": low_rank}
     _time(model, ids, None, 1)  # warm-up

@@ -85,14 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     model = loaded.model
     background = [L.Target.suffix(ctrl_ids[0], 1)]
     methods = {
-        "activations": lambda t: L.activations(model, t, background),
-        "attribution": lambda t: L.attribution(model, t),
-        "integrated_gradients": lambda t: L.integrated_gradients(model, t, steps=ig_steps),
-        "slimming": lambda t: L.slimming(model, t, background, steps=steps, seed=args.seed),
-        "hard_concrete": lambda t: L.hard_concrete(model, t, background, steps=steps, seed=args.seed),
-        "probe_neurons": lambda t: L.probe_neurons(model, t, background,
-                                                   max(1, round(args.fraction * L.mlp_shape(model)[0] * L.mlp_shape(model)[1]))),
-        "random": lambda t: L.random_scores(model, args.seed + int(t.token_ids.sum())),
+        "activations": lambda t: L.Activations(model).localize(t, background).scores,
+        "attribution": lambda t: L.Attribution(model).localize(t).scores,
+        "integrated_gradients": lambda t: L.IntegratedGradients(model, steps=ig_steps).localize(t).scores,
+        "slimming": lambda t: L.Slimming(model, steps=steps, seed=args.seed).localize(t, background).scores,
+        "hard_concrete": lambda t: L.HardConcrete(model, steps=steps, seed=args.seed).localize(t, background).scores,
+        "probe_neurons": lambda t: L.ProbeNeurons(model, max(1, round(args.fraction * L.mlp_shape(model)[0] * L.mlp_shape(model)[1]))
+                                   ).localize(t, background).scores,
+        "random": lambda t: L.RandomScores(model, args.seed + int(t.token_ids.sum())).localize().scores,
     }
     # Scores and measurements are kept in a content-keyed cache (memprobe.studies.cache): keyed by the
     # model, the sequences, the settings and the localizers' code, so a rerun resumes where it stopped.

@@ -60,14 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     background = [L.Target.suffix(loaded.encode(t[:200]), 1) for t in texts[:1]]
     prefix = 3  # the suppressed positions: everything after the first word's bytes
     methods = {
-        "activations": lambda t: L.activations(model, t, background),
-        "attribution": lambda t: L.attribution(model, t),
-        "integrated_gradients": lambda t: L.integrated_gradients(model, t, steps=cfg["ig_steps"]),
-        "slimming": lambda t: L.slimming(model, t, background, steps=cfg["opt_steps"], seed=args.seed),
-        "hard_concrete": lambda t: L.hard_concrete(model, t, background, steps=cfg["opt_steps"], seed=args.seed),
-        "zero_out": lambda t: L.zero_out(model, t),
-        "probe_neurons": lambda t: L.probe_neurons(model, t, background, per_seq),
-        "random": lambda t: L.random_scores(model, args.seed + len(t.token_ids)),
+        "activations": lambda t: L.Activations(model).localize(t, background).scores,
+        "attribution": lambda t: L.Attribution(model).localize(t).scores,
+        "integrated_gradients": lambda t: L.IntegratedGradients(model, steps=cfg["ig_steps"]).localize(t).scores,
+        "slimming": lambda t: L.Slimming(model, steps=cfg["opt_steps"], seed=args.seed).localize(t, background).scores,
+        "hard_concrete": lambda t: L.HardConcrete(model, steps=cfg["opt_steps"], seed=args.seed).localize(t, background).scores,
+        "zero_out": lambda t: L.ZeroOut(model).localize(t).scores,
+        "probe_neurons": lambda t: L.ProbeNeurons(model, per_seq).localize(t, background).scores,
+        "random": lambda t: L.RandomScores(model, args.seed + len(t.token_ids)).localize().scores,
     }
     recall: dict[str, dict[str, list[float]]] = {m: {str(k): [] for k in KS} for m in methods}
     seconds: dict[str, list[float]] = {m: [] for m in methods}

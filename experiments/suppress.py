@@ -26,7 +26,7 @@ from memprobe.corpora import bundled_corpus
 from memprobe.errors import MemprobeError
 from memprobe.intervene.ablation import save_edit
 from memprobe.intervene.export import export_patched
-from memprobe.intervene.localizers import mean_activations, random_scores, top_neurons
+from memprobe.intervene.localizers import RandomScores, mean_activations, top_neurons
 from memprobe.intervene.suppress import (
     contrast_scores,
     evaluate,
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     scores, means = stored["scores"], stored["means"]
 
     def random_neurons(frac: float):
-        return top_neurons(random_scores(loaded.model, args.seed), frac, means=means,
+        return top_neurons(RandomScores(loaded.model, args.seed).localize().scores, frac, means=means,
                            meta={"method": "random-neurons", "fraction": frac, "seed": args.seed})
 
     curves: dict[str, list[dict]] = {"contrast-neurons": [], "random-neurons": [], "mean-diff-direction": [],

@@ -112,7 +112,7 @@ def test_localizers_agree_with_real_ablation_on_tiny_model():
     loaded = load_model("tiny-llama")
     model = loaded.model
     target = L.Target.suffix(loaded.encode(TEXT), 8)
-    zero = L.zero_out(model, target)
+    zero = L.ZeroOut(model).localize(target).scores
     assert zero.shape == L.mlp_shape(model)
     best = int(zero.flatten().argmax())
     width = zero.shape[1]
@@ -123,15 +123,16 @@ def test_localizers_agree_with_real_ablation_on_tiny_model():
         with hooked_edit(model, edit):
             dropped = float(L.target_logprob(model, target))
     assert abs((base - dropped) - float(zero.flatten()[best])) < 1e-4  # zero-out is exact
-    attr = L.attribution(model, target)
-    ig = L.integrated_gradients(model, target, steps=16)
+    attr = L.Attribution(model).localize(target).scores
+    ig = L.IntegratedGradients(model, steps=16).localize(target).scores
     # IG is complete along the joint path: its sum is the log-lik change from zeroing every neuron.
     with torch.no_grad(), L.mlp_intercept(model, scales=torch.zeros(L.mlp_shape(model))):
         all_zero = float(L.target_logprob(model, target))
     assert abs(float(ig.sum()) - (base - all_zero)) < 0.05 * abs(base - all_zero) + 1e-3
     # attribution patching is the first-order estimate of zero-out: it ranks the top neuron near the top.
     assert (attr.flatten() > attr.flatten()[best]).sum() < 0.1 * attr.numel()
-    for scores in (L.activations(model, target), L.slimming(model, target, steps=3), L.hard_concrete(model, target, steps=3)):
+    for scores in (L.Activations(model).localize(target).scores, L.Slimming(model, steps=3).localize(target).scores,
+                   L.HardConcrete(model, steps=3).localize(target).scores):
         assert scores.shape == zero.shape and torch.isfinite(scores).all()
 
 

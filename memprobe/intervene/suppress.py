@@ -22,11 +22,11 @@ from memprobe.adapters import adapter_for
 from memprobe.errors import MemprobeError
 from memprobe.intervene.ablation import DirectionEdit, Edit, NeuronEdit, hooked_edit
 from memprobe.intervene.localizers import (
+    Attribution,
+    RandomScores,
     Target,
-    attribution,
     mean_activations,
     mlp_shape,
-    random_scores,
     target_logprob,
     top_neurons,
 )
@@ -53,7 +53,7 @@ def mean_attribution(model: nn.Module, targets: Sequence[Target], baseline: torc
     for t in targets:
         n = int(t.positions[1:].sum())
         if n:
-            total += attribution(model, t, baseline)
+            total += Attribution(model, baseline).localize(t).scores
             tokens += n
     if not tokens:
         raise MemprobeError("no target tokens to attribute: the memorized texts have no memorized tokens")
@@ -155,7 +155,7 @@ def make_edit(model: nn.Module, method: str, memorized: Sequence[Target], contro
         means = mean_activations(model, controls) if means is None else means
         meta = {**meta, "fraction": fraction, "ablation": "mean"}
         if method == "random-neurons":
-            return top_neurons(random_scores(model, seed), fraction, strength=strength, means=means, meta=meta)
+            return top_neurons(RandomScores(model, seed).localize().scores, fraction, strength=strength, means=means, meta=meta)
         scores = contrast_scores(model, memorized, controls, means)
         if method == "contrast-neurons":
             return top_neurons(scores, fraction, strength=strength, means=means, meta=meta)

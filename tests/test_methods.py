@@ -1,0 +1,95 @@
+"""One shape for methods: localizer classes equal the functions they replaced; edits round-trip
+through the registry; one document validator and one over-length policy; analyses take tensors."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from memprobe.errors import MemprobeError
+from memprobe.intervene import localizers as L
+from memprobe.models import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+OLD_LOCALIZERS_COMMIT = "4a17ba7"  # the last commit with the function-per-method module
+TEXT = "Permission is hereby granted, free of charge, to any person obtaining a copy"
+
+
+def _old_localizers(tmp_path: Path):
+    """The committed function-based module, loaded from git into a temp module."""
+    try:
+        source = subprocess.run(
+            ["git", "show", f"{OLD_LOCALIZERS_COMMIT}:memprobe/intervene/localizers.py"], cwd=ROOT,
+            check=True, capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("the old localizers module is not in this checkout's git history")
+    path = tmp_path / "old_localizers.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("old_localizers", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["old_localizers"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_each_localizer_equals_the_old_function(tmp_path):
+    old = _old_localizers(tmp_path)
+    loaded = load_model("tiny-llama")
+    model = loaded.model
+    ids = loaded.encode(TEXT)
+    target = L.Target.suffix(ids, 8)
+    old_target = old.Target.suffix(ids, 8)
+    background = [L.Target.suffix(loaded.encode("An ordinary sentence about the weather."), 1)]
+    old_background = [old.Target(b.token_ids, b.positions) for b in background]
+    means = L.mean_activations(model, background)
+    cases = {
+        "activations": ({}, lambda: old.activations(model, old_target, old_background)),
+        "attribution": ({"baseline": means},
+                        lambda: old.attribution(model, old_target, means)),
+        "integrated_gradients": ({"steps": 3},
+                                 lambda: old.integrated_gradients(model, old_target, steps=3)),
+        "slimming": ({"steps": 3, "seed": 2},
+                     lambda: old.slimming(model, old_target, old_background, steps=3, seed=2)),
+        "hard_concrete": ({"steps": 3, "seed": 2},
+                          lambda: old.hard_concrete(model, old_target, old_background, steps=3, seed=2)),
+        "zero_out": ({"batch": 32}, lambda: old.zero_out(model, old_target, batch=32)),
+        "probe_neurons": ({"k": 4}, lambda: old.probe_neurons(model, old_target, old_background, 4)),
+        "random": ({"seed": 5}, lambda: old.random_scores(model, 5)),
+    }
+    assert set(cases) == set(L.LOCALIZERS)
+    for name, (params, old_scores) in cases.items():
+        result = L.LOCALIZERS[name](model, **params).localize(target, background)
+        assert result.method == name and result.n_targets == 1
+        expected = old_scores()
+        assert torch.equal(result.scores, expected), name
+        assert result.scores.abs().sum() > 0, name
+
+
+def test_localization_result_saves_plots_and_averages_targets(tmp_path):
+    import json
+
+    loaded = load_model("tiny-llama")
+    targets = [L.Target.suffix(loaded.encode(TEXT), 8),
+               L.Target.suffix(loaded.encode("To be, or not to be, that is the question"), 4)]
+    attribution = L.Attribution(loaded.model)
+    singles = [attribution.localize(t).scores for t in targets]
+    both = attribution.localize(targets)
+    assert both.n_targets == 2
+    assert torch.allclose(both.scores, (singles[0] + singles[1]) / 2)
+    saved = json.loads(both.save(tmp_path / "attr.json").read_text())
+    assert saved["method"] == "attribution" and saved["shape"] == list(both.scores.shape)
+    assert torch.allclose(torch.tensor(saved["scores"]), both.scores)
+    assert (tmp_path / "attr.png").exists() is False
+    both.plot(tmp_path / "attr.png")
+    assert (tmp_path / "attr.png").stat().st_size > 1000
+    edit = both.top(k=3)
+    assert edit.size == 3
+    with pytest.raises(MemprobeError, match="needs at least one target"):
+        attribution.localize([])
+    with pytest.raises(MemprobeError, match="unknown localizer 'nope'.*activations"):
+        L.localizer("nope")
