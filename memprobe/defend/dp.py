@@ -50,7 +50,11 @@ def dp_finetune(
     seed: int = 0,
     device: str = "cpu",
 ) -> dict[str, Any]:
-    """Train LoRA adapters on member documents under (epsilon, delta)-DP; returns the provenance."""
+    """Train LoRA adapters on member documents under (epsilon, delta)-DP; returns the provenance.
+
+    `model`: a registered name or path (loaded fresh), or a LoadedModel (wrapped in place). The model
+    goes to `out_dir/model`, the provenance (privacy spent, steps) to `out_dir/memprobe-finetune.json`
+    last; a complete run is returned as is. No mid-run resume: a killed run restarts from step 0."""
     from opacus import PrivacyEngine
     from peft import LoraConfig, get_peft_model
 
