@@ -93,3 +93,61 @@ def test_localization_result_saves_plots_and_averages_targets(tmp_path):
         attribution.localize([])
     with pytest.raises(MemprobeError, match="unknown localizer 'nope'.*activations"):
         L.localizer("nope")
+
+
+def test_edits_round_trip_through_the_registry(tmp_path):
+    from safetensors.torch import save_file
+
+    from memprobe.intervene.ablation import (
+        EDIT_KINDS,
+        DirectionEdit,
+        LowRankEdit,
+        NeuronEdit,
+        load_edit,
+        register_edit,
+        save_edit,
+    )
+
+    assert set(EDIT_KINDS) == {"neurons", "direction", "low-rank"}
+    g = torch.Generator().manual_seed(0)
+    edits = [
+        NeuronEdit({0: torch.tensor([1, 5]), 2: torch.tensor([3])}, 0.7, {0: torch.tensor([0.1, 0.2]),
+                                                                          2: torch.tensor([-1.0])}, {"a": 1}),
+        NeuronEdit({1: torch.tensor([4])}, 1.0),
+        DirectionEdit(torch.randn(16, generator=g), 0.5, {"method": "x"}),
+        LowRankEdit({1: (torch.randn(2, 8, generator=g), torch.randn(16, 2, generator=g))}, 0.3),
+    ]
+    x = torch.randn(3, 8, generator=g)
+    for j, edit in enumerate(edits):
+        back = load_edit(save_edit(edit, tmp_path / f"e{j}.safetensors"))
+        assert type(back) is type(edit) and back.strength == edit.strength and back.meta == edit.meta
+        tensors, again = edit.to_tensors(), back.to_tensors()
+        assert tensors.keys() == again.keys()
+        assert all(torch.equal(tensors[k], again[k]) for k in tensors)
+        if isinstance(edit, NeuronEdit):
+            assert torch.equal(back.apply(1, x), edit.apply(1, x))
+    assert not list(tmp_path.glob("*.tmp"))
+    # a kind nobody registered: the error lists the known ones
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "odd.safetensors"),
+              metadata={"memprobe_edit": '{"kind": "rotation", "strength": 1.0}'})
+    with pytest.raises(MemprobeError, match="unknown edit kind 'rotation'.*direction, low-rank, neurons"):
+        load_edit(tmp_path / "odd.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file at all")
+    with pytest.raises(MemprobeError, match="not a readable safetensors edit file"):
+        load_edit(tmp_path / "junk.safetensors")
+    with pytest.raises(MemprobeError, match="already registered"):
+        register_edit("neurons")(type("Other", (), {}))
+
+
+def test_the_committed_smollm2_edit_still_loads():
+    from memprobe.intervene.ablation import LowRankEdit, load_edit
+
+    path = ROOT / "experiments/results/suppress_edit_smollm2.safetensors"
+    if not path.exists() or path.read_bytes()[:20].startswith(b"version https://git-lfs"):
+        pytest.skip("the committed edit file is not in this checkout")
+    edit = load_edit(path)
+    assert isinstance(edit, LowRankEdit) and edit.size > 0
+    layer = next(iter(edit.factors))
+    a, b = edit.factors[layer]
+    assert b.shape[0] == 576 and a.shape[0] == b.shape[1]  # SmolLM2-135M: d_model 576
+    assert torch.isfinite(edit.weight_delta(layer)).all() and edit.weight_delta(layer).abs().sum() > 0

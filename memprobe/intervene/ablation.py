@@ -13,6 +13,10 @@ baked into the weights by `memprobe.intervene.export`, so a user can check one a
 - `LowRankEdit`: each chosen layer's MLP output weight gains `strength` x B A (rank r): the MLP output
   becomes W_out h + s B (A h) for the neurons' activations h. Learned by `memprobe.intervene.
   weight_edit` (unlikelihood on memorized tokens, KL to the original model on ordinary text).
+
+Each kind registers itself by name (`@register_edit("neurons")`) with `to_tensors()` and
+`from_tensors()`, so `save_edit`/`load_edit` know no kind: a new edit kind is one class, and an
+unknown kind in a file is an error listing the known ones.
 """
 
 from __future__ import annotations
@@ -22,16 +26,40 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from memprobe.adapters import Adapter, adapter_for
 from memprobe.errors import MemprobeError
+from memprobe.io.atomic import atomic_write
+
+EDIT_KINDS: dict[str, type] = {}
+_EditClass = TypeVar("_EditClass", bound=type)
 
 
+def register_edit(kind: str) -> Callable[[_EditClass], _EditClass]:
+    """Class decorator: make an edit kind savable and loadable under `kind` (its `kind` attribute)."""
+
+    def register(cls: _EditClass) -> _EditClass:
+        if kind in EDIT_KINDS and EDIT_KINDS[kind] is not cls:
+            raise MemprobeError(f"edit kind {kind!r} is already registered by {EDIT_KINDS[kind].__name__}")
+        cls.kind = kind
+        EDIT_KINDS[kind] = cls
+        return cls
+
+    return register
+
+
+def _by_layer(tensors: dict[str, torch.Tensor], prefix: str) -> dict[int, torch.Tensor]:
+    """{layer: tensor} from keys `<prefix>.<layer>`."""
+    return {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+@register_edit("neurons")
 @dataclass
 class NeuronEdit:
     """Move chosen MLP neurons a fraction `strength` toward `means` (zero when None)."""
@@ -40,8 +68,6 @@ class NeuronEdit:
     strength: float = 1.0
     means: dict[int, torch.Tensor] | None = None  # layer -> values for those indices (same order)
     meta: dict[str, Any] = field(default_factory=dict)
-
-    kind = "neurons"
 
     def __post_init__(self) -> None:
         self.neurons = {int(k): torch.as_tensor(v, dtype=torch.long) for k, v in self.neurons.items() if len(v)}
@@ -79,7 +105,18 @@ class NeuronEdit:
     def with_strength(self, strength: float) -> NeuronEdit:
         return NeuronEdit(self.neurons, strength, self.means, dict(self.meta))
 
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {f"neurons.{layer}": idx.contiguous() for layer, idx in self.neurons.items()}
+        if self.means is not None:
+            tensors.update({f"means.{layer}": self.means[layer].contiguous() for layer in self.neurons})
+        return tensors
 
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], strength: float, meta: dict) -> NeuronEdit:
+        return cls(_by_layer(tensors, "neurons"), strength, _by_layer(tensors, "means") or None, meta)
+
+
+@register_edit("direction")
 @dataclass
 class DirectionEdit:
     """Remove `strength` x the component along `direction` from every residual-stream write."""
@@ -87,8 +124,6 @@ class DirectionEdit:
     direction: torch.Tensor  # (d_model,), normalised on construction
     strength: float = 1.0
     meta: dict[str, Any] = field(default_factory=dict)
-
-    kind = "direction"
 
     def __post_init__(self) -> None:
         d = torch.as_tensor(self.direction, dtype=torch.float32).flatten()
@@ -108,7 +143,17 @@ class DirectionEdit:
     def with_strength(self, strength: float) -> DirectionEdit:
         return DirectionEdit(self.direction, strength, dict(self.meta))
 
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {"direction": self.direction.contiguous()}
 
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], strength: float, meta: dict) -> DirectionEdit:
+        if "direction" not in tensors:
+            raise MemprobeError("a direction edit file needs a 'direction' tensor")
+        return cls(tensors["direction"], strength, meta)
+
+
+@register_edit("low-rank")
 @dataclass
 class LowRankEdit:
     """Add strength x B @ A to the MLP out-projection weight of each layer in `factors`."""
@@ -116,8 +161,6 @@ class LowRankEdit:
     factors: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (A (rank, d_mlp), B (d_model, rank))
     strength: float = 1.0
     meta: dict[str, Any] = field(default_factory=dict)
-
-    kind = "low-rank"
 
     def __post_init__(self) -> None:
         self.factors = {int(k): (torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32))
@@ -144,51 +187,51 @@ class LowRankEdit:
     def with_strength(self, strength: float) -> LowRankEdit:
         return LowRankEdit(self.factors, strength, dict(self.meta))
 
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for layer, (a, b) in self.factors.items():
+            tensors[f"A.{layer}"], tensors[f"B.{layer}"] = a.contiguous(), b.contiguous()
+        return tensors
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], strength: float, meta: dict) -> LowRankEdit:
+        a, b = _by_layer(tensors, "A"), _by_layer(tensors, "B")
+        if set(a) != set(b):
+            raise MemprobeError(f"a low-rank edit needs A and B for the same layers, got {sorted(a)} and {sorted(b)}")
+        return cls({i: (a[i], b[i]) for i in sorted(a)}, strength, meta)
+
 
 Edit = NeuronEdit | DirectionEdit | LowRankEdit
 
 
 def save_edit(edit: Edit, path: str | Path) -> Path:
-    """Write an edit as one safetensors file (tensors + a JSON header) that `load_edit` reads back."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, torch.Tensor] = {}
-    if isinstance(edit, NeuronEdit):
-        for layer, idx in edit.neurons.items():
-            tensors[f"neurons.{layer}"] = idx.contiguous()
-            if edit.means is not None:
-                tensors[f"means.{layer}"] = edit.means[layer].contiguous()
-    elif isinstance(edit, LowRankEdit):
-        for layer, (a, b) in edit.factors.items():
-            tensors[f"A.{layer}"], tensors[f"B.{layer}"] = a.contiguous(), b.contiguous()
-    else:
-        tensors["direction"] = edit.direction.contiguous()
+    """Write an edit as one safetensors file (its kind's tensors + a JSON header), atomically."""
+    if type(edit) not in EDIT_KINDS.values():
+        raise MemprobeError(f"{type(edit).__name__} is not a registered edit kind ({', '.join(EDIT_KINDS)})")
     header = {"kind": edit.kind, "strength": edit.strength, "meta": edit.meta}
-    save_file(tensors, str(path), metadata={"memprobe_edit": json.dumps(header, sort_keys=True)})
-    return path
+    data = safetensors_bytes(edit.to_tensors(), metadata={"memprobe_edit": json.dumps(header, sort_keys=True)})
+    return atomic_write(path, data)
 
 
 def load_edit(path: str | Path) -> Edit:
-    """Read an edit written by `save_edit` (safetensors only: no pickle)."""
-    from safetensors import safe_open
+    """Read an edit written by `save_edit` (safetensors only: no pickle), by its registered kind."""
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.exists():
         raise MemprobeError(f"no edit file at {path}: make one with experiments/suppress.py or save_edit")
-    with safe_open(str(path), "pt") as f:
-        header = json.loads((f.metadata() or {}).get("memprobe_edit", "{}"))
-    tensors = load_file(str(path))
-    if header.get("kind") == "neurons":
-        neurons = {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("neurons.")}
-        means = {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("means.")} or None
-        return NeuronEdit(neurons, header["strength"], means, header.get("meta", {}))
-    if header.get("kind") == "low-rank":
-        layers = sorted(int(k.split(".")[1]) for k in tensors if k.startswith("A."))
-        return LowRankEdit({i: (tensors[f"A.{i}"], tensors[f"B.{i}"]) for i in layers}, header["strength"],
-                           header.get("meta", {}))
-    if header.get("kind") == "direction":
-        return DirectionEdit(tensors["direction"], header["strength"], header.get("meta", {}))
-    raise MemprobeError(f"{path} is not a memprobe edit file (no 'memprobe_edit' header)")
+    try:
+        with safe_open(str(path), "pt") as f:
+            header = json.loads((f.metadata() or {}).get("memprobe_edit", "{}"))
+        tensors = load_file(str(path))
+    except (OSError, SafetensorError) as err:
+        raise MemprobeError(f"{path} is not a readable safetensors edit file ({err}): save it with save_edit") from err
+    if "kind" not in header:
+        raise MemprobeError(f"{path} is not a memprobe edit file (no 'memprobe_edit' header)")
+    kind = header["kind"]
+    if kind not in EDIT_KINDS:
+        raise MemprobeError(f"{path}: unknown edit kind {kind!r}; known kinds: {', '.join(sorted(EDIT_KINDS))}")
+    return EDIT_KINDS[kind].from_tensors(tensors, header.get("strength", 1.0), header.get("meta", {}))
 
 
 @contextmanager
