@@ -57,7 +57,7 @@ class DefenseConfig:
 
     @classmethod
     def quick(cls) -> DefenseConfig:
-        return cls(model="tiny-llama", lab_preset="tiny", epochs=4, lr=3e-3, batch_size=8, seq_len=512,
+        return cls(model="tiny-llama", lab_preset="tiny", epochs=30, lr=1e-2, batch_size=8, seq_len=512,
                    lora=False, dp_lr=5e-2, dp_epsilons=(8.0,), sparsities=(0.3,), ablate_fractions=(0.02,),
                    edit_strengths=(1.0,), evaluation=EvalConfig(extraction_samples=1, exposure_samples=100,
                                                                 n_boot=50, max_tokens=128, sample_prompts=1,
