@@ -11,7 +11,6 @@ import hashlib
 import json
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,46 +19,12 @@ from tqdm.auto import tqdm
 
 from memprobe.backends import make_backend
 from memprobe.backends.torch_hooks import hooked
+from memprobe.documents import TokenizedDoc, tokenize_documents  # noqa: F401  (capture's tokenisation)
 from memprobe.errors import MemprobeError
 from memprobe.models import LoadedModel
 from memprobe.sites import hook_points, resolve
 from memprobe.store import ActivationStore, StoreWriter
 from memprobe.token_stats import STAT_COLUMNS, next_token_stats
-
-
-@dataclass(frozen=True)
-class TokenizedDoc:
-    """One document as the model sees it: its id, token ids and the fields it came with."""
-
-    id: str
-    token_ids: list[int]
-    fields: dict[str, Any]
-
-
-def tokenize_documents(loaded: LoadedModel, docs: Sequence[dict[str, Any]], *, truncate: bool = False) -> list[TokenizedDoc]:
-    """Tokenise with the model's one tokenisation; empty or over-long texts fail by id.
-
-    Over-long texts are refused (not chunked: positions would restart mid-document) unless
-    `truncate`, which keeps the first `context_length` tokens and records it.
-    """
-    limit = loaded.context_length
-    out = []
-    for doc in docs:
-        text = doc.get("text")
-        if not isinstance(text, str) or not text.strip():
-            raise MemprobeError(f"document {doc.get('id')!r} has an empty text: remove it or give it text")
-        ids = loaded.encode(text)
-        fields = {k: v for k, v in doc.items() if k not in ("id", "text")}
-        if len(ids) > limit:
-            if not truncate:
-                raise MemprobeError(
-                    f"document {doc['id']!r} has {len(ids)} tokens, more than the context of {loaded.name} "
-                    f"({limit}); memprobe refuses rather than chunk silently: split the text, or pass "
-                    "--truncate to keep its first tokens"
-                )
-            ids, fields = ids[:limit], {**fields, "truncated_from": len(ids)}
-        out.append(TokenizedDoc(str(doc["id"]), ids, fields))
-    return out
 
 
 def input_digest(docs: Sequence[TokenizedDoc]) -> str:

@@ -21,8 +21,10 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.exists():
         raise MemprobeError(f"{path} does not exist: give a JSONL file with one {{'id', 'text'}} object per line")
+    from memprobe.documents import validate_documents
+
     docs: list[dict[str, Any]] = []
-    first_line: dict[str, int] = {}
+    locations: list[str] = []
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
@@ -31,22 +33,9 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
                 doc = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise MemprobeError(f"{path}:{n}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
-            if not isinstance(doc, dict):
-                raise MemprobeError(f"{path}:{n}: expected a JSON object with 'id' and 'text', got {type(doc).__name__}")
-            for key in ("id", "text"):
-                if not isinstance(doc.get(key), str):
-                    raise MemprobeError(f"{path}:{n}: missing string field {key!r}")
-            if not doc["id"]:
-                raise MemprobeError(f"{path}:{n}: 'id' is empty")
-            if not doc["text"].strip():
-                raise MemprobeError(f"{path}:{n}: document {doc['id']!r} has empty text")
-            if doc["id"] in first_line:
-                raise MemprobeError(
-                    f"{path}:{n}: duplicate id {doc['id']!r} (first on line {first_line[doc['id']]}): ids must be unique"
-                )
-            first_line[doc["id"]] = n
             docs.append(doc)
-    return docs
+            locations.append(f"{path}:{n}")
+    return validate_documents(docs, locations=locations)
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from memprobe.documents import encode_documents  # noqa: F401  (the labeller's validator, re-exported)
 from memprobe.errors import MemprobeError
 from memprobe.token_stats import STAT_COLUMNS, NextTokenStats, next_token_stats
 
@@ -321,29 +322,6 @@ def _as_list(values: np.ndarray) -> list[Any]:
     if values.dtype == np.bool_:
         return [bool(v) for v in values]
     return [None if math.isnan(v) else float(v) for v in values]
-
-
-def encode_documents(loaded: Any, docs: Sequence[dict[str, Any]]) -> list[list[int]]:
-    """Token ids of `{"id", "text"}` documents; refuses missing or repeated ids, empty or over-long texts."""
-    seen: set[str] = set()
-    encoded = []
-    for n, doc in enumerate(docs):
-        doc_id, text = doc.get("id"), doc.get("text")
-        if not isinstance(doc_id, str) or not doc_id:
-            raise MemprobeError(f"document {n} has no string 'id': every document needs a unique id")
-        if doc_id in seen:
-            raise MemprobeError(f"document id {doc_id!r} appears twice: ids must be unique")
-        seen.add(doc_id)
-        if not isinstance(text, str) or not text.strip():
-            raise MemprobeError(f"document {doc_id!r} has empty text: remove it or give it text")
-        ids = loaded.encode(text)
-        if len(ids) > loaded.context_length:
-            raise MemprobeError(
-                f"document {doc_id!r} is {len(ids)} tokens, longer than {loaded.name}'s context of "
-                f"{loaded.context_length}: refused; split it into shorter documents (e.g. at paragraphs)"
-            )
-        encoded.append(ids)
-    return encoded
 
 
 def _span_tokens(loaded: Any, text: str, span: Sequence[int]) -> list[int]:

@@ -151,3 +151,59 @@ def test_the_committed_smollm2_edit_still_loads():
     a, b = edit.factors[layer]
     assert b.shape[0] == 576 and a.shape[0] == b.shape[1]  # SmolLM2-135M: d_model 576
     assert torch.isfinite(edit.weight_delta(layer)).all() and edit.weight_delta(layer).abs().sum() > 0
+
+
+def test_one_document_validator_names_file_line_or_id(tmp_path):
+    from memprobe.documents import validate_documents
+    from memprobe.jsonl import read_jsonl
+    from memprobe.lab.finetune import read_train_docs
+
+    bad = [
+        ([{"id": "a", "text": "x"}, {"id": "a", "text": "y"}], "document id 'a' appears twice"),
+        ([{"id": "", "text": "x"}], "document 0: 'id' is empty"),
+        ([{"id": 3, "text": "x"}], "document 0: missing string field 'id'"),
+        ([{"id": "b", "text": "  "}], "document 'b' has empty text"),
+        ([{"id": "c"}], "document 'c': missing string field 'text'"),
+        (["just text"], "document 0: expected a JSON object"),
+    ]
+    for docs, message in bad:
+        with pytest.raises(MemprobeError, match=message):
+            validate_documents(docs)
+        with pytest.raises(MemprobeError, match=message.split(":")[-1].strip()):
+            read_train_docs(docs)  # the finetune reader uses the same validator
+    good = [{"id": "a", "text": "x"}, {"id": "b", "text": "y", "kind": "z"}]
+    assert validate_documents(good) == good
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"id": "a", "text": "x"}\n\n{"id": "b", "text": ""}\n')
+    with pytest.raises(MemprobeError, match=r"docs.jsonl:3: document 'b' has empty text"):
+        read_jsonl(path)
+
+
+def test_one_overlength_policy_everywhere(tmp_path):
+    from memprobe.capture import tokenize_documents
+    from memprobe.documents import encode_documents
+    from memprobe.intervene.suppress import build_edit
+    from memprobe.jsonl import write_jsonl
+    from memprobe.labels import label_documents
+    from memprobe.mia.attacks import _encode_all
+
+    loaded = load_model("tiny-llama")
+    limit = loaded.context_length
+    long_doc = {"id": "long", "text": "x" * (limit + 10)}
+    refusal = r"'long' is \d+ tokens, longer than .*context of \d+: refused.*truncate"
+    for refuse in (lambda: tokenize_documents(loaded, [long_doc]),
+                   lambda: encode_documents(loaded, [long_doc]),
+                   lambda: label_documents(loaded, [long_doc]),
+                   lambda: _encode_all(loaded, [long_doc])):
+        with pytest.raises(MemprobeError, match=refusal):
+            refuse()
+    # the edit builder used to cut the text silently: it now refuses it as capture does
+    write_jsonl(tmp_path / "mem.jsonl", [long_doc])
+    write_jsonl(tmp_path / "ctrl.jsonl", [{"id": "c", "text": "An ordinary control sentence."}])
+    with pytest.raises(MemprobeError, match=refusal):
+        build_edit(loaded, "random-neurons", memorized_jsonl=str(tmp_path / "mem.jsonl"),
+                   control_jsonl=str(tmp_path / "ctrl.jsonl"))
+    cut = tokenize_documents(loaded, [long_doc, {"id": "short", "text": "abc"}], truncate=True)
+    assert len(cut[0].token_ids) == limit and cut[0].fields["truncated_from"] == len(loaded.encode(long_doc["text"]))
+    assert cut[0].token_ids == loaded.encode(long_doc["text"])[:limit]
+    assert cut[1].token_ids == loaded.encode("abc") and "truncated_from" not in cut[1].fields

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from memprobe.adapters import adapter_for
+from memprobe.documents import encode_documents
 from memprobe.errors import MemprobeError
 from memprobe.intervene.ablation import DirectionEdit, Edit, NeuronEdit, hooked_edit
 from memprobe.intervene.localizers import (
@@ -233,7 +234,7 @@ def build_edit(loaded: Any, method: str, *, fraction: float = 0.005, strength: f
         docs = mem_docs + ctrl_docs
     else:
         docs = bundled_corpus(None, seed=seed, include_model_samples=False)
-    ids = [loaded.encode(d["text"])[: loaded.context_length] for d in docs]
+    ids = encode_documents(loaded, docs)  # over-long texts are refused by id, as capture refuses them
     labels = token_labels(loaded.model, ids, progress=progress)
     records = [{**d, "split_group": d.get("split_group", d["id"]), "token_ids": i, "memorized": lab.memorized,
                 "memorized_fraction": lab.memorized_fraction} for d, i, lab in zip(docs, ids, labels, strict=True)]

@@ -97,7 +97,9 @@ def read_train_docs(train: str | Path | Sequence[dict]) -> tuple[list[dict], dic
         docs = read_jsonl(path)
         source = {"path": str(path), "sha256": file_sha256(path)}
     else:
-        docs = [dict(d) for d in train]
+        from memprobe.documents import validate_documents
+
+        docs = [dict(d) for d in validate_documents(list(train))]
         source = {
             "path": None,
             "sha256": _sha256_json([[d["id"], d["text"], d.get("copies", 1)] for d in docs]),

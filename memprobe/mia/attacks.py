@@ -76,23 +76,16 @@ def check_same_tokenizer(target: LoadedModel, reference: LoadedModel, encoded: S
 
 
 def _encode_all(loaded: LoadedModel, docs: Sequence[dict[str, Any]]) -> list[list[int]]:
-    encoded = []
-    for n, doc in enumerate(docs):
-        doc_id, text = doc.get("id"), doc.get("text")
-        if not isinstance(doc_id, str) or not isinstance(text, str):
-            raise MemprobeError(f"document {n} needs string 'id' and 'text' fields")
-        ids = loaded.encode(text)
+    """memprobe's one tokenisation (memprobe.documents), plus the attacks' floor on scored tokens."""
+    from memprobe.documents import encode_documents
+
+    encoded = encode_documents(loaded, docs)
+    for doc, ids in zip(docs, encoded, strict=True):
         if len(ids) - 1 < MIN_SCORED_TOKENS:
             raise MemprobeError(
-                f"text {doc_id!r} has {max(len(ids) - 1, 0)} scored tokens, fewer than {MIN_SCORED_TOKENS}: "
+                f"text {doc['id']!r} has {max(len(ids) - 1, 0)} scored tokens, fewer than {MIN_SCORED_TOKENS}: "
                 "membership scores of so few tokens are noise; drop it or give a longer text"
             )
-        if len(ids) > loaded.context_length:
-            raise MemprobeError(
-                f"text {doc_id!r} is {len(ids)} tokens, longer than {loaded.name}'s context of "
-                f"{loaded.context_length}: split it into shorter texts"
-            )
-        encoded.append(ids)
     return encoded
 
 
