@@ -42,6 +42,10 @@ class AuditConfig:
     sites: str = DEFAULT_SITES
     dtype: str = "bfloat16"
     min_prob: float = 0.5
+    # Membership (memprobe.calibration): memorized beyond a reference model (same tokenizer), and a
+    # lab directory whose members the audited model was fine-tuned on (its texts replace `texts`).
+    reference_model: str | None = None
+    lab: str | None = None
 
 
 class Audit:
@@ -51,6 +55,7 @@ class Audit:
         self.config = config
         self.out = Path(out)
         self._loaded = None
+        self._reference = None
         self._claim_directory()
         self.cache = StepCache(self.out)
         timings = self.out / "timings.json"
@@ -80,6 +85,15 @@ class Audit:
             self._loaded = load_model(self.config.model)
         return self._loaded
 
+    @property
+    def reference(self):
+        """The reference model (`--reference-model`), or None."""
+        if self._reference is None and self.config.reference_model:
+            from memprobe.models import load_model
+
+            self._reference = load_model(self.config.reference_model)
+        return self._reference
+
     def step(self, name: str, output: str, fn: Callable[[Path], Any], *, inputs: Sequence[str | Path] = (),
              also: Sequence[str] = (), resumable: Sequence[str] = (), code: Sequence[Any] = ()) -> Path:
         """Run `fn(out/output)` unless the step is done (memprobe.studies.cache); time it.
@@ -107,6 +121,9 @@ class Audit:
 
         # --quick keeps 3 texts per kind, so it samples only the model-sample controls it keeps (2 prompts)
         prompts = 2 if self.config.quick else None
+        if self.config.lab:  # all of the lab, even with --quick: membership needs both sides whole
+            write_jsonl(path, _lab_documents(self.config.lab))
+            return
         if self.config.texts:
             docs = read_jsonl(self.config.texts)
             if not docs:
@@ -127,7 +144,12 @@ class Audit:
         from memprobe.labels import encode_documents, label_documents
 
         docs = read_jsonl(self.out / "texts.jsonl")
-        encode_documents(self.loaded, docs)  # refuse bad texts with the labeller's messages before capturing
+        encoded = encode_documents(self.loaded, docs)  # refuse bad texts with the labeller's messages before capturing
+        if self.reference is not None:  # refuse another tokenizer before any forward
+            from memprobe.mia.attacks import check_same_tokenizer
+
+            check_same_tokenizer(self.loaded, self.reference, encoded, [d["text"] for d in docs],
+                                 [d["id"] for d in docs])
         t = time.perf_counter()
         store = self._capture_store(docs)
         t_capture = time.perf_counter() - t
@@ -137,6 +159,14 @@ class Audit:
         self.timings["greedy extraction"] = time.perf_counter() - t - t_capture
         for r in records:
             r["model"] = self.loaded.info
+        if self.reference is not None:  # one reference forward per batch; the target's came from the capture
+            from memprobe.calibration import reference_calibrate
+            from memprobe.labels import token_labels
+
+            t = time.perf_counter()
+            ref = token_labels(self.reference.model, encoded, min_prob=self.config.min_prob)
+            reference_calibrate(records, ref, reference_name=self.reference.name)
+            self.timings["reference forward"] = time.perf_counter() - t
         write_jsonl(path, records)
 
     def _capture_store(self, docs: list[dict[str, Any]]):
@@ -146,6 +176,35 @@ class Audit:
         light = [{k: d[k] for k in ("id", "text", "kind") if k in d} for d in docs]
         return capture(self.loaded, light, self.config.sites, self.out / "store", dtype=self.config.dtype,
                        token_stats=True)
+
+    def membership(self, path: Path) -> None:
+        """What the model knows beyond predictable, per text: the `ref` score with a reference model,
+        else the calibration chosen on a lab (memprobe.calibration); all from the label step's
+        forward (and the reference's). With --lab, the attacks against known membership, canary
+        exposure and PII extraction, through memprobe.mia."""
+        from memprobe.calibration import add_reference_scores, default_calibration, ranking
+        from memprobe.calibration import text_scores_from_store as scores_from_store
+        from memprobe.mia.attacks import MIN_SCORED_TOKENS
+        from memprobe.store import ActivationStore
+
+        docs = read_jsonl(self.out / "texts.jsonl")
+        records = read_jsonl(self.out / "labels.jsonl")
+        scored = [d for d, r in zip(docs, records, strict=True) if r["n_tokens"] - 1 >= MIN_SCORED_TOKENS]
+        scores = scores_from_store(ActivationStore.open(self.out / "store"), scored, k=MIA_K)
+        if self.reference is not None:
+            add_reference_scores(scores, records)
+            calibration = {"score": "ref", "reference_model": self.reference.info,
+                           "token_rule": REFERENCE_TOKEN_RULE.format(p=self.config.min_prob)}
+        else:
+            calibration = {k: v for k, v in default_calibration().items() if k != "provenance"}
+        result = {"status": "ok", "calibration": calibration, "k": MIA_K,
+                  "too_short": [d["id"] for d in docs if d not in scored], "scores": scores,
+                  "ranking": ranking(scores, records, calibration["score"])}
+        if self.config.lab:
+            result["lab"] = lab_measures(self.loaded, docs, scores, lab_settings(self.config),
+                                         figure=self.out / "figures" / "mia_roc.png")
+        _pause_for_test("membership")
+        write_json(path, result)
 
     def probes(self, path: Path) -> None:
         """One probe per captured site, cross-validated by document family; AUC beside baselines."""
@@ -180,23 +239,29 @@ class Audit:
                     script="memprobe audit")
 
     def suppress(self, path: Path) -> None:
-        """Learn a suppression edit on half the memorized texts; measure it on the other half."""
+        """Learn a suppression edit on half the memorized texts; choose its strength on a validation
+        half of the others and report it on the test half, every control kind counted."""
         from memprobe.intervene.ablation import save_edit
         from memprobe.intervene.suppress import split_memorized
         from memprobe.studies.suppression import SuppressionConfig, run_suppression
 
-        parts = split_memorized(read_jsonl(self.out / "labels.jsonl"), seed=self.config.seed)
+        # control_max=1.0: every control (code, formulaic, model samples too) trains and judges the edit
+        parts = split_memorized(read_jsonl(self.out / "labels.jsonl"), seed=self.config.seed, control_max=1.0)
         sizes = {k: len(v) for k, v in parts.items()}
+        reason = ("too few memorized texts (memorized fraction >= 0.5) and controls to build a patch, choose its "
+                  "strength on some texts it was not built from and test it on others")
         if not parts["build_memorized"] or not parts["heldout_memorized"] or not parts["build_control"]:
-            write_json(path, {"status": "skipped", "reason": "too few memorized texts (memorized fraction >= 0.5) "
-                              "and controls to build a patch and test it on texts it was not built from",
-                              "split_sizes": sizes})
+            write_json(path, {"status": "skipped", "reason": reason, "split_sizes": sizes})
             return
-        result = run_suppression(self.loaded.model, parts["build_memorized"], parts["build_control"],
-                                 parts["heldout_memorized"], parts["heldout_control"],
-                                 SuppressionConfig(seed=self.config.seed, max_controls=MAX_TRAIN_CONTROLS))
+        try:
+            result = run_suppression(self.loaded.model, parts["build_memorized"], parts["build_control"],
+                                     parts["heldout_memorized"], parts["heldout_control"],
+                                     SuppressionConfig(seed=self.config.seed, max_controls=MAX_TRAIN_CONTROLS))
+        except MemprobeError as exc:
+            write_json(path, {"status": "skipped", "reason": f"{reason}: {exc}", "split_sizes": sizes})
+            return
         save_edit(result.chosen_edit, self.out / "edit.safetensors")  # the export step bakes it into patched-model/
-        write_json(path, {"status": "ok", **result.to_dict(), "split_sizes": sizes,
+        write_json(path, {"status": "ok", **result.to_dict(), "heldout_split_sizes": sizes,
                           "heldout_ids": [r["id"] for r in parts["heldout_memorized"]],
                           "patched_model": str((self.out / "patched-model").resolve())})
         result.plot(self.out / "figures" / "suppression.png", script="memprobe audit")
@@ -238,16 +303,25 @@ class Audit:
         write_json(path, {"status": "ok", "continuations": rows})
 
     def run(self) -> dict[str, Any]:
+        from memprobe import calibration
         from memprobe import report as report_module
         from memprobe.studies import probe_sweep as probe_sweep_study
         from memprobe.studies import suppression as suppression_study
 
         self.out.mkdir(parents=True, exist_ok=True)
         user_texts = [Path(self.config.texts).absolute()] if self.config.texts else []
+        if self.config.lab:  # its files, not the directory (a directory with a manifest reads as a store)
+            from memprobe.lab.corpus import FILES
+
+            user_texts += [Path(self.config.lab).absolute() / f for f in FILES]
         self.step("texts", "texts.jsonl", self.texts, inputs=user_texts)
         # The label step captures the store on its way (one forward feeds labels, MIA statistics and
         # activations), so the store is one of its outputs; a killed one resumes it shard by shard.
         self.step("label", "labels.jsonl", self.label, inputs=["texts.jsonl"], also=["store"], resumable=["store"])
+        choice = [] if self.config.reference_model else [calibration.DEFAULT_CHOICE]  # what it reads
+        self.step("membership", "membership.json", self.membership,
+                  inputs=["texts.jsonl", "labels.jsonl", "store", *choice],
+                  also=["figures/mia_roc.png"] if self.config.lab else [], code=[calibration, lab_measures, lab_settings])
         self.step("probe sweep", "probes.json", self.probes, inputs=["labels.jsonl", "store"],
                   also=["figures/probe_auc.png"], code=[probe_sweep_study])
         self.step("activation patching", "patching.json", self.patching, inputs=["labels.jsonl"],
@@ -258,8 +332,8 @@ class Audit:
         self.step("re-label with the patch", "relabel.json", self.relabel, inputs=["labels.jsonl", "patched-model"])
         summary = self.summary()
         self.step("report", "report.html", lambda p: render_report(self.out, p),
-                  inputs=["labels.jsonl", "probes.json", "patching.json", "suppression.json", "relabel.json",
-                          "figures"], code=[report_module])
+                  inputs=["labels.jsonl", "membership.json", "probes.json", "patching.json", "suppression.json",
+                          "relabel.json", "figures"], code=[report_module])
         return summary
 
     def summary(self) -> dict[str, Any]:
@@ -268,7 +342,7 @@ class Audit:
         records = read_jsonl(self.out / "labels.jsonl")
         summary = {"model": records[0]["model"] if records else None, "config": asdict(self.config),
                    "by_kind": summarize(records), "timings_s": self.timings}
-        for name in ("probes", "patching", "suppression", "relabel"):
+        for name in ("membership", "probes", "patching", "suppression", "relabel"):
             f = self.out / f"{name}.json"
             if f.exists():
                 summary[name] = json.loads(f.read_text())
@@ -277,6 +351,48 @@ class Audit:
 
 
 MAX_TRAIN_CONTROLS = 16  # control texts the suppression edit is trained against (CPU budget)
+MIA_K = 0.2  # min-k% and min-k%++: the lowest 20% of tokens (memprobe.mia.attacks' default)
+REFERENCE_TOKEN_RULE = ("memorized = the audited model predicts the token greedily with p >= {p} and the "
+                        "reference does not (greedy with p >= {p})")
+
+
+def lab_settings(config: AuditConfig) -> dict[str, Any]:
+    """How the lab measures are taken: the exposure and extraction protocols and the bootstrap."""
+    return {"n_boot": 200 if config.quick else 1000, "seed": config.seed,
+            # digits:6 has 10^6 candidates: exact (pruned digit tree) when the walk is affordable
+            "exposure": {"method": "skewnorm" if config.quick else "auto", "n_samples": 500, "seed": config.seed},
+            "extraction": {"prompt_tokens": 64, "n_samples": 8, "margin": 8, "seed": config.seed}}
+
+
+def lab_measures(loaded: Any, docs: list[dict], scores: list[dict], settings: dict[str, Any], *,
+                 figure: Path | None = None) -> dict[str, Any]:
+    """memprobe.mia on a lab: every attack's AUC / TPR@1%FPR per copies, canary exposure per copies,
+    PII extraction (TER/SER per type and recurrence); SER's seen ids from the fine-tune's record."""
+    from memprobe.mia import evaluate_mia, extraction_rates, pii_extraction
+    from memprobe.mia.exposure import exposure_report
+
+    membership = {d["id"]: bool(d["member"]) for d in docs}
+    copies = {d["id"]: d.get("copies") for d in docs}
+    mia = evaluate_mia(scores, membership, copies=copies, n_boot=settings["n_boot"], seed=settings["seed"],
+                       figure=figure)
+    mia.pop("figure", None)  # an absolute path: the figure is the step's own output
+    exposure = exposure_report(loaded, docs, **settings["exposure"])
+    seen = _seen_ids(loaded)
+    pii = pii_extraction(loaded, [d for d in docs if d.get("pii_spans")], seen_ids=seen,
+                         **settings["extraction"])
+    occurrences = pii.pop("occurrences")
+    pii["by_type"] = {t: extraction_rates([o for o in occurrences if o["type"] == t], seen)
+                      for t in sorted({o["type"] for o in occurrences})}
+    return {"settings": settings, "mia": mia, "exposure": exposure, "pii_extraction": pii}
+
+
+def _seen_ids(loaded: Any) -> list[str] | None:
+    """Ids of the documents the fine-tune saw (memprobe.lab.finetune's record), None if unrecorded."""
+    record = Path(str(loaded.info.get("path") or "")) / "memprobe-finetune.json"
+    if not record.is_file():
+        return None
+    seen = json.loads(record.read_text(encoding="utf-8")).get("seen_total") or {}
+    return sorted(i for i, n in seen.items() if n)
 
 
 def audit_probe_config(config: AuditConfig):  # noqa: ANN201 - memprobe.studies.probe_sweep.ProbeSweepConfig
@@ -306,6 +422,15 @@ def _most_memorized(records: list[dict], min_prefix: int) -> tuple[dict, int] | 
     return None
 
 
+def _lab_documents(lab_dir: str) -> list[dict]:
+    """A lab's members (candidates: the texts trained on) and non-members (controls), membership kept."""
+    from memprobe.lab import load_lab
+
+    members, nonmembers, _ = load_lab(lab_dir)
+    return [{"role": "candidate" if d["member"] else "control", "split_group": d["id"], **d}
+            for d in members + nonmembers]
+
+
 def _quick_subset(docs: list[dict], per_kind: int) -> list[dict]:
     """A few short documents of every kind: enough to exercise every step in under two minutes."""
     seen: dict[str, int] = {}
@@ -326,7 +451,11 @@ def default_out(config: AuditConfig) -> Path:
 def cmd_audit(args: argparse.Namespace) -> int:
     from memprobe.cli import table
 
-    config = AuditConfig(model=args.model, texts=args.texts, quick=args.quick, seed=args.seed)
+    if args.lab and args.texts:
+        raise MemprobeError("--lab and --texts both give the texts: use one (a lab audits its members and "
+                            "non-members)")
+    config = AuditConfig(model=args.model, texts=args.texts, quick=args.quick, seed=args.seed,
+                         reference_model=args.reference_model, lab=args.lab)
     out = Path(args.out) if args.out else default_out(config)
     t = time.perf_counter()
     summary = Audit(config, out).run()
@@ -346,4 +475,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="audit directory (default: runs/audit-<model>-<hash>); re-running resumes")
     p.add_argument("--quick", action="store_true", help="a few texts per kind (for tests, < 2 min)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reference-model", help="report memorization beyond this model (the audited model's base; "
+                   "same tokenizer): per-text ref score, per-token log-prob gain, calibrated labels")
+    p.add_argument("--lab", help="a membership lab directory (memprobe lab build) the model was fine-tuned on: "
+                   "MIA ROC/AUC, canary exposure and PII extraction against known membership")
     p.set_defaults(handler=cmd_audit)

@@ -157,6 +157,108 @@ def _skipped(block: dict[str, Any]) -> str:
     return f'<p class="note">Skipped: {_esc(block.get("reason", block.get("status")))}</p>'
 
 
+def _interval(value: float | None, ci: Sequence[float] | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
+def _pct(value: float | None, ci: Sequence[float] | None, points: bool = False) -> str:
+    """A relative change as a percentage (or, `points`, percentage points) with its 95% interval."""
+    if value is None:
+        return "–"
+    unit = " pt" if points else "%"
+    return f"{100 * value:+.1f}{unit}" + (f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else "")
+
+
+def suppression_tables(sup: dict[str, Any]) -> str:
+    """The chosen strength's test numbers with document-bootstrap intervals, beside the random edit's,
+    and its cost on ALL controls, the easy subset and each control kind (memprobe.studies.suppression)."""
+    c, rnd = sup["chosen"], sup["chosen"].get("random_baseline")
+    if "controls" not in c:  # a suppression.json from before the validation/test split
+        return ""
+    sizes = sup.get("split_sizes", {})
+    head = (f"<p>Strength x{c['strength']} was chosen on the validation split ({sizes.get('validation_memorized')} "
+            f"memorized, {sizes.get('validation_control')} control texts) by one rule: "
+            f"{_esc(sup['selection']['rule'])}. Reported below on the separate test split "
+            f"({sizes.get('test_memorized')} memorized, {sizes.get('test_control')} control texts); "
+            "intervals: 95% document bootstrap.</p>")
+    rows = [{"edit": name, "suppression": _pct(r.get("suppression"), r.get("suppression_ci95")),
+             "ppl": _pct(r.get("ppl_change"), r.get("ppl_change_ci95")),
+             "top1": _pct(r.get("top1_change"), r.get("top1_change_ci95"), points=True)}
+            for name, r in (("learned edit", c), ("random edit, same size", rnd)) if r]
+    cost = [("all controls", "all"), ("easy subset (base memorized fraction <= "
+             f"{sup['config']['easy_control_max']})", "easy")]
+    blocks = [(label, c["controls"].get(key), (rnd or {}).get("controls", {}).get(key)) for label, key in cost]
+    blocks += [(f"kind: {k}", v, (rnd or {}).get("controls", {}).get("by_kind", {}).get(k))
+               for k, v in sorted(c["controls"]["by_kind"].items())]
+    kinds = [{"controls": label, "docs": b["documents"], "tokens": b["tokens"], "base ppl": f"{b['base_perplexity']:.2f}",
+              "ppl": _pct(b.get("ppl_change"), b.get("ppl_change_ci95")),
+              "top1": _pct(b.get("top1_change"), b.get("top1_change_ci95"), points=True),
+              "random ppl": _pct(r.get("ppl_change"), r.get("ppl_change_ci95")) if r else "–"}
+             for label, b, r in blocks if b]
+    return (head + html_table(rows, ["edit", "suppression", "ppl", "top1"],
+                              ["test split", "memorized-token rate drop", "perplexity change (all controls)",
+                               "top-1 change (all controls)"])
+            + html_table(kinds, ["controls", "docs", "tokens", "base ppl", "ppl", "top1", "random ppl"],
+                         ["test controls", "texts", "tokens", "base perplexity", "perplexity change",
+                          "top-1 change", "random edit: perplexity change"]))
+
+
+def membership_sections(out: Path, membership: dict[str, Any]) -> list[tuple[str, str]]:
+    """The calibrated ranking; with a lab, MIA ROC/AUC per attack and copies, exposure, PII extraction."""
+    cal = membership["calibration"]
+    if cal["score"] == "ref":
+        how = (f"score ref = NLL under the reference {cal['reference_model'].get('name')} minus NLL under the audited "
+               f"model (what it knows beyond the reference); token labels: {cal['token_rule']}.")
+    else:
+        ci = cal.get("roc_auc_ci95")
+        how = (f"no reference model: score {cal['score']}, the calibration that best separated members from "
+               f"non-members on a lab (ROC-AUC {_interval(cal['roc_auc'], ci)}; {cal.get('source')}). Token labels "
+               "stay teacher-forced.")
+    columns = ["rank", "id", "kind", "role", "score"] + (["member"] if "member" in membership["ranking"][0] else [])
+    controls = [r for r in membership["ranking"] if r["role"] == "control"][:3]
+    inner = (f"<p>{_esc(how)}</p>" + html_table(membership["ranking"][:10], columns)
+             + "<p class=meta>Highest-ranked controls:</p>" + html_table(controls, columns))
+    sections = [("Most memorized texts, calibrated", inner)]
+    lab = membership.get("lab")
+    if not lab:
+        return sections
+    attacks = lab["mia"]["attacks"]
+    rows = [{"attack": a, "members": b["n_members"], "non-members": b["n_nonmembers"],
+             "auc": _interval(b["roc_auc"], b.get("roc_auc_ci95")),
+             "tpr": _interval(b["tpr_at_fpr_0.01"], b.get("tpr_at_fpr_0.01_ci95"))} for a, b in attacks.items()]
+    by_copies = [{"attack": a, "copies": c, "members": g["n_members"], "auc": _interval(g["roc_auc"], g.get("roc_auc_ci95")),
+                  "tpr": _interval(g["tpr_at_fpr_0.01"], g.get("tpr_at_fpr_0.01_ci95"))}
+                 for a, b in attacks.items() for c, g in b.get("by_copies", {}).items()]
+    n_boot = lab["mia"]["n_boot"]
+    inner = (html_table(rows, ["attack", "members", "non-members", "auc", "tpr"],
+                        ["attack", "members", "non-members", "ROC-AUC [95% CI]", "TPR at 1% FPR [95% CI]"])
+             + f"<p class=meta>Intervals: {n_boot} document bootstrap resamples. Members with c copies against all "
+             "non-members:</p>"
+             + html_table(by_copies, ["attack", "copies", "members", "auc", "tpr"],
+                          ["attack", "copies", "members", "ROC-AUC [95% CI]", "TPR at 1% FPR [95% CI]"])
+             + figure(out / "figures" / "mia_roc.png", "ROC curves of every attack, linear and log-log"))
+    sections.append(("Membership inference on the lab", inner))
+    exposure = [{"copies": c, **v} for c, v in lab["exposure"]["by_copies"].items()]
+    sections.append(("Canary exposure", "<p>Exposure (bits) per training copies; copies 0 = canaries never trained "
+                     "on (about 1.44 bits expected).</p>"
+                     + html_table(exposure, ["copies", "canaries", "mean_exposure", "max_exposure"])))
+    pii = lab["pii_extraction"]
+    types = [{"type": t, "values": v["n_training_values"], "ter": v["ter"], "ser": v.get("ser"),
+              "nonmember": v["nonmember_extraction_rate"]} for t, v in pii["by_type"].items()]
+    recurrence = [{"recurrence": k, **v} for k, v in pii["ter_by_recurrence"].items()]
+    inner = (f"<p>Training values extracted (TER) {_interval(pii['ter'], None)}, of values in documents seen "
+             f"(SER) {_interval(pii.get('ser'), None)}; non-member values {_interval(pii['nonmember_extraction_rate'], None)} "
+             f"(protocol {_esc(json.dumps(pii['protocol']))}).</p>"
+             + html_table(types, ["type", "values", "ter", "ser", "nonmember"],
+                          ["PII type", "training values", "TER", "SER", "non-member rate"])
+             + "<p class=meta>TER by recurrence (distinct member documents a value appears in):</p>"
+             + html_table(recurrence, ["recurrence", "values", "extracted", "rate"]))
+    sections.append(("PII extraction", inner))
+    return sections
+
+
 def render_report(out: str | Path, path: str | Path) -> Path:
     """The audit report from the files of an audit directory (labels, probes, patching, suppression)."""
     from memprobe.jsonl import read_jsonl
@@ -181,7 +283,13 @@ def render_report(out: str | Path, path: str | Path) -> Path:
         summary, ["kind", "docs", "tokens", "memorized_token_rate", "k_extractable_rate", "mean_memorization_score"],
         ["kind", "texts", "tokens", "memorized-token rate", "k-extractable (32/32)", "mean 32/32 score"])))
 
-    ranked = sorted(records, key=lambda r: -(r.get("memorized_fraction") or 0))
+    membership = _load(out, "membership")
+    if membership.get("status") == "ok":  # the calibrated ranking, not teacher-forced confidence
+        rank = {row["id"]: row["rank"] for row in membership["ranking"]}
+        ranked = sorted(records, key=lambda r: rank.get(r["id"], len(rank) + 1))
+        sections += membership_sections(out, membership)
+    else:
+        ranked = sorted(records, key=lambda r: -(r.get("memorized_fraction") or 0))
     shown = list({r["id"]: r for r in ranked[:6] + [r for r in ranked if r.get("role") == "control"][:2]}.values())
     legend = ('<p class="legend">token colour: <span style="background:rgba(214,39,40,.85)"></span> memorized '
               '(deeper = more confident) <span style="background:rgba(31,119,180,.25)"></span> not memorized; '
@@ -220,10 +328,11 @@ def render_report(out: str | Path, path: str | Path) -> Path:
                 "the mildest one, and it damages the model. Treat it as a diagnosis, not a fix.</p>")
         unit = "rank summed over layers" if sup["method"] == "low-rank-edit" else "neurons"
         inner = warn + (f"<p>{_esc(sup['method'])} (size {sup['size']}, {unit}; strength {c['strength']}): memorized-token rate on "
-                 f"held-out memorized texts down {100 * c['suppression']:.0f}% (relative), perplexity on control texts "
+                 f"test memorized texts down {100 * c['suppression']:.0f}% (relative), perplexity on all test control texts "
                  f"{100 * c['ppl_change']:+.1f}%, top-1 accuracy {100 * c['top1_change']:+.1f} points."
                  + (f" A random edit of the same size: {100 * rnd['suppression']:.0f}% and {100 * rnd['ppl_change']:+.1f}%." if rnd else "")
-                 + "</p>" + figure(out / "figures" / "suppression.png", "suppression vs cost as the strength varies")
+                 + "</p>" + suppression_tables(sup)
+                 + figure(out / "figures" / "suppression.png", "suppression vs cost as the strength varies")
                  + "<h3>Load the patched model</h3>"
                  + f"<pre>from transformers import AutoModelForCausalLM, AutoTokenizer\n"
                  f"model = AutoModelForCausalLM.from_pretrained({_esc(repr(sup['patched_model']))})\n"
