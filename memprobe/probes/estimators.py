@@ -31,7 +31,7 @@ class BatchFit:
     standardized_coef: torch.Tensor  # (S, P, D): coefficient per standard deviation, the importance
     mean: torch.Tensor  # (S, P, D) training mean used for standardising
     scale: torch.Tensor  # (S, P, D) training standard deviation (1 where constant)
-    n_iter: int  # L-BFGS iterations taken (shared by the whole batch)
+    n_iter: int  # L-BFGS iterations on all rows (the most any site took)
 
 
 def fit_logistic_batch(
@@ -52,7 +52,7 @@ def fit_logistic_batch(
     log-loss plus alpha[p] / 2 * ||coef||^2 on standardised features.
 
     Why two phases: each L-BFGS step reads all of X (memory-bound), so when more than
-    2 * `warm_start_rows` rows train, the fit first converges on a seeded sample of that many
+    2 * `warm_start_rows` rows train (and the sample has >= 8 rows per feature), the fit first converges on a seeded sample of that many
     training rows (same standardisation, renormalised weights) and starts the full fit from there:
     the full problem then needs a fraction of the steps. The optimum and tolerance are unchanged.
     """
@@ -68,14 +68,22 @@ def fit_logistic_batch(
     mean = torch.einsum("pn,snd->spd", w, X)
     var = (torch.einsum("pn,snd->spd", w, X * X) - mean * mean).clamp_min(0)
     scale = torch.where(var > _EPS, var.sqrt(), torch.ones_like(var))
-    u = torch.zeros((S, P, D), dtype=dtype, requires_grad=True)
-    b = torch.zeros((S, P), dtype=dtype, requires_grad=True)
-    if warm_start_rows and N > 2 * warm_start_rows:
+    sample = None
+    if warm_start_rows and N > 2 * warm_start_rows and warm_start_rows >= 8 * D:  # a sample that pins the optimum
         sample = torch.randperm(N, generator=torch.Generator().manual_seed(seed))[:warm_start_rows].sort().values
         ws = w[:, sample]
-        _lbfgs(u, b, X[:, sample], Y[:, sample], ws / ws.sum(1, keepdim=True).clamp_min(_EPS), mean, scale, alpha,
-               max_iter, tol)
-    n_iter = _lbfgs(u, b, X, Y, w, mean, scale, alpha, max_iter, tol)
+        ws = ws / ws.sum(1, keepdim=True).clamp_min(_EPS)
+    us, bs, n_iter = [], [], 0
+    for s in range(S):  # one L-BFGS per site: a joint one steps every site by the slowest one's needs
+        u = torch.zeros((1, P, D), dtype=dtype, requires_grad=True)
+        b = torch.zeros((1, P), dtype=dtype, requires_grad=True)
+        m, sc = mean[s : s + 1], scale[s : s + 1]
+        if sample is not None:
+            _lbfgs(u, b, X[s : s + 1, sample], Y[:, sample], ws, m, sc, alpha, max_iter, tol)
+        n_iter = max(n_iter, _lbfgs(u, b, X[s : s + 1], Y, w, m, sc, alpha, max_iter, tol))
+        us.append(u.detach())
+        bs.append(b.detach())
+    u, b = torch.cat(us), torch.cat(bs)
     with torch.no_grad():
         raw = u / scale
         return BatchFit(raw.detach(), (b - (mean * raw).sum(-1)).detach(), u.detach().clone(), mean, scale, n_iter)
