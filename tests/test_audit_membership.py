@@ -168,3 +168,21 @@ def test_killed_membership_step_resumes_to_the_same_result(audit, lab, tmp_path)
     assert "[audit] label: reusing" in run.stdout and "[audit] membership ..." in run.stdout
     assert json.loads((out / "membership.json").read_text()) == json.loads((audit / "membership.json").read_text())
     assert _records(out) == _records(audit)
+
+
+def test_calibration_is_chosen_on_the_lab(lab):
+    from memprobe.calibration import CALIBRATIONS, choose_calibration, default_calibration
+    from memprobe.mia import evaluate_mia, score_texts
+
+    members, nonmembers, _ = load_lab(lab["lab"])
+    docs = members + nonmembers
+    scores = score_texts(load_model(str(lab["ft"])), docs)
+    mia = evaluate_mia(scores, {d["id"]: d["member"] for d in docs}, n_boot=50)
+    choice = choose_calibration(mia, source="test lab")
+    aucs = {c: mia["attacks"][c]["roc_auc"] for c in CALIBRATIONS}
+    assert choice["score"] == max(CALIBRATIONS, key=lambda c: (aucs[c], -CALIBRATIONS.index(c)))
+    assert choice["roc_auc"] == aucs[choice["score"]] and len(choice["roc_auc_ci95"]) == 2
+    with pytest.raises(MemprobeError, match="no \\['ref'\\] scores"):
+        choose_calibration(mia, candidates=("ref",))
+    committed = default_calibration()  # what an audit without a reference ranks by
+    assert committed["score"] in CALIBRATIONS and committed["roc_auc"] > 0.5 and committed["source"]
