@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from memprobe.backends.torch_hooks import HookPoint, run_with_hooks  # noqa: E402
-from memprobe.localize import UnitMemAccumulator, stream_unitmem, unitmem  # noqa: E402
+from memprobe.capture import capture_augmented  # noqa: E402
+from memprobe.localize import UnitMemAccumulator, stream_unitmem, unit_points, unitmem  # noqa: E402
 from memprobe.localize.unitmem import channel_mean  # noqa: E402
 from memprobe.results import save_results  # noqa: E402
 from memprobe.train.augment import make_augment  # noqa: E402
@@ -72,7 +73,8 @@ def child(args) -> dict:
     out: dict = {"points": args.points, "n_aug": A, "mode": args.mode, "encoder": desc}
     if args.mode == "stream":
         t0 = time.perf_counter()
-        accs = stream_unitmem(model, x, sites, augment=augment, n_aug=A, batch_size=bs, seed=0)
+        accs = stream_unitmem(capture_augmented(model, x, unit_points(sites), augment=augment, n_aug=A,
+                                                include_original=False, batch_size=bs, seed=0))
         out["seconds"] = time.perf_counter() - t0
         vals = torch.cat([accs[s].compute() for s in sites])
         out["units"] = int(vals.numel())

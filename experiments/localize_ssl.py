@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from memprobe.capture import capture_augmented
 from memprobe.datasets import load_images
 from memprobe.localize import (
     alignment_distances,
@@ -37,6 +38,7 @@ from memprobe.localize import (
     select_points,
     sslmem,
     stream_unitmem,
+    unit_points,
 )
 from memprobe.localize.unitmem import token_mean
 from memprobe.results import save_results
@@ -135,7 +137,8 @@ def layer_analysis(models: dict, cand_x: torch.Tensor, sites, sc: dict, seed: in
                    atyp: np.ndarray) -> dict:
     """Alignment distances of the candidates under f and g, SSLMem, LayerMem/ΔLayerMem."""
     t0 = time.time()
-    d = alignment_distances(models, cand_x, sites, augment=augment, n_aug=sc["n_aug"], batch_size=100, seed=seed)
+    d = alignment_distances(capture_augmented(models, cand_x, sites, augment=augment, n_aug=sc["n_aug"], batch_size=100,
+                                              seed=seed))
     t_dist = time.time() - t0
     site_names = list(d["f"])
     final = site_names[-1]
@@ -180,8 +183,9 @@ def unit_analysis(model, x: torch.Tensor, labels: torch.Tensor, sites: list, sc:
                   negatives: str = "error") -> dict:
     """UnitMem (mean and median) and ClassMem per site, streamed over points x augmentations."""
     t0 = time.time()
-    accs, caccs = stream_unitmem(model, x, sites, augment=augment, n_aug=sc["n_aug"], batch_size=100,
-                                 seed=seed, labels=labels, keep_means=True, negatives=negatives)
+    views = capture_augmented(model, x, unit_points(sites), augment=augment, n_aug=sc["n_aug"], include_original=False,
+                              batch_size=100, seed=seed)
+    accs, caccs = stream_unitmem(views, labels=labels, keep_means=True, negatives=negatives)
     out = {"seconds": round(time.time() - t0, 1), "sites": {}}
     for s in accs:
         um = accs[s].compute("mean").numpy()
@@ -539,8 +543,9 @@ def main(argv: list[str] | None = None) -> dict:
                                                       atyp_null)
     # residual dropped: what LayerMem would read from the residual branch alone (before the skip add)
     branch_sites = [f"layer{i}.bn2" for i in range(1, 5)]
-    d = alignment_distances({"f": models["resnet_ssl_f"], "g": models["resnet_ssl_g"]}, cand_x, branch_sites,
-                            augment=augment, n_aug=sc["n_aug"], batch_size=100, seed=args.seed)
+    d = alignment_distances(capture_augmented({"f": models["resnet_ssl_f"], "g": models["resnet_ssl_g"]}, cand_x,
+                                              branch_sites, augment=augment, n_aug=sc["n_aug"], batch_size=100,
+                                              seed=args.seed))
     top = torch.as_tensor(res["layers"]["resnet_ssl"]["_top"])
     kept = res["layers"]["resnet_ssl"]["layermem_range"]["top"]["layermem"]
     dropped = layermem(d["f"], d["g"], top, norm="range").layermem

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from memprobe.backends import make_backend
-from memprobe.backends.torch_hooks import hooked
+from memprobe.backends.torch_hooks import HookPoint, hooked
 from memprobe.documents import TokenizedDoc, tokenize_documents  # noqa: F401  (capture's tokenisation)
 from memprobe.errors import MemprobeError
 from memprobe.models import LoadedModel
@@ -228,3 +229,100 @@ def _columns(token_columns: dict[str, dict[str, Sequence[float]]] | None, docs: 
             parts.append(torch.tensor([float("nan") if v is None else float(v) for v in values], dtype=torch.float32))
         out[name] = torch.cat(parts)
     return out
+
+
+# Augmented views of images: the model-running half of LayerMem, UnitMem and a-priori PSMI. The
+# analyses (memprobe.localize, memprobe.predict) read the tensors these yield and never run a model.
+
+
+def module_points(sites: Sequence[str] | Mapping[str, HookPoint]) -> dict[str, HookPoint]:
+    """{name: HookPoint}: module paths read at their output, or the given hook points."""
+    points = dict(sites) if isinstance(sites, Mapping) else {s: HookPoint(s, "output") for s in sites}
+    if not points:
+        raise MemprobeError("no sites given: name at least one module whose output is a representation")
+    return points
+
+
+def augmented_views(
+    images: torch.Tensor,
+    *,
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+    n_aug: int = 0,
+    include_original: bool = True,
+    batch_size: int = 128,
+    seed: int = 0,
+    preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Iterator[torch.Tensor]:
+    """Batches of views (V, b, ...) of `images`, `batch_size` points at a time: view 0 the image itself
+    (when `include_original`), then `n_aug` draws of `augment(x, generator)` from one generator seeded
+    by `seed`; `preprocess` (input normalisation) runs on the views after augmentation."""
+    if images.ndim < 2 or images.shape[0] == 0:
+        raise MemprobeError(f"images must be a non-empty batch (N, ...), got shape {tuple(images.shape)}")
+    if n_aug and augment is None:
+        raise MemprobeError("n_aug > 0 needs an augment(x, generator) function")
+    if not include_original and n_aug < 1:
+        raise MemprobeError(f"no views: n_aug must be >= 1 without the original, got {n_aug}")
+    gen = torch.Generator().manual_seed(seed)
+    for start in range(0, images.shape[0], batch_size):
+        x = images[start : start + batch_size]
+        views = torch.cat(([x] if include_original else []) + [augment(x, gen) for _ in range(n_aug)])
+        if preprocess is not None:
+            views = preprocess(views)
+        yield views.reshape(-1, x.shape[0], *views.shape[1:])
+
+
+def capture_views(
+    model: torch.nn.Module, views: torch.Tensor, sites: Sequence[str] | Mapping[str, HookPoint]
+) -> dict[str, torch.Tensor]:
+    """{site: (V, b, ...)}: the value at each site for every view of `views` (V, b, ...), in one
+    forward of all V*b views on the model's device (the forward stops after the last site)."""
+    from memprobe.backends.torch_hooks import run_with_hooks
+
+    dev = next(iter(model.parameters()), torch.empty(0)).device
+    n_views, b = views.shape[:2]
+    reps = run_with_hooks(model, module_points(sites), views.flatten(0, 1).to(dev))
+    return {s: r.reshape(n_views, b, *r.shape[1:]) for s, r in reps.items()}
+
+
+def capture_augmented(
+    models: torch.nn.Module | Mapping[str, torch.nn.Module],
+    images: torch.Tensor,
+    sites: Sequence[str] | Mapping[str, HookPoint],
+    **views: Any,
+) -> Iterator[dict[str, torch.Tensor]] | Iterator[dict[str, dict[str, torch.Tensor]]]:
+    """Per batch of `augmented_views(images, **views)`: {site: (V, b, ...)} for one model, or
+    {model name: {site: ...}} for a mapping of models, which then all see the very same views
+    (what SSLMem's f and g need). Sites are checked (closest names) before any forward."""
+    from memprobe.backends.torch_hooks import resolve_module
+
+    single = isinstance(models, torch.nn.Module)
+    model_map = {"model": models} if single else dict(models)
+    if not model_map:
+        raise MemprobeError("no models given")
+    points = module_points(sites)
+    for model in model_map.values():
+        for p in points.values():
+            resolve_module(model, p.module)
+        model.eval()
+    batches = augmented_views(images, **views)
+
+    def run() -> Iterator[Any]:
+        with torch.no_grad():
+            for batch in batches:
+                out = {name: capture_views(m, batch, points) for name, m in model_map.items()}
+                yield out["model"] if single else out
+
+    return run()
+
+
+@torch.no_grad()
+def capture_outputs(
+    model: torch.nn.Module, inputs: torch.Tensor, modules: Sequence[str], *, batch_size: int = 1024
+) -> dict[str, np.ndarray]:
+    """Outputs of `modules` for every input row, flattened to (n, features): what a-priori PSMI reads."""
+    model.eval()
+    parts: dict[str, list[torch.Tensor]] = {m: [] for m in modules}
+    for batch in augmented_views(inputs, batch_size=batch_size):
+        for m, r in capture_views(model, batch, modules).items():
+            parts[m].append(r[0].flatten(1))
+    return {m: torch.cat(v).numpy() for m, v in parts.items()}

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
+from memprobe.capture import capture_outputs
 from memprobe.errors import MemprobeError
-from memprobe.predict import capture_layers
 from memprobe.train.classifier import TrainConfig, load_weights, mlp, small_cnn, train_classifier
 
 
@@ -69,7 +69,7 @@ def test_history_and_early_index():
 def test_cnn_and_hidden_capture():
     x = torch.rand(10, 1, 12, 12)
     model = small_cnn(1, 4, width=4)
-    feats = capture_layers(model, x, ["act0", "act2"])
+    feats = capture_outputs(model, x, ["act0", "act2"])
     assert feats["act0"].shape == (10, 4 * 12 * 12) and feats["act2"].shape == (10, 8)
     with pytest.raises(MemprobeError, match="same length"):
         train_classifier(model, x, torch.zeros(3, dtype=torch.long), TrainConfig())

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from memprobe.backends.torch_hooks import HookPoint, run_with_hooks
+from memprobe.capture import capture_augmented
 from memprobe.errors import MemprobeError
 from memprobe.localize import (
     alignment_distances,
@@ -50,11 +51,11 @@ def scale2(x, gen):
 def test_alignment_distance_hand_computed():
     x = torch.tensor([[1.0, 0.0], [3.0, 4.0]])
     # a 90-degree rotation moves every unit vector by sqrt(2)
-    d = alignment_distances(Rep(), x, ["rep", "neg"], augment=rotate90, n_aug=3)
+    d = alignment_distances(capture_augmented(Rep(), x, ["rep", "neg"], augment=rotate90, n_aug=3))
     torch.testing.assert_close(d["rep"], torch.full((2,), math.sqrt(2), dtype=torch.float64))
     torch.testing.assert_close(d["neg"], torch.full((2,), math.sqrt(2), dtype=torch.float64))
     # scaling does not move an L2-normalised representation
-    d = alignment_distances(Rep(), x, ["rep"], augment=scale2, n_aug=2)
+    d = alignment_distances(capture_augmented(Rep(), x, ["rep"], augment=scale2, n_aug=2))
     torch.testing.assert_close(d["rep"], torch.zeros(2, dtype=torch.float64))
 
 
@@ -65,7 +66,7 @@ def test_alignment_distance_is_the_mean_over_augmentations():
         calls["n"] += 1
         return rotate90(x, gen) if calls["n"] % 2 else x
 
-    d = alignment_distances(Rep(), torch.tensor([[0.0, 2.0]]), ["rep"], augment=alternate, n_aug=2)
+    d = alignment_distances(capture_augmented(Rep(), torch.tensor([[0.0, 2.0]]), ["rep"], augment=alternate, n_aug=2))
     assert d["rep"].item() == pytest.approx(math.sqrt(2) / 2)
 
 
@@ -80,7 +81,7 @@ def test_augment_runs_before_preprocess():
         seen.append(("pre", float(x.max())))
         return x * 10
 
-    alignment_distances(Rep(), torch.ones(2, 2), ["rep"], augment=aug, n_aug=1, preprocess=pre)
+    alignment_distances(capture_augmented(Rep(), torch.ones(2, 2), ["rep"], augment=aug, n_aug=1, preprocess=pre))
     assert [s[0] for s in seen] == ["aug", "pre"] and seen[0][1] == 1.0
 
 
@@ -92,7 +93,7 @@ def test_f_and_g_see_the_same_augmentations():
     def noisy(x, gen):
         return (x + 0.2 * torch.randn(x.shape, generator=gen)).clamp(0, 1)
 
-    d = alignment_distances({"f": m, "g": m}, x, ["layer1", "pool"], augment=noisy, n_aug=3, batch_size=4)
+    d = alignment_distances(capture_augmented({"f": m, "g": m}, x, ["layer1", "pool"], augment=noisy, n_aug=3, batch_size=4))
     for s in ("layer1", "pool"):
         torch.testing.assert_close(d["f"][s], d["g"][s])
         assert (d["f"][s] > 0).all()

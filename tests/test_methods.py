@@ -207,3 +207,57 @@ def test_one_overlength_policy_everywhere(tmp_path):
     assert len(cut[0].token_ids) == limit and cut[0].fields["truncated_from"] == len(loaded.encode(long_doc["text"]))
     assert cut[0].token_ids == loaded.encode(long_doc["text"])[:limit]
     assert cut[1].token_ids == loaded.encode("abc") and "truncated_from" not in cut[1].fields
+
+
+def _small_conv():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    model.add_module("conv", torch.nn.Conv2d(1, 3, 3))
+    model.add_module("act", torch.nn.ReLU())
+    model.add_module("flat", torch.nn.Flatten())
+    model.add_module("fc", torch.nn.Linear(3 * 6 * 6, 4))
+    return model.eval()
+
+
+def _noise(x, gen):
+    return (x + 0.1 * torch.randn(x.shape, generator=gen)).clamp(0, 1)
+
+
+def test_analyses_read_captured_views_and_equal_a_hand_computation():
+    from memprobe.capture import augmented_views, capture_augmented, capture_outputs, capture_views
+    from memprobe.localize import alignment_distances, stream_unitmem, unit_points, unitmem
+
+    model, x = _small_conv(), torch.rand(7, 1, 8, 8)
+    views = list(augmented_views(x, augment=_noise, n_aug=3, batch_size=4, seed=3))
+    assert [v.shape[:2] for v in views] == [(4, 4), (4, 3)]
+    assert torch.equal(views[0][0], x[:4])  # view 0 is the point itself
+    # by hand: the same generator draws, one forward, L2-normalised distance to the original
+    gen = torch.Generator().manual_seed(3)
+    expected = []
+    for i in (0, 4):
+        xb = x[i:i + 4]
+        with torch.no_grad():
+            reps = [model.act(model.conv(v)).flatten(1) for v in [xb] + [_noise(xb, gen) for _ in range(3)]]
+        r = [torch.nn.functional.normalize(t, dim=1) for t in reps]
+        expected.append(torch.stack([(v - r[0]).norm(dim=1) for v in r[1:]]).mean(0))
+    d = alignment_distances(capture_augmented(model, x, ["act"], augment=_noise, n_aug=3, batch_size=4, seed=3))
+    torch.testing.assert_close(d["act"], torch.cat(expected).double())
+    both = alignment_distances(capture_augmented({"f": model, "g": model}, x, ["act"], augment=_noise, n_aug=3,
+                                                 batch_size=4, seed=3))
+    assert torch.equal(both["f"]["act"], d["act"]) and torch.equal(both["g"]["act"], d["act"])
+    # UnitMem from captured (A, b, units) views equals unitmem on the whole tensor
+    caught = capture_views(model, views[0][1:], unit_points(["act"]))["act"]
+    assert caught.shape == (3, 4, 3)
+    accs = stream_unitmem([{"act": caught}])
+    torch.testing.assert_close(accs["act"].compute(), unitmem(caught.transpose(0, 1).double()))
+    feats = capture_outputs(model, x, ["fc", "act"], batch_size=3)
+    with torch.no_grad():
+        assert feats["fc"].shape == (7, 4) and torch.allclose(torch.from_numpy(feats["fc"]), model(x))
+    with pytest.raises(MemprobeError, match="no captured views"):
+        alignment_distances([])
+    with pytest.raises(MemprobeError, match="non-empty batch"):
+        list(augmented_views(torch.empty(0, 2)))
+    with pytest.raises(MemprobeError, match="at least 2 points"):
+        stream_unitmem([{"act": caught[:, :1]}])
+    with pytest.raises(MemprobeError, match="act"):  # checked before any forward, closest names listed
+        capture_augmented(model, x, ["actt"], augment=_noise, n_aug=1)

@@ -7,12 +7,14 @@ import pytest
 import torch
 from torch import nn
 
+from memprobe.capture import capture_augmented
 from memprobe.errors import MemprobeError
 from memprobe.localize import (
     ClassMemAccumulator,
     UnitMemAccumulator,
     classmem,
     stream_unitmem,
+    unit_points,
     unitmem,
 )
 
@@ -206,8 +208,9 @@ def test_stream_unitmem_over_a_model_matches_unitmem_on_captured_activations():
     model = TinyConv().eval()
     x = torch.rand(13, 1, 8, 8)
     n_aug, bs = 3, 5
-    accs = stream_unitmem(model, x, ["act", "act2"], augment=noise_augment, n_aug=n_aug, batch_size=bs,
-                          seed=7, keep_means=True)
+    accs = stream_unitmem(capture_augmented(model, x, unit_points(["act", "act2"]), augment=noise_augment,
+                                            n_aug=n_aug, include_original=False, batch_size=bs, seed=7),
+                          keep_means=True)
     # recompute by hand: same generator, same batching, views augmentation-major, all in memory
     gen = torch.Generator().manual_seed(7)
     conv_acts, fc_acts = [], []
@@ -227,11 +230,12 @@ def test_stream_unitmem_refuses_pre_relu_site_and_single_point():
     model = TinyConv().eval()
     x = torch.rand(4, 1, 8, 8)
     with pytest.raises(MemprobeError, match="negative"):
-        stream_unitmem(model, x, ["conv"], augment=noise_augment, n_aug=2)
-    accs = stream_unitmem(model, x, ["conv"], augment=noise_augment, n_aug=2, negatives="clip")
+        stream_unitmem(capture_augmented(model, x, ["conv"], augment=noise_augment, n_aug=2, include_original=False))
+    accs = stream_unitmem(capture_augmented(model, x, ["conv"], augment=noise_augment, n_aug=2, include_original=False),
+                          negatives="clip")
     assert accs["conv"].compute().shape == (4,)
     with pytest.raises(MemprobeError, match="at least 2 points"):
-        stream_unitmem(model, x[:1], ["act"], augment=noise_augment, n_aug=2)
+        stream_unitmem(capture_augmented(model, x[:1], ["act"], augment=noise_augment, n_aug=2, include_original=False))
 
 
 # ------------------------------------------------------------------ text points and augmentations

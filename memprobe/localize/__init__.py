@@ -24,6 +24,7 @@ from memprobe.localize.unitmem import (
     selectivity_index,
     stream_unitmem,
     token_mean,
+    unit_points,
     unitmem,
 )
 
@@ -42,6 +43,7 @@ __all__ = [
     "selectivity_index",
     "sslmem",
     "stream_unitmem",
+    "unit_points",
     "token_mean",
     "unitmem",
 ]

@@ -18,7 +18,8 @@ LayerMem (Wang, Dziedzic, Backes, Boenisch, NeurIPS 2024): SSLMem computed from 
 representation at layer l, averaged over a chosen set of candidates (e.g. the top memorized ones,
 or random ones); ΔLayerMem(l) = LayerMem(l) - LayerMem(l-1) (and LayerMem(1) for the first).
 
-Layer representations are read with forward hooks on the real modules, so residual additions are
+Layer representations are captured (memprobe.capture.capture_augmented: this module never runs a
+model) with forward hooks on the real modules, so residual additions are
 kept: a ResNet block's site is the block's output (skip + residual branch, after its ReLU), a
 transformer's "attention half" is the residual stream after the attention addition and its "MLP
 half" the stream after the MLP addition (`residual_sites`). Extracting layers by slicing
@@ -28,16 +29,16 @@ every block that is cut open.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
 from memprobe.adapters import adapter_for, family_of
-from memprobe.backends.torch_hooks import HookPoint, resolve_module, run_with_hooks
+from memprobe.backends.torch_hooks import HookPoint
 from memprobe.errors import MemprobeError
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -48,6 +49,7 @@ __all__ = [
     "SSLMemScores",
     "alignment_distances",
     "delta_layermem",
+    "view_alignment",
     "layermem",
     "residual_sites",
     "select_points",
@@ -55,67 +57,36 @@ __all__ = [
 ]
 
 
-def _as_points(sites: Sequence[str] | Mapping[str, HookPoint]) -> dict[str, HookPoint]:
-    if isinstance(sites, Mapping):
-        pts = dict(sites)
-    else:
-        pts = {s: HookPoint(s, "output") for s in sites}
-    if not pts:
-        raise MemprobeError("no sites given: name at least one module whose output is a representation")
-    return pts
+def view_alignment(reps: torch.Tensor) -> torch.Tensor:
+    """Alignment distance (b,) float64 of each point from its representations (V, b, ...): view 0 the
+    point itself, views 1.. its augmentations; each representation flattened and L2-normalised."""
+    if reps.ndim < 2 or reps.shape[0] < 2:
+        raise MemprobeError(f"need the original and at least one augmented view (V >= 2, b, ...), got "
+                            f"shape {tuple(reps.shape)}")
+    n_views, b = reps.shape[:2]
+    r = torch.nn.functional.normalize(reps.reshape(n_views * b, -1).float(), dim=1).reshape(n_views, b, -1)
+    return (r[1:] - r[0]).norm(dim=-1).mean(dim=0).double().cpu()
 
 
-@torch.no_grad()
-def alignment_distances(
-    models: nn.Module | Mapping[str, nn.Module],
-    images: torch.Tensor,
-    sites: Sequence[str] | Mapping[str, HookPoint],
-    *,
-    augment: Augment,
-    n_aug: int = 10,
-    batch_size: int = 128,
-    seed: int = 0,
-    preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> dict[str, dict[str, torch.Tensor]] | dict[str, torch.Tensor]:
-    """Alignment distance of every image at every site: {model: {site: (N,) tensor}}.
+def alignment_distances(batches: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Alignment distance of every point at every site, from batches of captured views.
 
-    `augment(x, generator)` maps a batch of raw images to one augmented view each; it runs before
-    `preprocess` (input normalisation, if the model does not do it itself). Passing several models
-    (a dict, e.g. {"f": f, "g": g}) evaluates them all on the very same augmented views, which is
-    what SSLMem needs; one module gives {site: distances}. A site's representation is its value
-    flattened per example (all channels and positions).
+    Each batch is {site: (V, b, ...)} (as `memprobe.capture.capture_augmented` yields for one
+    model) or {model: {site: (V, b, ...)}} (several models on the same views, which SSLMem needs);
+    the result has the same nesting with one (N,) float64 tensor per site, points in batch order.
     """
-    single = isinstance(models, nn.Module)
-    model_map = {"model": models} if single else dict(models)
-    if not model_map:
-        raise MemprobeError("no models given")
-    if n_aug < 1:
-        raise MemprobeError(f"n_aug must be >= 1, got {n_aug}")
-    if images.ndim < 2 or images.shape[0] == 0:
-        raise MemprobeError(f"images must be a non-empty batch (N, ...), got shape {tuple(images.shape)}")
-    points = _as_points(sites)
-    for m in model_map.values():
-        for p in points.values():
-            resolve_module(m, p.module)  # fail early with the closest names
-        m.eval()
-    gen = torch.Generator().manual_seed(seed)
-    n = images.shape[0]
-    out = {name: {s: torch.empty(n, dtype=torch.float64) for s in points} for name in model_map}
-    for start in range(0, n, batch_size):
-        x = images[start : start + batch_size]
-        views = torch.cat([x] + [augment(x, gen) for _ in range(n_aug)])
-        if preprocess is not None:
-            views = preprocess(views)
-        b = x.shape[0]
-        for name, model in model_map.items():
-            dev = next(iter(model.parameters()), torch.empty(0)).device
-            reps = run_with_hooks(model, points, views.to(dev))
-            for s, r in reps.items():
-                r = torch.nn.functional.normalize(r.reshape(r.shape[0], -1).float(), dim=1)
-                r = r.reshape(n_aug + 1, b, -1)
-                d = (r[1:] - r[0]).norm(dim=-1).mean(dim=0)
-                out[name][s][start : start + b] = d.double().cpu()
-    return out["model"] if single else out
+    parts: dict[str, Any] = {}
+    for batch in batches:
+        for key, value in batch.items():
+            if isinstance(value, Mapping):
+                for site, reps in value.items():
+                    parts.setdefault(key, {}).setdefault(site, []).append(view_alignment(reps))
+            else:
+                parts.setdefault(key, []).append(view_alignment(value))
+    if not parts:
+        raise MemprobeError("no captured views given: capture them with memprobe.capture.capture_augmented")
+    return {k: ({s: torch.cat(v) for s, v in d.items()} if isinstance(d, dict) else torch.cat(d))
+            for k, d in parts.items()}
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,8 @@ streaming form (`UnitMemAccumulator(keep_means=True)` keeps them: O(points x uni
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -53,6 +53,7 @@ __all__ = [
     "classmem",
     "selectivity_index",
     "stream_unitmem",
+    "unit_points",
     "token_mean",
     "unitmem",
 ]
@@ -369,61 +370,52 @@ def token_mean(t: torch.Tensor) -> torch.Tensor:
     return t.mean(dim=1) if t.ndim == 3 else t
 
 
+def unit_points(sites: Sequence[str] | Mapping[str, Any]) -> dict[str, Any]:
+    """Hook points that reduce each site to one value per unit while capturing (`channel_mean`,
+    unless a HookPoint brings its own transform), so a capture for UnitMem holds O(units) per view."""
+    from memprobe.backends.torch_hooks import HookPoint
+
+    if isinstance(sites, Mapping):
+        return {k: v if v.transform is not None else HookPoint(v.module, v.io, channel_mean) for k, v in sites.items()}
+    return {s: HookPoint(s, "output", channel_mean) for s in sites}
+
+
 @torch.no_grad()
 def stream_unitmem(
-    model: torch.nn.Module,
-    images: torch.Tensor,
-    sites,
+    batches: Iterable[Mapping[str, torch.Tensor]],
     *,
-    augment,
-    n_aug: int = 10,
-    batch_size: int = 128,
-    seed: int = 0,
     negatives: Negatives = "error",
     labels=None,
     keep_means: bool = False,
-    preprocess=None,
 ) -> dict[str, UnitMemAccumulator] | tuple[dict[str, UnitMemAccumulator], dict[str, ClassMemAccumulator]]:
-    """UnitMem at many sites of `model` in one streaming pass over `images` and their augmentations.
+    """UnitMem at many sites in one streaming pass over batches of captured augmented views.
 
-    For each batch of points, the `n_aug` augmented views of every point (`augment(x, generator)`,
-    applied to the raw images before `preprocess`) go through the model in one forward with hooks
-    on all sites (the forward stops after the last site); each site's value is reduced to one
-    value per unit (`channel_mean` unless the site is a HookPoint with its own transform) and fed
-    to a `UnitMemAccumulator`. Memory is O(units) per site, whatever the number of points.
-    `sites`: module paths, or {name: HookPoint}. With `labels` (one class per image), ClassMem
-    accumulators are returned too.
+    Each batch is {site: (A, b, ...)}: the `A` augmented views of `b` points (as
+    `memprobe.capture.capture_augmented(model, images, unit_points(sites), include_original=False,
+    ...)` yields); each view's value is
+    reduced to one value per unit (`channel_mean`: a conv channel averaged over space; a site
+    captured through a HookPoint with its own transform, e.g. `token_mean`, is already reduced) and
+    fed to a `UnitMemAccumulator`. Memory is O(units) per site, whatever the number of points. With
+    `labels` (one class per point), ClassMem accumulators are returned too.
     """
-    from memprobe.backends.torch_hooks import HookPoint, run_with_hooks
-
-    if isinstance(sites, dict):
-        points = {k: (v if v.transform is not None else HookPoint(v.module, v.io, channel_mean)) for k, v in sites.items()}
-    else:
-        points = {s: HookPoint(s, "output", channel_mean) for s in sites}
-    if not points:
-        raise MemprobeError("no sites given")
-    if n_aug < 1:
-        raise MemprobeError(f"n_aug must be >= 1, got {n_aug}")
-    n = images.shape[0]
-    if n < 2:
-        raise MemprobeError(f"UnitMem needs at least 2 points (got {n})")
-    if labels is not None and len(labels) != n:
-        raise MemprobeError(f"{len(labels)} labels for {n} images")
-    model.eval()
-    dev = next(iter(model.parameters()), torch.empty(0)).device
-    gen = torch.Generator().manual_seed(seed)
-    accs = {s: UnitMemAccumulator(negatives=negatives, keep_means=keep_means) for s in points}
-    caccs = {s: ClassMemAccumulator(negatives=negatives) for s in points} if labels is not None else None
-    for start in range(0, n, batch_size):
-        x = images[start : start + batch_size]
-        b = x.shape[0]
-        views = torch.cat([augment(x, gen) for _ in range(n_aug)])  # (A*b, ...): aug-major
-        if preprocess is not None:
-            views = preprocess(views)
-        vals = run_with_hooks(model, points, views.to(dev))
-        for s, v in vals.items():
-            v = v.reshape(n_aug, b, -1).transpose(0, 1)  # (b, A, units)
-            accs[s].update(v)
+    accs: dict[str, UnitMemAccumulator] = {}
+    caccs: dict[str, ClassMemAccumulator] | None = {} if labels is not None else None
+    start = 0
+    for batch in batches:
+        b = 0
+        for s, v in batch.items():
+            n_aug, b = v.shape[:2]
+            v = channel_mean(v.flatten(0, 1)).reshape(n_aug, b, -1).transpose(0, 1)  # (b, A, units)
+            accs.setdefault(s, UnitMemAccumulator(negatives=negatives, keep_means=keep_means)).update(v)
             if caccs is not None:
-                caccs[s].update(v, labels[start : start + b])
+                if start + b > len(labels):
+                    raise MemprobeError(f"{len(labels)} labels for more points than that")
+                caccs.setdefault(s, ClassMemAccumulator(negatives=negatives)).update(v, labels[start : start + b])
+        start += b
+    if not accs:
+        raise MemprobeError("no sites given")
+    if start < 2:
+        raise MemprobeError(f"UnitMem needs at least 2 points (got {start})")
+    if labels is not None and len(labels) != start:
+        raise MemprobeError(f"{len(labels)} labels for {start} images")
     return (accs, caccs) if caccs is not None else accs

@@ -1,6 +1,6 @@
 """Predict which samples a model will memorize: sliced mutual information and shadow-model ground truth."""
 
-from memprobe.predict.apriori import capture_layers, evaluate_predictors, psmi_per_layer
+from memprobe.predict.apriori import evaluate_predictors, psmi_per_layer
 from memprobe.predict.shadow import (
     ShadowRuns,
     confidence_gap,
@@ -17,7 +17,6 @@ from memprobe.predict.smi import PointwiseSMI, pointwise_smi, random_directions,
 __all__ = [
     "PointwiseSMI",
     "ShadowRuns",
-    "capture_layers",
     "confidence_gap",
     "counterfactual_memorization",
     "evaluate_predictors",

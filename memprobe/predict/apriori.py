@@ -4,32 +4,16 @@ Dentan et al.'s protocol: capture hidden representations early in training (the 
 the median training loss is <= 5% of its initial value), compute PSMI per layer, and see how well a low
 PSMI flags the samples that end up memorized, next to two cheap baselines read at the same checkpoint:
 the per-sample loss (high = suspicious) and the logit margin (low = suspicious).
+
+The hidden representations come from `memprobe.capture.capture_outputs`: this module reads arrays.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
-import torch
-from torch import nn
 
-from memprobe.backends.torch_hooks import capture_modules
 from memprobe.metrics import bootstrap_ci, detection_summary
 from memprobe.predict.smi import pointwise_smi
-
-
-@torch.no_grad()
-def capture_layers(model: nn.Module, inputs: torch.Tensor, modules: Sequence[str], *,
-                   batch_size: int = 1024) -> dict[str, np.ndarray]:
-    """Outputs of `modules` for every input row, flattened to (n, features), via memprobe's forward hooks."""
-    model.eval()
-    parts: dict[str, list[torch.Tensor]] = {m: [] for m in modules}
-    for i in range(0, len(inputs), batch_size):
-        out = capture_modules(model, inputs[i:i + batch_size], modules)
-        for m in modules:
-            parts[m].append(out[m].flatten(1))
-    return {m: torch.cat(v).numpy() for m, v in parts.items()}
 
 
 def psmi_per_layer(features: dict[str, np.ndarray], labels: np.ndarray, *, n_directions: int = 2000,

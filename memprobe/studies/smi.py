@@ -19,10 +19,10 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
+from memprobe.capture import capture_outputs
 from memprobe.metrics import roc_curve
 from memprobe.plots import roc_curves, save_figure
 from memprobe.predict import (
-    capture_layers,
     counterfactual_memorization,
     evaluate_predictors,
     feldman_memorization,
@@ -103,10 +103,10 @@ def run_study(
     early_model = make_model()
     early_model.load_state_dict(history.weights[early])
     features = {f"frozen:{k}": v[members] for k, v in (frozen_features or {}).items()}
-    features.update({f"head:{k}": v for k, v in capture_layers(early_model, x[members], hidden_modules).items()})
+    features.update({f"head:{k}": v for k, v in capture_outputs(early_model, x[members], hidden_modules).items()})
     final_model = make_model()
     final_model.load_state_dict(history.weights[-1])
-    final_features = capture_layers(final_model, x[members], hidden_modules)
+    final_features = capture_outputs(final_model, x[members], hidden_modules)
 
     t0 = time.perf_counter()
     y_m = y[members]
