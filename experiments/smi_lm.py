@@ -127,6 +127,7 @@ def main() -> None:
         "head's input), at the early checkpoint; psmi_final[...] = the same at the end of training",
         psmi_layer_fixed_in_advance="head:taps.norm")
     name = ("smi_lm_quick" if args.quick else "smi_lm") + (f"_seed{args.seed}" if args.seed else "")
+    name += f"_noise{args.noise:g}" if args.noise != ap.get_default("noise") else ""
     path = save_results(args.out / f"{name}.json", results, seed=args.seed)
     figs = make_figures(arrays, results, args.figures, name,
                         f"Play ID ({loaded.name} + LoRA), {args.noise:.0%} noise")
