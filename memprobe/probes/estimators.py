@@ -52,9 +52,10 @@ def fit_logistic_batch(
     log-loss plus alpha[p] / 2 * ||coef||^2 on standardised features.
 
     Why two phases: each L-BFGS step reads all of X (memory-bound), so when more than
-    2 * `warm_start_rows` rows train (and the sample has >= 8 rows per feature), the fit first converges on a seeded sample of that many
-    training rows (same standardisation, renormalised weights) and starts the full fit from there:
-    the full problem then needs a fraction of the steps. The optimum and tolerance are unchanged.
+    2 * `warm_start_rows` rows train (and that many give >= 8 rows per feature), the fit first
+    converges on a seeded sample of that many rows (same standardisation, renormalised weights) and
+    starts the full fit from there, which then needs fewer steps. Optimum and tolerance are unchanged.
+    Why one L-BFGS per site: a joint run steps every site by the slowest one's needs.
     """
     S, N, D = X.shape
     dtype = X.dtype
@@ -74,7 +75,7 @@ def fit_logistic_batch(
         ws = w[:, sample]
         ws = ws / ws.sum(1, keepdim=True).clamp_min(_EPS)
     us, bs, n_iter = [], [], 0
-    for s in range(S):  # one L-BFGS per site: a joint one steps every site by the slowest one's needs
+    for s in range(S):
         u = torch.zeros((1, P, D), dtype=dtype, requires_grad=True)
         b = torch.zeros((1, P), dtype=dtype, requires_grad=True)
         m, sc = mean[s : s + 1], scale[s : s + 1]
