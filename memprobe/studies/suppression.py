@@ -275,10 +275,11 @@ class SuppressionResult(Result):
         err = None
         if names and all(cis):
             err = np.abs(np.array([[100 * v for v in c] for c in cis]).T - np.array(values))
-        kinds_ax.barh(names, values, xerr=err, color="tab:blue", capsize=2)
+        kinds_ax.barh([f"{k} ({by_kind[k]['documents']})" for k in names], values, xerr=err, color="tab:blue",
+                      capsize=2)
         kinds_ax.axvline(0, color="0.3", lw=0.8)
         kinds_ax.set_xlabel(f"perplexity change at strength x{self.chosen['strength']} (%), test")
-        kinds_ax.set_title("cost per control kind (chosen on validation)", fontsize=9)
+        kinds_ax.set_title("cost per control kind (texts), strength chosen on validation", fontsize=9)
         fig.tight_layout()
         return fig
 
@@ -366,17 +367,7 @@ def run_suppression(
             f"texts (got {len(build_memorized)}, {len(heldout_memorized)}, {len(build_control)})"
         )
     cut = config.max_tokens
-    parts: dict[str, dict[str, list[dict[str, Any]]]] = {"validation": {}, "test": {}}
-    for name, records in (("memorized", heldout_memorized), ("control", heldout_control)):
-        val, test = split_validation_test(records, config.validation_share, config.seed)
-        parts["validation"][name], parts["test"][name] = val, test
-    sizes = {"build_memorized": len(build_memorized), "build_control": len(build_control)}
-    sizes |= {f"{s}_{n}": len(v) for s, p in parts.items() for n, v in p.items()}
-    if not all(sizes.values()):
-        raise MemprobeError(
-            "suppression needs held-out memorized and control texts of at least two `split_group`s "
-            f"each, one for validation and one for test (got {sizes}): add texts"
-        )
+    _validation_test(heldout_memorized, heldout_control, config)  # refuses before training
     mem = targets_from_labels(
         [r["token_ids"][:cut] for r in build_memorized],
         [r["memorized"][:cut] for r in build_memorized],
@@ -387,7 +378,46 @@ def run_suppression(
         model, mem, ctrl, seed=config.seed, max_tokens=cut, max_controls=config.max_controls
     )
     build_seconds = time.perf_counter() - t
-    random_edit = random_low_rank_like(edit, seed=config.seed)
+    result = evaluate_suppression(
+        model, edit, random_low_rank_like(edit, seed=config.seed), heldout_memorized, heldout_control,
+        config, build_sizes={"build_memorized": len(build_memorized), "build_control": len(build_control)},
+    )
+    result.build_seconds = build_seconds
+    return result
+
+
+def _validation_test(
+    heldout_memorized: Sequence[dict[str, Any]],
+    heldout_control: Sequence[dict[str, Any]],
+    config: SuppressionConfig,
+) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    parts: dict[str, dict[str, list[dict[str, Any]]]] = {"validation": {}, "test": {}}
+    for name, records in (("memorized", heldout_memorized), ("control", heldout_control)):
+        val, test = split_validation_test(records, config.validation_share, config.seed)
+        parts["validation"][name], parts["test"][name] = val, test
+    sizes = {f"{s}_{n}": len(v) for s, p in parts.items() for n, v in p.items()}
+    if not all(sizes.values()):
+        raise MemprobeError(
+            "suppression needs held-out memorized and control texts of at least two `split_group`s "
+            f"each, one for validation and one for test (got {sizes}): add texts"
+        )
+    return parts
+
+
+def evaluate_suppression(
+    model: nn.Module,
+    edit: Any,
+    random_edit: Any,
+    heldout_memorized: Sequence[dict[str, Any]],
+    heldout_control: Sequence[dict[str, Any]],
+    config: SuppressionConfig,
+    build_sizes: dict[str, int] | None = None,
+) -> SuppressionResult:
+    """Measure a built edit and its random baseline at every strength on the validation and test
+    halves of the held-out records; choose the strength on validation (SELECTION_RULE)."""
+    cut = config.max_tokens
+    parts = _validation_test(heldout_memorized, heldout_control, config)
+    sizes = dict(build_sizes or {}) | {f"{s}_{n}": len(v) for s, p in parts.items() for n, v in p.items()}
 
     # Every held-out document in one labelling pass per edit; rows are sliced per split afterwards.
     order = [(s, n, r) for s, p in parts.items() for n, rs in p.items() for r in rs]
@@ -439,5 +469,4 @@ def run_suppression(
         edit,
         random_edit,
         [r["id"] for r in parts["test"]["memorized"]],
-        build_seconds,
     )
