@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -261,3 +262,35 @@ def test_analyses_read_captured_views_and_equal_a_hand_computation():
         stream_unitmem([{"act": caught[:, :1]}])
     with pytest.raises(MemprobeError, match="act"):  # checked before any forward, closest names listed
         capture_augmented(model, x, ["actt"], augment=_noise, n_aug=1)
+
+
+def test_train_probe_reads_a_store_and_separates_planted_labels(tmp_path):
+    from memprobe.capture import capture
+    from memprobe.labels import label_documents
+    from memprobe.metrics import roc_auc
+    from memprobe.probes.artefact import probe_capture_sites, probe_tokens, train_probe
+    from memprobe.probes.features import read_rows
+
+    loaded = load_model("tiny-llama")
+    docs = [{"id": f"{role}{j}", "role": role, "split_group": f"{role}{j}",
+             "text": ("abcabc abcabc abcabc abcabc " if role == "candidate" else "xyz.xyz.xyz.xyz.xyz.xyz. ") * 2}
+            for role in ("candidate", "control") for j in range(3)]
+    records = label_documents(loaded, docs)
+    for r in records:  # plant the labels: every token of a candidate text "memorized", of a control "confident"
+        r["memorized"] = [True] * len(r["memorized"])
+        r["memorized_fraction"] = 1.0
+    tokens = probe_tokens(records)
+    site = "blocks.1.hook_resid_post"
+    assert probe_capture_sites(site) == site
+    store = capture(loaded, docs, site, tmp_path / "store")
+    train = np.isin(tokens.doc_id, ["candidate0", "candidate1", "control0", "control1"])
+    probe, training = train_probe(store, tokens.subset(train), site=site, window=1)
+    assert training["site"] == site and training["documents"] == 4
+    held = tokens.subset(~train)  # held-out documents of the same two kinds
+    x = read_rows(store, site, held.store_rows(store, -1), window=1, doc_start=held.store_doc_starts(store))
+    assert roc_auc(probe.decision_function(x.numpy().astype(np.float64)), held.label) > 0.9
+    with pytest.raises(MemprobeError, match="not in the store"):
+        other = capture(loaded, docs[:1], site, tmp_path / "small")
+        train_probe(other, tokens, site=site, window=1)
+    with pytest.raises(MemprobeError, match="memorized tokens and confident control tokens"):
+        probe_tokens([r for r in records if r["role"] == "control"])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -98,53 +97,59 @@ def load_probe(path: str | Path) -> tuple[LogisticProbe, dict[str, Any]]:
 AUTO_SITES = "blocks.*.hook_resid_post"  # what `site="auto"` chooses among
 
 
-def train_probe(loaded: Any, docs: Sequence[dict[str, Any]], *, site: str, alpha: float = 1e-2,
-                min_doc_fraction: float = 0.5, window: int = DEFAULT_WINDOW, progress: bool = False,
-                candidates: str = AUTO_SITES, n_folds: int = 5, seed: int = 0, directions: bool = False,
-                dtype: str = "float32") -> tuple[LogisticProbe, dict[str, Any]]:
-    """Label `docs` with the model, select memorized vs confident control tokens, fit a probe at `site`.
-
-    Documents need `role` ("candidate" or "control"); repetition documents are not trained on.
-    site="auto": the site among `candidates` with the best grouped cross-validated AUC (n_folds folds by
-    document family, INSIDE these documents: nothing else is looked at); the training record reports
-    that inner CV AUC, which is optimistic for the chosen site (a selection on the same folds).
-    directions: also fit a per-position probe at every residual-stream site (window 1; steering acts
-    on one position) and return their directions under `training["directions"]` (popped by callers
-    that save them with save_directions). dtype: of the temporary capture (bfloat16 halves the disk
-    many candidate sites need). Returns the probe and a description of its training data.
-    """
-    from memprobe.capture import capture
-    from memprobe.labels import label_documents
+def probe_tokens(records: Sequence[dict[str, Any]], *, min_doc_fraction: float = 0.5) -> Any:
+    """The tokens a probe trains on, from `memprobe.labels.label_documents` records: memorized vs
+    confident control tokens (memprobe.memdata.build_token_set), repetition documents left out."""
     from memprobe.memdata import REPETITION, build_token_set
-    from memprobe.probes.features import read_rows
 
-    records = label_documents(loaded, docs, progress=progress)
     tokens = build_token_set(records, min_doc_fraction=min_doc_fraction)
     tokens = tokens.subset(tokens.category != REPETITION)
     if len(set(tokens.label.tolist())) < 2:
         raise MemprobeError("training needs memorized tokens and confident control tokens; found "
                             f"{tokens.counts()}: add candidate texts the model memorized and control texts")
-    used = set(tokens.doc_id.tolist())
-    wanted = (candidates if site == "auto" else site).split(",") + ([AUTO_SITES] if directions else [])
-    training: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="memprobe-probe-") as tmp:
-        store = capture(loaded, [d for d in docs if d["id"] in used], ",".join(dict.fromkeys(wanted)), tmp, dtype=dtype,
-                        progress=progress)
-        if site == "auto":
-            site, training["site_selection"] = select_site(store, tokens, candidates, window=window, alpha=alpha,
-                                                            n_folds=n_folds, seed=seed, progress=progress)
-        rows, starts = tokens.store_rows(store, FEATURE_OFFSET), tokens.store_doc_starts(store)
-        X = read_rows(store, site, rows, window=window, doc_start=starts).numpy().astype(np.float64)
-        if directions:
-            from memprobe.probes.sweep import ProbeSweep
+    return tokens
 
-            resid = [s for s in store.sites if s.endswith("hook_resid_post")]
-            fitted = ProbeSweep(alpha=alpha, max_iter=150, progress=progress).fit(store, rows, tokens.label, sites=resid)
-            training["directions"] = {s: p.coef_[0] for s, p in fitted.items()}
+
+def probe_capture_sites(site: str, *, candidates: str = AUTO_SITES, directions: bool = False) -> str:
+    """The sites a capture for `train_probe` must hold (comma-separated)."""
+    wanted = (candidates if site == "auto" else site).split(",") + ([AUTO_SITES] if directions else [])
+    return ",".join(dict.fromkeys(wanted))
+
+
+def train_probe(store: Any, tokens: Any, *, site: str, alpha: float = 1e-2, window: int = DEFAULT_WINDOW,
+                candidates: str = AUTO_SITES, n_folds: int = 5, seed: int = 0, directions: bool = False,
+                progress: bool = False) -> tuple[LogisticProbe, dict[str, Any]]:
+    """Fit a probe at `site` on labelled tokens (`probe_tokens`) read from a capture `store` of their
+    documents (sites from `probe_capture_sites`; `memprobe probe train` does the labelling and capture).
+
+    site="auto": the site among `candidates` with the best grouped cross-validated AUC (n_folds folds by
+    document family, INSIDE these documents: nothing else is looked at); the training record reports
+    that inner CV AUC, which is optimistic for the chosen site (a selection on the same folds).
+    directions: also fit a per-position probe at every residual-stream site (window 1; steering acts
+    on one position) and return their directions under `training["directions"]` (popped by callers
+    that save them with save_directions). Returns the probe and a description of its training data.
+    """
+    from memprobe.probes.features import read_rows
+
+    missing = set(tokens.doc_id.tolist()) - {d["id"] for d in store.documents}
+    if missing:
+        raise MemprobeError(f"{len(missing)} labelled documents are not in the store (e.g. {sorted(missing)[0]!r}): "
+                            "capture every document the tokens come from")
+    training: dict[str, Any] = {}
+    if site == "auto":
+        site, training["site_selection"] = select_site(store, tokens, candidates, window=window, alpha=alpha,
+                                                        n_folds=n_folds, seed=seed, progress=progress)
+    rows, starts = tokens.store_rows(store, FEATURE_OFFSET), tokens.store_doc_starts(store)
+    X = read_rows(store, site, rows, window=window, doc_start=starts).numpy().astype(np.float64)
+    if directions:
+        from memprobe.probes.sweep import ProbeSweep
+
+        resid = [s for s in store.sites if s.endswith("hook_resid_post")]
+        fitted = ProbeSweep(alpha=alpha, max_iter=150, progress=progress).fit(store, rows, tokens.label, sites=resid)
+        training["directions"] = {s: p.coef_[0] for s, p in fitted.items()}
     probe = LogisticProbe(alpha=alpha, class_weight="balanced").fit(X, tokens.label)
-    training.update({"site": site, "documents": len(used), "tokens": tokens.counts(),
-                     "min_doc_fraction": min_doc_fraction, "labeler": records[0]["labeler"] if records else None,
-                     "window": window, "capture_dtype": dtype})
+    training.update({"site": site, "documents": len(set(tokens.doc_id.tolist())), "tokens": tokens.counts(),
+                     "window": window, "capture_dtype": store.dtype})
     return probe, training
 
 

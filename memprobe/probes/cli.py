@@ -8,10 +8,20 @@ from memprobe.probes.artefact import AUTO_SITES, DEFAULT_WINDOW
 
 
 def _train(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from memprobe.capture import capture
     from memprobe.corpora import bundled_corpus
     from memprobe.jsonl import read_jsonl
+    from memprobe.labels import label_documents
     from memprobe.models import load_model
-    from memprobe.probes.artefact import save_directions, save_probe, train_probe
+    from memprobe.probes.artefact import (
+        probe_capture_sites,
+        probe_tokens,
+        save_directions,
+        save_probe,
+        train_probe,
+    )
     from memprobe.sites import resolve
 
     loaded = load_model(args.model)
@@ -19,9 +29,18 @@ def _train(args: argparse.Namespace) -> int:
     site = args.site or f"blocks.{loaded.model.config.num_hidden_layers // 2}.hook_resid_post"
     if site != "auto":
         (site,) = resolve(loaded.model, site) if "*" not in site else (site,)
-    probe, training = train_probe(loaded, docs, site=site, alpha=args.alpha, min_doc_fraction=args.min_doc_fraction,
-                                  window=args.window, progress=True, candidates=args.candidates,
-                                  n_folds=args.folds, seed=args.seed, directions=args.directions, dtype=args.dtype)
+    # label with the model, capture the labelled documents, then fit on the store (the probe never runs the model)
+    records = label_documents(loaded, docs, progress=True)
+    tokens = probe_tokens(records, min_doc_fraction=args.min_doc_fraction)
+    used = set(tokens.doc_id.tolist())
+    sites = probe_capture_sites(site, candidates=args.candidates, directions=args.directions)
+    with tempfile.TemporaryDirectory(prefix="memprobe-probe-") as tmp:
+        store = capture(loaded, [d for d in docs if d["id"] in used], sites, tmp, dtype=args.dtype, progress=True)
+        probe, training = train_probe(store, tokens, site=site, alpha=args.alpha, window=args.window, progress=True,
+                                      candidates=args.candidates, n_folds=args.folds, seed=args.seed,
+                                      directions=args.directions)
+    training.update({"min_doc_fraction": args.min_doc_fraction,
+                     "labeler": records[0]["labeler"] if records else None})
     site = training["site"]
     directions = training.pop("directions", None)
     training["data"] = args.data or f"bundled corpus (seed {args.seed})"
