@@ -63,26 +63,29 @@ def validate_documents(
 
 def tokenize_documents(
     loaded: Any, docs: Sequence[dict[str, Any]], *, truncate: bool = False,
-    locations: Sequence[str] | None = None,
+    max_tokens: int | None = None, locations: Sequence[str] | None = None,
 ) -> list[TokenizedDoc]:
     """Validate, then tokenise with the model's one tokenisation (`loaded.encode`).
 
-    Over-long texts are refused by id (not chunked: positions would restart mid-document) unless
-    `truncate`, which keeps the first `context_length` tokens and records `truncated_from`.
+    Texts longer than the limit (the context, or a smaller `max_tokens` budget) are refused by id
+    (not chunked: positions would restart mid-document) unless `truncate`, which keeps the first
+    `limit` tokens and records `truncated_from`.
     """
     validate_documents(docs, locations=locations)
-    limit = loaded.context_length
+    limit = loaded.context_length if max_tokens is None else min(int(max_tokens), loaded.context_length)
+    if limit < 1:
+        raise MemprobeError(f"max_tokens must be >= 1, got {max_tokens}")
     out = []
     for doc in docs:
         ids = loaded.encode(doc["text"])
         fields = {k: v for k, v in doc.items() if k not in ("id", "text")}
         if len(ids) > limit:
             if not truncate:
+                what = f"{loaded.name}'s context" if limit == loaded.context_length else "max_tokens"
                 raise MemprobeError(
-                    f"document {doc['id']!r} is {len(ids)} tokens, longer than {loaded.name}'s context "
-                    f"of {limit}: refused (memprobe refuses rather than chunk silently); split it into "
-                    f"shorter documents, or pass truncate=True (--truncate) to keep its first {limit} "
-                    "tokens"
+                    f"document {doc['id']!r} is {len(ids)} tokens, longer than {what} of {limit}: "
+                    "refused (memprobe refuses rather than chunk silently); split it into shorter "
+                    f"documents, or pass truncate=True (--truncate) to keep its first {limit} tokens"
                 )
             ids, fields = ids[:limit], {**fields, "truncated_from": len(ids)}
         out.append(TokenizedDoc(doc["id"], ids, fields))
@@ -90,7 +93,7 @@ def tokenize_documents(
 
 
 def encode_documents(
-    loaded: Any, docs: Sequence[dict[str, Any]], *, truncate: bool = False
+    loaded: Any, docs: Sequence[dict[str, Any]], *, truncate: bool = False, max_tokens: int | None = None
 ) -> list[list[int]]:
     """Just the token ids of `tokenize_documents` (same validation, same over-length policy)."""
-    return [d.token_ids for d in tokenize_documents(loaded, docs, truncate=truncate)]
+    return [d.token_ids for d in tokenize_documents(loaded, docs, truncate=truncate, max_tokens=max_tokens)]

@@ -208,6 +208,11 @@ def test_one_overlength_policy_everywhere(tmp_path):
     assert len(cut[0].token_ids) == limit and cut[0].fields["truncated_from"] == len(loaded.encode(long_doc["text"]))
     assert cut[0].token_ids == loaded.encode(long_doc["text"])[:limit]
     assert cut[1].token_ids == loaded.encode("abc") and "truncated_from" not in cut[1].fields
+    # a token budget below the context follows the same policy
+    with pytest.raises(MemprobeError, match=r"'short' is \d+ tokens, longer than max_tokens of 2: refused"):
+        tokenize_documents(loaded, [{"id": "short", "text": "abc"}], max_tokens=2)
+    budget = tokenize_documents(loaded, [{"id": "short", "text": "abc"}], max_tokens=2, truncate=True)
+    assert budget[0].token_ids == loaded.encode("abc")[:2] and budget[0].fields["truncated_from"] == len(loaded.encode("abc"))
 
 
 def _small_conv():
