@@ -454,6 +454,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if args.lab and args.texts:
         raise MemprobeError("--lab and --texts both give the texts: use one (a lab audits its members and "
                             "non-members)")
+    if args.lab:  # a bad lab is refused before an audit directory is claimed for it
+        from memprobe.lab import load_lab
+
+        load_lab(args.lab)
     config = AuditConfig(model=args.model, texts=args.texts, quick=args.quick, seed=args.seed,
                          reference_model=args.reference_model, lab=args.lab)
     out = Path(args.out) if args.out else default_out(config)

@@ -14,6 +14,11 @@ score as "memorized" on it). Two calibrations, in order of preference:
   never on the texts being audited. The bundled default is read from `DEFAULT_CHOICE`, written by
   `experiments/calibration_choice.py`.
 
+Measured (experiments/results/calibration_check.json, smollm2-135m on the bundled corpus): neither
+reference-free score puts the famous licences/speeches above the hand-written code and formulaic
+controls (zlib orders 24% of such pairs famous-first, min-k%++ 9%, loss 5%): without a reference,
+the ranking remains a ranking of predictability; give a reference model, or a lab.
+
 All scores here come from per-token statistics already computed (the capture's token-stat columns,
 one reference forward), through `memprobe.mia.attacks.scores_from_stats`, so they equal
 `memprobe.mia.attacks.score_texts` on the same texts.
