@@ -84,6 +84,8 @@ def prepare(where: Path, args: argparse.Namespace) -> str:
     from memprobe.labels import token_labels_from_store
 
     meta = where / "rows.npz"
+    if meta.exists() and "model" in np.load(meta):
+        return str(np.load(meta)["model"])
     if args.quick:
         from memprobe.train.tiny_lm import train_tiny_lm
 
@@ -95,8 +97,6 @@ def prepare(where: Path, args: argparse.Namespace) -> str:
 
         loaded = load_model("smollm2-135m")
         docs, family = play_docs(loaded.encode, args.tokens, doc_chars=1000)
-    if meta.exists():
-        return loaded.name
     store = capture(loaded, docs, args.sites, where / "store", dtype="bfloat16", batch_tokens=2048, truncate=True,
                     token_stats=True)
     labels = token_labels_from_store(store, [d["id"] for d in docs])
@@ -110,7 +110,7 @@ def prepare(where: Path, args: argparse.Namespace) -> str:
         y.append(np.asarray(lab.memorized[1:], dtype=np.int64))
         test.append(np.full(r.stop - r.start - 1, play in test_plays))
     np.savez(meta, rows=np.concatenate(rows), y=np.concatenate(y), test=np.concatenate(test),
-             test_plays=np.array(sorted(test_plays)))
+             test_plays=np.array(sorted(test_plays)), model=np.array(loaded.name))
     return loaded.name
 
 
