@@ -106,7 +106,7 @@ def main() -> None:
                          seed=args.seed)
     n_boot = 50 if args.quick else 500
     results, arrays = run_study(
-        x=torch.arange(len(texts)), y=y, noisy=noisy,
+        x=torch.arange(len(texts))[:, None], y=y, noisy=noisy,  # samples by index, one row each
         make_model=lambda: LoRALastTokenClassifier(loaded.model, prefix, len(classes), spec),
         hidden_modules=trained, config=config, n_shadows=args.shadows, n_directions=args.directions,
         memorized_fraction=args.memorized_fraction, seed=args.seed, cache_dir=cache,

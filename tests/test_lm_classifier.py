@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from memprobe.backends.torch_hooks import capture_modules
-from memprobe.capture import pad_batch, pad_id
+from memprobe.capture import capture_outputs, pad_batch, pad_id
 from memprobe.errors import MemprobeError
 from memprobe.models import tiny_model
 from memprobe.predict import counterfactual_memorization, feldman_memorization, train_shadows
@@ -72,7 +71,8 @@ def test_prefix_plus_trained_blocks_equal_the_full_model(tiny):
     prefix = frozen_prefix(tiny, texts, cut=1, max_tokens=32)
     assert len(set(prefix.lengths.tolist())) > 1  # varied lengths: padding must not leak into the last token
     clf = LoRALastTokenClassifier(tiny.model, prefix, 2, LoRASpec(train_layers=2))  # LoRA B = 0 at init
-    got = capture_modules(clf, torch.arange(12), ["taps.norm", "taps.block1"])
+    got = {k: torch.from_numpy(v) for k, v in  # the capture path the a-priori study uses: (n, 1) index rows
+           capture_outputs(clf, torch.arange(12)[:, None], ["taps.norm", "taps.block1"], batch_size=5).items()}
     ids, mask = pad_batch([tiny.encode(t)[:32] for t in texts], pad_id(tiny))
     with torch.no_grad():
         out = tiny.model.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
@@ -172,6 +172,8 @@ def test_bad_input_fails_clearly(tiny):
         clf.load_state_dict(other.state_dict() | {k: v for k, v in clf.state_dict().items() if "lora" in k})
     with pytest.raises(MemprobeError, match="sample indices"):
         clf(torch.tensor([0, 8]))
+    with pytest.raises(MemprobeError, match="sample indices"):
+        clf(torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(MemprobeError, match="Llama-style"):
         frozen_prefix(tiny_model("gpt2"), texts, cut=1)
 

@@ -5,7 +5,7 @@ most and never change, so their output is computed once (`frozen_prefix`) and on
 `train_layers` blocks (peft LoRA adapters) and a linear head train on it. The head reads the final-norm
 state of the last real token, like HF's `*ForSequenceClassification` (right padding + causal attention:
 pads never reach that token). Samples are addressed by their index: the classifier holds the prefix, so
-`train_classifier` (resumable checkpoints), `predict_logits`, `capture_layers` and `train_shadows` work on
+`train_classifier` (resumable checkpoints), `predict_logits`, `capture_outputs` and `train_shadows` work on
 it unchanged. Its state dict holds only what training changes (LoRA and head), so checkpoints are small.
 """
 
@@ -145,7 +145,7 @@ def _run_prefix(model: nn.Module, adapter: Any, seqs: list[list[int]], pad: int,
 class LoRALastTokenClassifier(nn.Module):
     """Top blocks of `model` with LoRA, its final norm and a linear head, fed the frozen prefix.
 
-    `forward(index)` takes sample indices into the prefix. Identity `taps.block{i}` / `taps.norm` see the
+    `forward(index)` takes sample indices into the prefix, (n,) or (n, 1). Identity `taps.block{i}` / `taps.norm` see the
     last real token's residual after each trained block and after the final norm (the head's input), so
     memprobe's module capture reads exactly those (batch, d) representations.
     """
@@ -182,6 +182,10 @@ class LoRALastTokenClassifier(nn.Module):
 
     def forward(self, index: torch.Tensor) -> torch.Tensor:
         index = torch.as_tensor(index, dtype=torch.long, device=self.prefix_hidden.device)
+        if index.ndim == 2 and index.shape[1] == 1:  # (n, 1): rows, the shape memprobe's capture batches
+            index = index[:, 0]
+        if index.ndim != 1:
+            raise MemprobeError(f"inputs are sample indices, shape (n,) or (n, 1), not {tuple(index.shape)}")
         if index.numel() == 0 or index.min() < 0 or index.max() >= len(self.lengths):
             raise MemprobeError(f"inputs are sample indices into the prefix's {len(self.lengths)} texts; got "
                                 f"{index.numel()} indices outside 0..{len(self.lengths) - 1} or none")
