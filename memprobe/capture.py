@@ -256,8 +256,8 @@ def augmented_views(
     """Batches of views (V, b, ...) of `images`, `batch_size` points at a time: view 0 the image itself
     (when `include_original`), then `n_aug` draws of `augment(x, generator)` from one generator seeded
     by `seed`; `preprocess` (input normalisation) runs on the views after augmentation."""
-    if images.ndim < 2 or images.shape[0] == 0:
-        raise MemprobeError(f"images must be a non-empty batch (N, ...), got shape {tuple(images.shape)}")
+    if images.ndim < 1 or images.shape[0] == 0:
+        raise MemprobeError(f"inputs must be a non-empty batch (N, ...), got shape {tuple(images.shape)}")
     if n_aug and augment is None:
         raise MemprobeError("n_aug > 0 needs an augment(x, generator) function")
     if not include_original and n_aug < 1:

@@ -261,6 +261,10 @@ def test_analyses_read_captured_views_and_equal_a_hand_computation():
         assert feats["fc"].shape == (7, 4) and torch.allclose(torch.from_numpy(feats["fc"]), model(x))
     with pytest.raises(MemprobeError, match="no captured views"):
         alignment_distances([])
+    index_model = torch.nn.Sequential(torch.nn.Embedding(5, 2))  # 1-D inputs (row indices) are a batch too
+    rows = torch.tensor([3, 1, 4])
+    with torch.no_grad():
+        assert np.allclose(capture_outputs(index_model, rows, ["0"], batch_size=2)["0"], index_model(rows).numpy())
     with pytest.raises(MemprobeError, match="non-empty batch"):
         list(augmented_views(torch.empty(0, 2)))
     with pytest.raises(MemprobeError, match="at least 2 points"):
