@@ -245,8 +245,10 @@ class Audit:
         from memprobe.intervene.suppress import split_memorized
         from memprobe.studies.suppression import SuppressionConfig, run_suppression
 
-        # control_max=1.0: every control (code, formulaic, model samples too) trains and judges the edit
-        parts = split_memorized(read_jsonl(self.out / "labels.jsonl"), seed=self.config.seed, control_max=1.0)
+        # control_max=1.0: every control (code, formulaic, model samples too) trains and judges the edit.
+        # Two fifths of the groups build it; the held-out rest is halved into validation and test.
+        parts = split_memorized(read_jsonl(self.out / "labels.jsonl"), seed=self.config.seed, control_max=1.0,
+                                build_share=0.4)
         sizes = {k: len(v) for k, v in parts.items()}
         reason = ("too few memorized texts (memorized fraction >= 0.5) and controls to build a patch, choose its "
                   "strength on some texts it was not built from and test it on others")
