@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 from memprobe.errors import MemprobeError
+from memprobe.metrics import bootstrap_ci, roc_auc
 from memprobe.models import load_model, tiny_model
-from memprobe.predict import evaluate_predictors
+from memprobe.predict import evaluate_predictors, top_fraction
 from memprobe.results import save_results
 from memprobe.studies.smi import add_label_noise, make_figures, run_study, study_parser
 from memprobe.train.classifier import TrainConfig
@@ -69,6 +70,28 @@ def play_lines(per_play: int, min_words: int, seed: int) -> tuple[list[str], np.
         texts += [lines[i] for i in sorted(rng.permutation(len(lines))[:per_play])]
         labels += [c] * per_play
     return texts, np.array(labels), [Path(p).stem for p in PLAYS]
+
+
+def paired_auc_differences(arrays: dict, fraction: float, n_boot: int, seed: int) -> dict[str, dict]:
+    """AUC(PSMI at the head's input) - AUC(baseline) per ground truth, with a paired bootstrap CI.
+
+    Paired: each resample draws the same samples for both predictors, so the interval is that of the
+    difference itself (two overlapping marginal intervals do not mean "no difference")."""
+    preds, fixed = arrays["predictors"], "psmi[head:taps.norm]"
+    truths = {g: top_fraction(score, fraction) for g, score in arrays["ground"].items()}
+    if arrays["noisy"].any():
+        truths["flipped_label"] = arrays["noisy"]
+    out: dict[str, dict] = {}
+    for g, positive in truths.items():
+        for base in ("early_loss", "early_logit_gap"):
+            def diff(rows: np.ndarray, labels: np.ndarray, base: str = base) -> float:
+                rows = rows.astype(np.int64)
+                return roc_auc(preds[fixed][rows], labels) - roc_auc(preds[base][rows], labels)
+
+            rows = np.arange(positive.size, dtype=np.float64)  # resampled with the labels, read by diff
+            lo, hi = bootstrap_ci(diff, rows, positive, n_boot=n_boot, seed=seed)
+            out.setdefault(g, {})[base] = {"auc_difference": diff(rows, positive), "ci95": [lo, hi]}
+    return out
 
 
 def main() -> None:
@@ -115,6 +138,8 @@ def main() -> None:
     if arrays["noisy"].any():  # the other ground truth: is the given label a flipped one (with CIs here)
         results["flipped_label_detection_with_ci"] = evaluate_predictors(
             arrays["predictors"], arrays["noisy"], n_boot=n_boot, seed=args.seed)
+    results["paired_auc_difference_psmi_minus_baseline"] = paired_auc_differences(
+        arrays, args.memorized_fraction, n_boot, args.seed)
     results["scale"].update(
         task=f"which of {len(classes)} plays a verse line (>= {args.min_words} words) comes from",
         classes=classes, lines_per_play=args.per_play, max_tokens=args.max_tokens,
@@ -139,6 +164,9 @@ def main() -> None:
     for k, v in results.get("flipped_label_detection_with_ci", {}).items():
         if k in ("psmi[head:taps.norm]", "early_loss", "early_logit_gap"):
             print(f"flipped label   {k:28s} AUC {v['roc_auc']:.3f} {v['roc_auc_ci95']}  AP {v['average_precision']:.3f}")
+    for g, d in results["paired_auc_difference_psmi_minus_baseline"].items():
+        print(f"paired dAUC     {g:15s}", {b: (round(v["auc_difference"], 3), [round(c, 3) for c in v["ci95"]])
+                                              for b, v in d.items()})
     print("wrote", path, *figs)
 
 

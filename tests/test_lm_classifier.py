@@ -194,6 +194,9 @@ def test_experiment_quick_mode(tmp_path):
     # the target fits its training lines far better than it predicts held-out ones: it memorizes
     assert res["target"]["train_accuracy_final"] > res["target"]["heldout_accuracy_final_vs_given_labels"] + 0.3
     assert res["shadows"]["mean_in_accuracy"] > res["shadows"]["mean_out_accuracy"] + 0.3
+    paired = res["paired_auc_difference_psmi_minus_baseline"]["lira"]["early_loss"]
+    assert paired["auc_difference"] == pytest.approx(ev["psmi[head:taps.norm]"]["roc_auc"] - ev["early_loss"]["roc_auc"])
+    assert paired["ci95"][0] <= paired["ci95"][1]
     flipped = res["flipped_label_detection_with_ci"]["early_loss"]
     assert len(flipped["average_precision_ci95"]) == 2 and 0.0 <= flipped["roc_auc"] <= 1.0
     assert len(list((tmp_path / "fig").glob("smi_lm_quick_*.png"))) == 4
