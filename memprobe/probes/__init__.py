@@ -9,6 +9,8 @@ from memprobe.probes.artefact import (
     default_probe_dir,
     load_probe,
     memorization_direction,
+    probe_capture_sites,
+    probe_tokens,
     save_directions,
     save_probe,
     score_documents,
@@ -21,5 +23,6 @@ from memprobe.probes.features import read_rows, window_mean
 from memprobe.probes.sweep import ProbeSweep
 
 __all__ = ["LogisticProbe", "ProbeSweep", "TopKProbe", "default_probe_dir", "detection", "document_bootstrap",
-           "fit_logistic_batch", "load_probe", "memorization_direction", "read_rows", "register_cli",
+           "fit_logistic_batch", "load_probe", "memorization_direction", "probe_capture_sites", "probe_tokens",
+           "read_rows", "register_cli",
            "save_directions", "save_probe", "score_documents", "train_probe", "window_mean"]
