@@ -140,18 +140,26 @@ def test_edits_round_trip_through_the_registry(tmp_path):
         register_edit("neurons")(type("Other", (), {}))
 
 
-def test_the_committed_smollm2_edit_still_loads():
-    from memprobe.intervene.ablation import LowRankEdit, load_edit
+def test_the_committed_smollm2_edit_still_loads(tmp_path):
+    """The edit file as committed before the registry (save_edit's if-chain wrote it) loads through it."""
+    from memprobe.intervene.ablation import LowRankEdit, load_edit, save_edit
 
-    path = ROOT / "experiments/results/suppress_edit_smollm2.safetensors"
-    if not path.exists() or path.read_bytes()[:20].startswith(b"version https://git-lfs"):
-        pytest.skip("the committed edit file is not in this checkout")
+    try:
+        blob = subprocess.run(
+            ["git", "show", f"{OLD_LOCALIZERS_COMMIT}:experiments/results/suppress_edit_smollm2.safetensors"],
+            cwd=ROOT, check=True, capture_output=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("the committed edit file is not in this checkout's git history")
+    path = tmp_path / "old_edit.safetensors"
+    path.write_bytes(blob)
     edit = load_edit(path)
-    assert isinstance(edit, LowRankEdit) and edit.size > 0
+    assert isinstance(edit, LowRankEdit) and edit.size > 0 and edit.meta["method"] == "low-rank-edit"
     layer = next(iter(edit.factors))
     a, b = edit.factors[layer]
     assert b.shape[0] == 576 and a.shape[0] == b.shape[1]  # SmolLM2-135M: d_model 576
     assert torch.isfinite(edit.weight_delta(layer)).all() and edit.weight_delta(layer).abs().sum() > 0
+    again = load_edit(save_edit(edit, tmp_path / "resaved.safetensors"))
+    assert all(torch.equal(again.to_tensors()[k], v) for k, v in edit.to_tensors().items())
 
 
 def test_one_document_validator_names_file_line_or_id(tmp_path):
