@@ -263,6 +263,7 @@ class SuppressionResult(Result):
             for x, y, r in zip(xs, ys, rows, strict=True):
                 ax.annotate(f"x{r['strength']}", (x, y), fontsize=7)
         ax.axvline(100 * self.config.ppl_budget, color="0.6", lw=0.8, ls=":")
+        ax.set_xscale("symlog", linthresh=1)  # costs span 0.1% to several hundred %
         ax.set_xlabel("perplexity change on control texts (%)")
         ax.set_ylabel("memorized-token rate reduction, test texts (%)")
         ax.set_title(title, fontsize=9)
