@@ -68,9 +68,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "score": {"k": 0.2, "batch_size": 8, "chunk": 16},
         "n_boot": 200,
         "dataset_test": {"sizes": [4, 9], "n_resamples": 200, "n_resamples_permutation": 200},
-        "exposure": {"n_samples": 200, "exact_if_rank_below": 10**6},
+        "exposure": {"n_samples": 200, "exact_if_rank_below": 1000},
         "passages": {"batch_size": 8},
-        "extraction": {"people_per_recurrence": {"1": 2, "2": 1, "4": 1}, "nonmember_mails": 2,
+        "extraction": {"people_per_recurrence": {"1": 1, "2": 1}, "nonmember_mails": 1,
                        "chunk": 4, "batch_size": 8, "checkpoint": 8},
     },
 }
