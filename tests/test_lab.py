@@ -377,3 +377,26 @@ def test_killed_run_resumes_to_the_same_weights(tiny_lab, tmp_path):
         finetune("tiny-llama", train, tmp_path / "killed", progress=False, **FT_ARGS)["segments"]
         == resumed["segments"]
     )
+
+
+def test_build_ignores_what_other_libraries_patched_into_the_stdlib(tiny_lab, tmp_path, monkeypatch):
+    # Ray replaces socket.socketpair and other libraries wrap inspect functions at import time;
+    # the docstring passages come from the stdlib's source files, so the lab must not change.
+    import inspect
+    import socket
+
+    def wrapped(fn):
+        def replacement(*args, **kwargs):
+            """A replacement with a docstring long enough to be picked as a passage if it leaked.
+            It repeats itself on purpose so that it passes any minimum word count used by the lab:
+            one two three four five six seven eight nine ten eleven twelve thirteen fourteen."""
+            return fn(*args, **kwargs)
+
+        replacement.__module__ = fn.__module__
+        return replacement
+
+    monkeypatch.setattr(socket, "socketpair", wrapped(socket.socketpair))
+    monkeypatch.setattr(inspect, "isgenerator", wrapped(inspect.isgenerator))
+    build_lab(tmp_path / "patched", preset="tiny")
+    for name in ("members.jsonl", "nonmembers.jsonl", "manifest.json"):
+        assert (tiny_lab / name).read_bytes() == (tmp_path / "patched" / name).read_bytes()

@@ -16,6 +16,7 @@ dropped (and counted), and near-duplicate clusters among members are reported.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
 import inspect
@@ -23,7 +24,6 @@ import json
 import platform
 import random
 import re
-import warnings
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from datetime import date, datetime
@@ -475,34 +475,37 @@ def _shakespeare_candidates() -> list[dict]:
     return out
 
 
+def _module_docstrings(module_name: str) -> list[tuple[str, str]]:
+    """(qualified name, docstring) of the public functions, classes and methods that `module_name`'s
+    source file defines, read with `ast`: the lab must not depend on what else the process imported
+    (libraries patch `socket.socketpair` or `inspect.getfile` at run time) nor on `PYTHONHASHSEED`."""
+    source = inspect.getsourcefile(importlib.import_module(module_name))
+    if source is None:
+        raise MemprobeError(f"no Python source for stdlib module {module_name!r}: the lab needs it")
+    tree = ast.parse(Path(source).read_text(encoding="utf-8"))
+    defs = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+    top = sorted((n for n in tree.body if isinstance(n, defs) and not n.name.startswith("_")),
+                 key=lambda n: n.name)
+    out = [(n.name, ast.get_docstring(n) or "") for n in top]
+    for cls in (n for n in top if isinstance(n, ast.ClassDef)):
+        methods = sorted((m for m in cls.body if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef))
+                          and not m.name.startswith("_")), key=lambda m: m.name)
+        out += [(f"{cls.name}.{m.name}", ast.get_docstring(m) or "") for m in methods]
+    return out
+
+
 def _docstring_candidates() -> list[dict]:
     from memprobe.corpora import passages
 
     out = []
     for module_name in DOCSTRING_MODULES:
-        module = importlib.import_module(module_name)
-        with warnings.catch_warnings():  # typing.io and typing.re warn when touched
-            warnings.simplefilter("ignore", DeprecationWarning)
-            objects = [
-                (n, o)
-                for n, o in sorted(vars(module).items(), key=lambda kv: kv[0])
-                if not n.startswith("_") and getattr(o, "__module__", None) == module.__name__
-            ]
-            objects += [
-                (f"{n}.{m}", f)
-                for n, o in list(objects)
-                if inspect.isclass(o)
-                for m, f in sorted(vars(o).items(), key=lambda kv: kv[0])
-                if not m.startswith("_") and inspect.isfunction(f)
-            ]
-            docs = [(qualname, inspect.getdoc(obj) or "") for qualname, obj in objects]
-        for qualname, doc in docs:
+        for qualname, doc in _module_docstrings(module_name):
             if len(doc.split()) >= PASSAGE_MIN_WORDS:
                 out.append(
                     {
                         "text": passages(doc, PASSAGE_MIN_WORDS, PASSAGE_MAX_WORDS)[0],
                         "split_group": f"python:{module_name}",
-                        "source": f"inspect.getdoc({module_name}.{qualname})",
+                        "source": f"docstring of {module_name}.{qualname}",
                     }
                 )
     return out
