@@ -13,7 +13,7 @@ and after the final norm ("head:taps.*", captured through memprobe's module hook
 in advance: the head's input (taps.norm). Every stage is cached under --cache and resumes: the frozen
 prefix, the target's snapshots, each shadow.
 
-    python experiments/smi_lm.py            # SmolLM2-135M, 4 x 120 lines, 8 shadows (~45 min, shared 2 cores)
+    python experiments/smi_lm.py            # SmolLM2-135M, 4 x 120 lines, 8 shadows (25-35 min, shared 2 cores)
     python experiments/smi_lm.py --quick    # tiny random Llama, seconds
 """
 
