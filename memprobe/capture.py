@@ -307,10 +307,12 @@ def capture_augmented(
     batches = augmented_views(images, **views)
 
     def run() -> Iterator[Any]:
-        with torch.no_grad():
-            for batch in batches:
+        # no_grad per batch, never across a yield: a generator suspended inside `no_grad` (say, by
+        # a consumer that raised) would leave gradients off in the caller's thread.
+        for batch in batches:
+            with torch.no_grad():
                 out = {name: capture_views(m, batch, points) for name, m in model_map.items()}
-                yield out["model"] if single else out
+            yield out["model"] if single else out
 
     return run()
 

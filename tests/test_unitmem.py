@@ -231,6 +231,7 @@ def test_stream_unitmem_refuses_pre_relu_site_and_single_point():
     x = torch.rand(4, 1, 8, 8)
     with pytest.raises(MemprobeError, match="negative"):
         stream_unitmem(capture_augmented(model, x, ["conv"], augment=noise_augment, n_aug=2, include_original=False))
+    assert torch.is_grad_enabled()  # the abandoned capture generator left gradients on
     accs = stream_unitmem(capture_augmented(model, x, ["conv"], augment=noise_augment, n_aug=2, include_original=False),
                           negatives="clip")
     assert accs["conv"].compute().shape == (4,)
