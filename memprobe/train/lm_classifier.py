@@ -34,8 +34,6 @@ from memprobe.models import LoadedModel
 from memprobe.predict.shadow import TrainFn
 from memprobe.train.classifier import TrainConfig, predict_logits, train_classifier
 
-LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 
 @dataclass(frozen=True)
 class LoRASpec:
@@ -45,7 +43,7 @@ class LoRASpec:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    targets: tuple[str, ...] = LLAMA_LINEARS
+    targets: tuple[str, ...] = ()  # leaf module names; () = every nn.Linear of the trained blocks
 
 
 @dataclass
@@ -169,11 +167,15 @@ class LoRALastTokenClassifier(nn.Module):
         for p in self.parameters():
             p.requires_grad_(False)
         present = {name.rsplit(".", 1)[-1] for name, _ in self.blocks.named_modules()}
-        if not set(spec.targets) & present:
-            raise MemprobeError(f"no LoRA target among {spec.targets} in the trained blocks: name their "
+        # Default: every linear layer of the trained blocks, found by type, so no family's module
+        # names are spelled here (adapters are the only code that knows them).
+        targets = spec.targets or tuple(sorted({name.rsplit(".", 1)[-1] for name, m in self.blocks.named_modules()
+                                                if isinstance(m, nn.Linear)}))
+        if not set(targets) & present:
+            raise MemprobeError(f"no LoRA target among {targets} in the trained blocks: name their "
                                 f"linear layers in LoRASpec.targets (they have {sorted(present - {''})[:8]})")
         inject_adapter_in_model(LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
-                                           target_modules=list(spec.targets)), self.blocks)
+                                           target_modules=list(targets)), self.blocks)
         self.taps = nn.ModuleDict({name: nn.Identity() for name in [*self.names, "norm"]})
         self.head = nn.Linear(prefix.hidden.shape[-1], n_classes)
         self.register_buffer("prefix_hidden", prefix.hidden, persistent=False)
