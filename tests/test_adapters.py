@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from memorize import CONTROLS, MEMORIZED, memorize, save
 from transformers import AutoModelForCausalLM
 
 from memprobe import open_store
@@ -263,26 +264,12 @@ def test_cli_label_capture_probe_and_patch(family, tmp_path):
     torch.testing.assert_close(_logits(reloaded, ids), _logits(loaded.model, ids, edit), atol=2e-5, rtol=1e-4)
 
 
-MEMORIZED = ["Alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike.",
-             "Seven silver swans swam silently seaward past the sleeping sailors at dawn."]
-CONTROLS = ["She planted tomatoes along the fence where the sun stays longest.",
-            "A cup of tea cools faster in a wide mug than in a narrow one."]
-
-
 @pytest.mark.parametrize("family", ["gpt2", "gpt_neox"])
 def test_audit_quick_on_non_llama_families(family, tmp_path):
     torch.manual_seed(0)
     loaded = tiny_model(family)
-    model = loaded.model.train()
-    seqs = [torch.tensor(loaded.encode(t)) for t in MEMORIZED]
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(150):
-        for x in seqs:
-            model(x[None], labels=x[None]).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval().save_pretrained(tmp_path / "model")
-    loaded.tokenizer.save_pretrained(tmp_path / "model")
+    memorize(loaded, MEMORIZED, 150)  # six texts: the suppression step holds out a validation and a test split
+    save(loaded, tmp_path / "model")
     docs = [{"id": f"mem-{i}", "text": t, "kind": "trained", "role": "candidate"} for i, t in enumerate(MEMORIZED)]
     docs += [{"id": f"ctl-{i}", "text": t, "kind": "fresh", "role": "control"} for i, t in enumerate(CONTROLS)]
     (tmp_path / "t.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))

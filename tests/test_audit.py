@@ -9,26 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from memorize import CONTROLS, MEMORIZED, memorize, save
 
 from memprobe.browser import check_page, screenshot
 from memprobe.models import load_model
-
-MEMORIZED = [
-    "The owl and the pussy-cat went to sea in a beautiful pea-green boat.",
-    "Permission to copy this sentence verbatim is granted to every reader.",
-    "Seven silver swans swam swiftly south across the silent lake at dawn.",
-    "Under the old bridge the river keeps its own slow and patient time.",
-    "A careful auditor reads every line twice and trusts none of them.",
-    "Nine quiet foxes guard the orchard gate until the morning bell rings.",
-]
-CONTROLS = [
-    "Tomorrow the committee will review the budget and publish its notes.",
-    "Bring a coat, since the forecast promises wind and a little rain.",
-    "The museum opens at ten and closes early on public holidays.",
-    "Our kettle broke, so the tea this morning was made in a saucepan.",
-    "Trains to the coast leave every hour from the second platform.",
-    "She planted tomatoes along the fence where the sun stays longest.",
-]
 
 
 @pytest.fixture(scope="module")
@@ -36,19 +20,12 @@ def memorizing_model(tmp_path_factory) -> tuple[Path, Path]:
     """tiny-llama trained to memorize MEMORIZED (and never shown CONTROLS), saved as an HF directory."""
     torch.manual_seed(0)
     loaded = load_model("tiny-llama")
-    model = loaded.model.train()
-    ids = [torch.tensor(loaded.encode(t)) for t in MEMORIZED]
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(250):
-        for x in ids:
-            loss = model(x[None], labels=x[None]).loss
-            loss.backward()
-        opt.step()
-        opt.zero_grad()
-    assert loss.item() < 0.3  # it has memorized them
+    model = memorize(loaded, MEMORIZED, 250)
+    with torch.no_grad():
+        x = torch.tensor(loaded.encode(MEMORIZED[-1]))[None]
+        assert model(x, labels=x).loss.item() < 0.3  # it has memorized them
     root = tmp_path_factory.mktemp("audit")
-    model.eval().save_pretrained(root / "model")
-    loaded.tokenizer.save_pretrained(root / "model")
+    save(loaded, root / "model")
     texts = root / "texts.jsonl"
     docs = [{"id": f"mem-{i}", "text": t, "kind": "trained", "role": "candidate"} for i, t in enumerate(MEMORIZED)]
     docs += [{"id": f"ctl-{i}", "text": t, "kind": "fresh", "role": "control"} for i, t in enumerate(CONTROLS)]

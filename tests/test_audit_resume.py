@@ -19,21 +19,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from memorize import CONTROLS as ALL_CONTROLS
+from memorize import MEMORIZED as ALL_MEMORIZED
+from memorize import memorize, save
 
 from memprobe.models import load_model
 
-MEMORIZED = [
-    "The owl and the pussy-cat went to sea in a beautiful pea-green boat.",
-    "Permission to copy this sentence verbatim is granted to every reader.",
-    "Seven silver swans swam swiftly south across the silent lake at dawn.",
-    "Under the old bridge the river keeps its own slow and patient time.",
-]
-CONTROLS = [
-    "Tomorrow the committee will review the budget and publish its notes.",
-    "Bring a coat, since the forecast promises wind and a little rain.",
-    "The museum opens at ten and closes early on public holidays.",
-    "Trains to the coast leave every hour from the second platform.",
-]
+MEMORIZED = ALL_MEMORIZED[:4]
+CONTROLS = [ALL_CONTROLS[i] for i in (0, 1, 2, 4)]
 
 
 def _command(out: Path, *args: str) -> list[str]:
@@ -122,17 +115,9 @@ def memorizing_model(tmp_path_factory) -> tuple[Path, Path]:
     """tiny-llama trained to memorize MEMORIZED (never shown CONTROLS), so the audit builds a patch."""
     torch.manual_seed(0)
     loaded = load_model("tiny-llama")
-    model = loaded.model.train()
-    ids = [torch.tensor(loaded.encode(t)) for t in MEMORIZED]
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(200):
-        for x in ids:
-            model(x[None], labels=x[None]).loss.backward()
-        opt.step()
-        opt.zero_grad()
+    memorize(loaded, MEMORIZED, 200)
     root = tmp_path_factory.mktemp("memorizing")
-    model.eval().save_pretrained(root / "model")
-    loaded.tokenizer.save_pretrained(root / "model")
+    save(loaded, root / "model")
     texts = root / "texts.jsonl"
     # one kind per text, so --quick keeps them all
     docs = [{"id": f"mem-{i}", "text": t, "kind": f"trained-{i}", "role": "candidate"} for i, t in enumerate(MEMORIZED)]

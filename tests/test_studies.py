@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from memorize import memorize, save
 
 import memprobe
 from memprobe.errors import MemprobeError
@@ -353,16 +354,8 @@ def test_probe_train_site_auto_cli(tmp_path):
 
     torch.manual_seed(0)
     loaded = load_model("tiny-llama")
-    model = loaded.model.train()
-    ids = [torch.tensor(loaded.encode(t)) for t in TEXTS[:4]]
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(200):
-        for x in ids:
-            model(x[None], labels=x[None]).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval().save_pretrained(tmp_path / "model")
-    loaded.tokenizer.save_pretrained(tmp_path / "model")
+    memorize(loaded, TEXTS[:4], 200)
+    save(loaded, tmp_path / "model")
     data = tmp_path / "texts.jsonl"
     data.write_text(
         "".join(

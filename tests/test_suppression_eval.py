@@ -8,6 +8,8 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from memorize import MEMORIZED as SHARED_MEMORIZED
+from memorize import memorize
 
 from memprobe.errors import MemprobeError
 from memprobe.studies.suppression import (
@@ -26,12 +28,7 @@ from memprobe.studies.suppression import (
 )
 
 MEMORIZED = [
-    "The owl and the pussy-cat went to sea in a beautiful pea-green boat.",
-    "Permission to copy this sentence verbatim is granted to every reader.",
-    "Seven silver swans swam swiftly south across the silent lake at dawn.",
-    "Under the old bridge the river keeps its own slow and patient time.",
-    "A careful auditor reads every line twice and trusts none of them.",
-    "Nine quiet foxes guard the orchard gate until the morning bell rings.",
+    *SHARED_MEMORIZED,
     "Old lanterns hang from hooks above the harbour where the boats sleep.",
     "Every winter the baker gives the first loaf to the lighthouse keeper.",
 ]
@@ -61,15 +58,7 @@ def labelled():
 
     torch.manual_seed(0)
     loaded = load_model("tiny-llama")
-    model = loaded.model.train()
-    ids = [torch.tensor(loaded.encode(t)) for t in MEMORIZED + FORMULAIC]
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(150):
-        for x in ids:
-            model(x[None], labels=x[None]).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
+    memorize(loaded, MEMORIZED + FORMULAIC, 150)
     docs = [{"id": f"mem-{i}", "text": t, "kind": "trained", "role": "candidate"} for i, t in enumerate(MEMORIZED)]
     docs += [{"id": f"form-{i}", "text": t, "kind": "formulaic", "role": "control"} for i, t in enumerate(FORMULAIC)]
     docs += [{"id": f"fresh-{i}", "text": t, "kind": "novel", "role": "control"} for i, t in enumerate(FRESH)]
