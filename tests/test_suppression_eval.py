@@ -8,8 +8,8 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from memorize import CONTROLS, memorize
 from memorize import MEMORIZED as SHARED_MEMORIZED
-from memorize import memorize
 
 from memprobe.errors import MemprobeError
 from memprobe.studies.suppression import (
@@ -40,14 +40,7 @@ FORMULAIC = [
     "one two three four five six seven eight nine ten one two three four five six seven eight nine",
     "import os import sys import json import time import math import random import re import io",
 ]
-FRESH = [
-    "Tomorrow the committee will review the budget and publish its notes.",
-    "Bring a coat, since the forecast promises wind and a little rain.",
-    "The museum opens at ten and closes early on public holidays.",
-    "Our kettle broke, so the tea this morning was made in a saucepan.",
-    "Trains to the coast leave every hour from the second platform.",
-    "She planted tomatoes along the fence where the sun stays longest.",
-]
+FRESH = CONTROLS
 CONFIG = SuppressionConfig(seed=0, strengths=(0.5, 1.0, 2.0), n_boot=200)
 
 

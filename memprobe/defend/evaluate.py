@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from memprobe.capture import pad_batch
 from memprobe.errors import MemprobeError
 from memprobe.models import LoadedModel
 from memprobe.studies.result import Result
@@ -104,11 +105,7 @@ def _token_totals(model: torch.nn.Module, ids_list: Sequence[Sequence[int]], bat
     out = []
     for lo in range(0, len(ids_list), batch_size):
         rows = [list(r) for r in ids_list[lo : lo + batch_size]]
-        width = max(len(r) for r in rows)
-        ids = torch.zeros((len(rows), width), dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for k, r in enumerate(rows):
-            ids[k, : len(r)], mask[k, : len(r)] = torch.tensor(r), 1
+        ids, mask = pad_batch(rows, 0)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         stats = next_token_stats(logits[:, :-1], ids[:, 1:].to(device))
         for k, r in enumerate(rows):

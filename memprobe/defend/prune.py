@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from memprobe.capture import pad_batch
 from memprobe.errors import MemprobeError
 
 METHODS = ("magnitude", "wanda")
@@ -59,11 +60,7 @@ def input_norms(model: nn.Module, calibration: Sequence[Sequence[int]], batch_si
     try:
         for lo in range(0, len(calibration), batch_size):
             rows = [list(r) for r in calibration[lo : lo + batch_size]]
-            width = max(len(r) for r in rows)
-            ids = torch.zeros((len(rows), width), dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for k, r in enumerate(rows):
-                ids[k, : len(r)], mask[k, : len(r)] = torch.tensor(r), 1
+            ids, mask = pad_batch(rows, 0)
             current_mask[:] = [mask.to(device)]
             model(input_ids=ids.to(device), attention_mask=mask.to(device))
     finally:
