@@ -63,7 +63,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     },
     "quick": {
         "model": "tiny-llama", "preset": "tiny", "name": "lab_smollm2_quick",
-        "finetune": {"epochs": 8, "lr": 5e-3, "batch_size": 8, "seq_len": 256, "save_steps": [8],
+        "finetune": {"epochs": 30, "lr": 5e-3, "batch_size": 8, "seq_len": 256, "save_steps": [8],
                      "state_every": 100, "warmup_steps": 0},
         "score": {"k": 0.2, "batch_size": 8, "chunk": 16},
         "n_boot": 200,

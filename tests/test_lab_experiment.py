@@ -37,10 +37,10 @@ def test_every_stage_finishes_and_members_separate(quick):
     assert {"start", "end"} <= set(res["machine_load"])
     mia = res["mia"]["overall"]["attacks"]
     assert set(mia) == {"loss", "zlib", "min_k", "min_k_plus_plus", "ref"}
-    # a tiny model trained 8 epochs on the members: the loss and reference attacks separate them (weakly
-    # overall: 0.68 measured; the 4-copy canaries clearly)
-    assert mia["loss"]["roc_auc"] > 0.6 and mia["ref"]["roc_auc"] > 0.6
-    assert res["mia"]["canary"]["attacks"]["loss"]["roc_auc"] > 0.75
+    # a tiny model trained 30 epochs on the members: the loss and reference attacks separate them
+    # (0.79 overall measured, with 8 epochs only 0.60-0.68), canaries and mails within their kind fully
+    assert mia["loss"]["roc_auc"] > 0.7 and mia["ref"]["roc_auc"] > 0.7
+    assert res["mia"]["canary"]["attacks"]["loss"]["roc_auc"] > 0.9
     lo, hi = mia["loss"]["roc_auc_ci95"]
     assert lo <= mia["loss"]["roc_auc"] <= hi
     assert mia["loss"]["tpr_at_fpr_0.001"] is None and "not measurable" in mia["loss"]["tpr_at_fpr_0.001_reason"]
