@@ -28,7 +28,7 @@ def _old_localizers(tmp_path: Path):
             ["git", "show", f"{OLD_LOCALIZERS_COMMIT}:memprobe/intervene/localizers.py"], cwd=ROOT,
             check=True, capture_output=True, text=True).stdout
     except (OSError, subprocess.CalledProcessError):
-        pytest.skip("the old localizers module is not in this checkout's git history")
+        pytest.fail(f"commit {OLD_LOCALIZERS_COMMIT} (the old localizers) is missing: run the tests in a full clone, not a shallow one")
     path = tmp_path / "old_localizers.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("old_localizers", path)
@@ -149,7 +149,7 @@ def test_the_committed_smollm2_edit_still_loads(tmp_path):
             ["git", "show", f"{OLD_LOCALIZERS_COMMIT}:experiments/results/suppress_edit_smollm2.safetensors"],
             cwd=ROOT, check=True, capture_output=True).stdout
     except (OSError, subprocess.CalledProcessError):
-        pytest.skip("the committed edit file is not in this checkout's git history")
+        pytest.fail(f"commit {OLD_LOCALIZERS_COMMIT} (the pre-registry edit file) is missing: run the tests in a full clone, not a shallow one")
     path = tmp_path / "old_edit.safetensors"
     path.write_bytes(blob)
     edit = load_edit(path)
