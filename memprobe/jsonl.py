@@ -7,13 +7,31 @@ names the file and line so the user can fix it in an editor.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from memprobe.errors import MemprobeError
 from memprobe.io.atomic import atomic_write
 from memprobe.results import _plain
+
+
+def json_lines(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for every non-blank line of `path`; a bad line names file and line.
+
+    The one JSONL parser: documents (`read_jsonl`) and other records (MIA scores) both read through it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MemprobeError(f"{path} does not exist or is not a file: give a JSONL file, one JSON object per line")
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise MemprobeError(f"{path}:{n}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -25,16 +43,9 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
     docs: list[dict[str, Any]] = []
     locations: list[str] = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise MemprobeError(f"{path}:{n}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
-            docs.append(doc)
-            locations.append(f"{path}:{n}")
+    for n, doc in json_lines(path):
+        docs.append(doc)
+        locations.append(f"{path}:{n}")
     return validate_documents(docs, locations=locations)
 
 
