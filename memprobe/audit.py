@@ -11,7 +11,6 @@ uninterrupted one would have given, and a finished one is not recomputed.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -448,41 +447,3 @@ def _quick_subset(docs: list[dict], per_kind: int) -> list[dict]:
 def default_out(config: AuditConfig) -> Path:
     key = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:8]
     return Path("runs") / f"audit-{Path(config.model).name}-{'quick-' if config.quick else ''}{key}"
-
-
-def cmd_audit(args: argparse.Namespace) -> int:
-    from memprobe.cli import table
-
-    if args.lab and args.texts:
-        raise MemprobeError("--lab and --texts both give the texts: use one (a lab audits its members and "
-                            "non-members)")
-    if args.lab:  # a bad lab is refused before an audit directory is claimed for it
-        from memprobe.lab import load_lab
-
-        load_lab(args.lab)
-    config = AuditConfig(model=args.model, texts=args.texts, quick=args.quick, seed=args.seed,
-                         reference_model=args.reference_model, lab=args.lab)
-    out = Path(args.out) if args.out else default_out(config)
-    t = time.perf_counter()
-    summary = Audit(config, out).run()
-    print()
-    print(table(summary["by_kind"], ["kind", "docs", "tokens", "memorized_token_rate", "k_extractable_rate",
-                                     "mean_memorization_score"]))
-    model = summary["model"] or {}
-    print(f"\nmodel {model.get('name')} ({model.get('quantization')}); audit in {out} "
-          f"({time.perf_counter() - t:.0f} s); results: {out / 'results.json'}")
-    return 0
-
-
-def register_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("audit", help="label, capture and localize memorization; write a report")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--texts", help="JSONL texts {id, text, ...} (default: the bundled corpus)")
-    p.add_argument("--out", help="audit directory (default: runs/audit-<model>-<hash>); re-running resumes")
-    p.add_argument("--quick", action="store_true", help="a few texts per kind (for tests, < 2 min)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--reference-model", help="report memorization beyond this model (the audited model's base; "
-                   "same tokenizer): per-text ref score, per-token log-prob gain, calibrated labels")
-    p.add_argument("--lab", help="a membership lab directory (memprobe lab build) the model was fine-tuned on: "
-                   "MIA ROC/AUC, canary exposure and PII extraction against known membership")
-    p.set_defaults(handler=cmd_audit)

@@ -20,7 +20,6 @@ The family adapter (`memprobe.adapters`) says where each of these weights lives.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from torch import nn
 
 from memprobe.adapters import adapter_for
 from memprobe.errors import MemprobeError
-from memprobe.intervene.ablation import Edit, LowRankEdit, NeuronEdit, load_edit
+from memprobe.intervene.ablation import Edit, LowRankEdit, NeuronEdit
 
 PATCH_FILE = "memprobe_patch.json"
 
@@ -83,45 +82,3 @@ def export_patched(loaded: Any, edit: Edit, out_dir: str | Path, *, provenance: 
         loaded.tokenizer.save_pretrained(staged)
         atomic_write(staged / PATCH_FILE, json.dumps(record, indent=2, default=str) + "\n")
     return out
-
-
-def _patch_command(args: argparse.Namespace) -> int:
-    from memprobe.intervene.suppress import METHODS, build_edit
-    from memprobe.models import load_model
-    from memprobe.results import provenance
-
-    loaded = load_model(args.model)
-    if args.edit:
-        edit = load_edit(args.edit)
-        if args.strength is not None:
-            edit = edit.with_strength(args.strength)
-    else:
-        if args.method not in METHODS:
-            raise MemprobeError(f"unknown --method {args.method!r}: choose one of {', '.join(METHODS)}")
-        edit = build_edit(loaded, args.method, fraction=args.fraction,
-                          strength=1.0 if args.strength is None else args.strength, seed=args.seed,
-                          memorized_jsonl=args.memorized, control_jsonl=args.controls, progress=True)
-    out = export_patched(loaded, edit, args.out, provenance=provenance(args.seed))
-    print(f"wrote {out} ({edit.kind} edit, size {edit.size}, strength {edit.strength}); load it with "
-          f"transformers.AutoModelForCausalLM.from_pretrained('{out}')")
-    return 0
-
-
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add `memprobe patch`."""
-    from memprobe.intervene.suppress import METHODS
-
-    p = subparsers.add_parser("patch", help="write a HF model directory with memorization suppression baked in")
-    p.add_argument("--model", default="smollm2-135m", help="registered name or local HF/GGUF path")
-    p.add_argument("--out", required=True, help="new directory for the patched model")
-    p.add_argument("--method", default="low-rank-edit", help=f"how to build the edit: {', '.join(METHODS)}")
-    p.add_argument("--strength", type=float, default=None,
-                   help="scale of the edit: fraction of the neurons/direction removed, or of the learned "
-                        "weight change (default 1)")
-    p.add_argument("--fraction", type=float, default=0.00025,
-                   help="share of all MLP neurons a neuron method edits (default: 12 of smollm2's 46,080)")
-    p.add_argument("--edit", help="a saved edit (.safetensors from save_edit / experiments/suppress.py) instead of --method")
-    p.add_argument("--memorized", help="JSONL of memorized texts to build from (default: the bundled corpus, labelled)")
-    p.add_argument("--controls", help="JSONL of non-memorized texts to protect (default: bundled controls)")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(handler=_patch_command)

@@ -1,4 +1,4 @@
-"""Neuron-level memorization probes: estimators, per-site sweeps, the probe artefact and its CLI.
+"""Neuron-level memorization probes: estimators, per-site sweeps, the probe artefact.
 
 Slonski (2024) finds that linear probes on activations separate memorized tokens from others far
 better than output probabilities do; this package fits such probes (dense and top-k sparse), sweeps
@@ -16,7 +16,6 @@ from memprobe.probes.artefact import (
     score_documents,
     train_probe,
 )
-from memprobe.probes.cli import register_cli
 from memprobe.probes.estimators import LogisticProbe, TopKProbe, fit_logistic_batch
 from memprobe.probes.evaluate import detection, document_bootstrap
 from memprobe.probes.features import read_rows, window_mean
@@ -24,5 +23,4 @@ from memprobe.probes.sweep import ProbeSweep
 
 __all__ = ["LogisticProbe", "ProbeSweep", "TopKProbe", "default_probe_dir", "detection", "document_bootstrap",
            "fit_logistic_batch", "load_probe", "memorization_direction", "probe_capture_sites", "probe_tokens",
-           "read_rows", "register_cli",
-           "save_directions", "save_probe", "score_documents", "train_probe", "window_mean"]
+           "read_rows", "save_directions", "save_probe", "score_documents", "train_probe", "window_mean"]

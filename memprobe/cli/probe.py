@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from memprobe.probes.artefact import AUTO_SITES, DEFAULT_WINDOW
-
 
 def _train(args: argparse.Namespace) -> int:
     import tempfile
@@ -71,9 +69,10 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
+def add_probe(probe: argparse.ArgumentParser) -> None:
     """Add `memprobe probe {train,score}`."""
-    probe = subparsers.add_parser("probe", help="neuron-level memorization probes: train one, score texts")
+    from memprobe.probes.artefact import AUTO_SITES, DEFAULT_WINDOW
+
     sub = probe.add_subparsers(dest="probe_command", required=True)
 
     train = sub.add_parser("train", help="label texts, then fit a logistic probe at one site")

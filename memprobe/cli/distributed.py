@@ -1,6 +1,6 @@
 """The `--engine` options of `memprobe capture` and `memprobe label`, and their handlers.
 
-Kept here so `memprobe/cli.py` only adds one call per parser and one branch per handler, and so
+Kept apart so `memprobe.cli.core` only adds one call per parser and one branch per handler, and so
 building the parser imports nothing heavy (Ray and torch load only when an engine runs).
 """
 

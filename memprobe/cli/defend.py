@@ -30,8 +30,7 @@ def _defend(args: argparse.Namespace) -> int:
     return 0
 
 
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("defend", help="judge one defense against an undefended fine-tune")
+def add_defend(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lab", required=True, help="membership lab directory (memprobe lab build)")
     p.add_argument("--model", required=True, help="the base model the fine-tune started from")
     p.add_argument("--finetuned", required=True, help="the undefended fine-tune (memprobe finetune --out)")

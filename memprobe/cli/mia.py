@@ -86,26 +86,18 @@ def _measure(args: argparse.Namespace, target, docs: list[dict]) -> int:  # noqa
 
 def read_scores(path: str) -> list[dict]:
     """Score records from a `memprobe mia` output (validated: each line has id and a scores object)."""
-    import json
-    from pathlib import Path
+    from memprobe.jsonl import json_lines
 
     records = []
-    with Path(path).open(encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise MemprobeError(f"{path}:{n}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(record.get("id"), str) or not isinstance(record.get("scores"), dict):
-                raise MemprobeError(f"{path}:{n}: expected {{'id': str, 'scores': {{...}}}} from `memprobe mia`")
-            records.append(record)
+    for n, record in json_lines(path):
+        if not isinstance(record, dict) or not isinstance(record.get("id"), str) \
+                or not isinstance(record.get("scores"), dict):
+            raise MemprobeError(f"{path}:{n}: expected {{'id': str, 'scores': {{...}}}} from `memprobe mia`")
+        records.append(record)
     return records
 
 
-def register_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("mia", help="membership-inference scores (loss, zlib, min-k%%, min-k%%++, ref)")
+def add_mia(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="registered name or local HF directory")
     p.add_argument("--input", required=True, action="append",
                    help="JSONL texts {id, text, ...} ('member' for --evaluate); repeat for several files")
