@@ -15,6 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from memprobe.io import atomic_path  # noqa: E402
+
 
 def save_figure(fig: plt.Figure, path: str | Path, *, script: str | None = None) -> Path:
     """Save `fig` as PNG with a footer naming the script that produced it, then close it."""
@@ -22,8 +24,11 @@ def save_figure(fig: plt.Figure, path: str | Path, *, script: str | None = None)
     path.parent.mkdir(parents=True, exist_ok=True)
     script = script or Path(sys.argv[0]).name
     fig.text(0.995, 0.005, f"made by {script}", ha="right", va="bottom", fontsize=6, color="0.5")
-    fig.savefig(path, dpi=130, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:  # the temp name ends in .tmp: the format comes from `path`
+            fig.savefig(tmp, format=path.suffix[1:] or "png", dpi=130, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return path
 
 

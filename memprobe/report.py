@@ -104,14 +104,10 @@ def figure(path: str | Path, caption: str) -> str:
 
 
 def write(path: str | Path, page: str) -> Path:
-    """Write the page atomically."""
-    import os
+    """Write the page atomically (memprobe.io.atomic_write)."""
+    from memprobe.io import atomic_write
 
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, page)
 
 
 def pretty_json(value: Any) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 
 from memprobe.distributed.shard import PARTS, done_file, entry_done, part_dir, records_part
 from memprobe.errors import MemprobeError
-from memprobe.io import atomic_write, fsync_directory
+from memprobe.io import atomic_path, atomic_write, fsync_directory
 from memprobe.store import MANIFEST, ActivationStore
 
 
@@ -31,14 +31,14 @@ def unfinished(job_dir: str | Path, plan: dict[str, Any]) -> list[int]:
 
 
 def _place(source: Path, target: Path) -> None:
-    """Put `source`'s bytes at `target` without ever exposing a partial file there."""
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(source, tmp)
-    except OSError:
-        shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+    """Put `source`'s bytes at `target` without ever exposing a partial file there: a hard link (no
+    bytes copied) where the filesystem allows one, else a copy."""
+    with atomic_path(target) as tmp:
+        tmp.unlink()  # os.link needs a free name; the unique temp name stays this call's
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
 
 
 def merged_store(job_dir: str | Path, plan: dict[str, Any]) -> ActivationStore | None:

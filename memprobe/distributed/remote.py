@@ -10,11 +10,11 @@ anywhere fetches them instead of recomputing) and the merged store is published 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from memprobe.errors import MemprobeError
+from memprobe.io import atomic_path
 
 MARKER = "_COMPLETE.json"
 SCHEMES = ("file", "memory")  # tested; other fsspec schemes go through the same calls
@@ -76,12 +76,8 @@ def fetch(url: str, local: str | Path) -> Path:
         raise MemprobeError(f"{url} is not completely published (no {MARKER}); re-run the job that writes it")
     local = Path(local)
     for rel, expected in files.items():
-        target = local / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
-        fs.get_file(f"{root}/{rel}", str(tmp))
-        if tmp.stat().st_size != expected["bytes"] or file_sha256(tmp) != expected["sha256"]:
-            tmp.unlink()
-            raise MemprobeError(f"{url}/{rel} does not match its completion marker (damaged); re-run the job")
-        os.replace(tmp, target)
+        with atomic_path(local / rel) as tmp:  # a failed or damaged download leaves no file behind
+            fs.get_file(f"{root}/{rel}", str(tmp))
+            if tmp.stat().st_size != expected["bytes"] or file_sha256(tmp) != expected["sha256"]:
+                raise MemprobeError(f"{url}/{rel} does not match its completion marker (damaged); re-run the job")
     return local

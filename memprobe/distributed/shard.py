@@ -35,6 +35,7 @@ from memprobe.capture import (
     tokenize_documents,
 )
 from memprobe.errors import MemprobeError
+from memprobe.io import atomic_write
 from memprobe.jsonl import read_jsonl, write_jsonl
 from memprobe.models import LoadedModel, load_model
 from memprobe.results import write_json
@@ -69,8 +70,6 @@ def attempts_file(job_dir: str | Path, index: int) -> Path:
 
 def _count_attempt(job_dir: Path, index: int) -> None:
     """Refuse an entry started MAX_ATTEMPTS times in this run: engines retry dead workers forever."""
-    from memprobe.io import atomic_write
-
     path = attempts_file(job_dir, index)
     n = int(path.read_text()) if path.is_file() else 0
     if n >= MAX_ATTEMPTS:
@@ -147,7 +146,7 @@ def _maybe_fault(job_dir: Path, index: int) -> None:
         return
     marker, _, target = spec.rpartition(":")
     if int(target) == index and not Path(marker).exists():
-        Path(marker).write_text(f"{os.getpid()}\n")
+        atomic_write(marker, f"{os.getpid()}\n")
         os._exit(1)
 
 

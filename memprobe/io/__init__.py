@@ -1,6 +1,7 @@
 """Files that are either whole or absent: memprobe's one atomic file writer and directory publisher."""
 
 from memprobe.io.atomic import (
+    atomic_path,
     atomic_write,
     fsync_directory,
     publish_directory,
@@ -8,4 +9,4 @@ from memprobe.io.atomic import (
     staged_directory,
 )
 
-__all__ = ["atomic_write", "fsync_directory", "publish_directory", "remove_staged", "staged_directory"]
+__all__ = ["atomic_path", "atomic_write", "fsync_directory", "publish_directory", "remove_staged", "staged_directory"]

@@ -5,6 +5,10 @@ Why one module: a resumable job trusts whatever it finds on disk, so "the name e
 did not, one left temp files behind on errors); this is the single policy: write to `<name>.tmp`
 beside the target, fsync, `os.replace`, fsync the parent directory; on any failure the temp file is
 removed and the old target (if any) is left as it was.
+
+Three entry points share it: `atomic_write` (bytes or text we produce), `atomic_path` (a temp name
+for a library that insists on writing a file itself: savefig, safetensors, torch.save, a compiler)
+and `staged_directory` (a temp directory for a directory of files: save_pretrained, checkpoints).
 """
 
 from __future__ import annotations
@@ -74,6 +78,37 @@ def atomic_write(
     return path
 
 
+@contextlib.contextmanager
+def atomic_path(path: str | Path, *, fsync: bool = True) -> Iterator[Path]:
+    """A fresh temp file name beside `path` for a library that writes by file name (savefig,
+    safetensors `save_file`, `torch.save`, a compiler's `-o`); renamed to `path` when the block succeeds.
+
+    The same policy as `atomic_write`: on any failure the temp file is removed and the old `path` is
+    left as it was. The temp name, `<name>.tmp-XXXXXXXX.tmp`, is unique (processes writing the same
+    target at once never share a half-written file) and ends in `.tmp`, so no glob for finished files
+    (`step*.safetensors`) ever picks one up; a library that infers a format from the name must be told
+    it (savefig's `format=`).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=path.name + ".tmp-", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        if fsync:
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+        if tmp.stat().st_mode & 0o777 == 0o600:  # still mkstemp's private mode: make it ordinary
+            tmp.chmod(0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if fsync:
+        fsync_directory(path.parent)
+
+
 def _write_all(fd: int, data: bytearray | memoryview) -> None:
     view = memoryview(data)
     while view:
@@ -130,6 +165,7 @@ def staged_directory(target: str | Path, *, replace: bool = False) -> Iterator[P
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a published directory is an ordinary one
     try:
         yield tmp
         publish_directory(tmp, target, replace=replace)

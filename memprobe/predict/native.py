@@ -16,12 +16,12 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
+from memprobe.io import atomic_path
 from memprobe.models import CACHE_DIR
 
 SOURCE = Path(__file__).with_name("psmi_kernel.c")
@@ -45,15 +45,9 @@ def _library_path(compiler: str) -> Path:
 
 
 def _build(compiler: str, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.partial")
-    os.close(fd)
-    try:
-        subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True, timeout=120)
-        os.replace(tmp, target)  # atomic: other processes see no library or a whole one
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(target) as tmp:  # other processes see no library or a whole one
+        subprocess.run([compiler, *FLAGS, "-o", str(tmp), str(SOURCE)], check=True, capture_output=True,
+                       timeout=120)
 
 
 def load() -> ctypes.CDLL | None:

@@ -20,6 +20,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from memprobe.errors import MemprobeError
+from memprobe.io import atomic_path
 
 TrainFn = Callable[[np.ndarray, int], np.ndarray]
 
@@ -122,7 +123,8 @@ def train_shadows(train_fn: TrainFn, labels: np.ndarray, n_shadows: int, *, seed
             out = np.asarray(train_fn(np.flatnonzero(keep), seed * 100_003 + i), dtype=np.float32)
             _check_logits(out, labels)
             if path is not None:
-                save_file({"logits": out, "in_mask": keep.astype(np.uint8)}, path)
+                with atomic_path(path) as tmp:  # an existing file is a finished shadow: never a partial one
+                    save_file({"logits": out, "in_mask": keep.astype(np.uint8)}, tmp)
         logits.append(out)
         if progress is not None:
             progress(i + 1, n_shadows)

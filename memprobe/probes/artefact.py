@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from memprobe.errors import MemprobeError
+from memprobe.io import atomic_path, atomic_write
 from memprobe.probes.estimators import LogisticProbe
 
 WEIGHTS, CONFIG, DIRECTIONS = "probe.safetensors", "probe.json", "directions.safetensors"
@@ -39,14 +40,15 @@ def save_probe(out_dir: str | Path, probe: LogisticProbe, *, site: str, model_in
     tensors = {"coef": torch.as_tensor(np.asarray(probe.coef_[0], dtype=np.float32)),
                "intercept": torch.as_tensor(np.asarray(probe.intercept_, dtype=np.float32)),
                "standardized_coef": torch.as_tensor(np.asarray(probe.standardized_coef_, dtype=np.float32))}
-    save_file(tensors, out / WEIGHTS, metadata={"format": "memprobe-probe"})
+    with atomic_path(out / WEIGHTS) as tmp:
+        save_file(tensors, tmp, metadata={"format": "memprobe-probe"})
     feature = "activation[t-1]" if window == 1 else f"mean(activation[max(0, t-{window}) .. t-1])"
     config = {"format": "memprobe-probe", "version": 1, "site": site, "feature_offset": FEATURE_OFFSET,
               "window": window, "model": model_info,
               "estimator": {"class": type(probe).__name__, **probe.get_params()},
               "score": f"sigmoid({feature} @ coef + intercept): probability that token t is memorized",
               "training": training}
-    (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    atomic_write(out / CONFIG, json.dumps(config, indent=2) + "\n")
     return out
 
 
@@ -55,8 +57,9 @@ def save_directions(out_dir: str | Path, directions: dict[str, np.ndarray]) -> P
     residual stream, for interventions that steer or ablate along them."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({site: torch.as_tensor(np.asarray(v, dtype=np.float32)) for site, v in directions.items()},
-              out / DIRECTIONS, metadata={"format": "memprobe-probe-directions"})
+    with atomic_path(out / DIRECTIONS) as tmp:
+        save_file({site: torch.as_tensor(np.asarray(v, dtype=np.float32)) for site, v in directions.items()},
+                  tmp, metadata={"format": "memprobe-probe-directions"})
     return out / DIRECTIONS
 
 

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from memprobe.errors import MemprobeError
+from memprobe.io import atomic_path, atomic_write
 
 
 def mlp(in_dim: int, hidden: Sequence[int], n_classes: int) -> nn.Sequential:
@@ -120,7 +121,7 @@ def train_classifier(
         cfg_file = ckpt / "config.json"
         if cfg_file.exists() and json.loads(cfg_file.read_text()) != asdict(config):
             raise MemprobeError(f"{ckpt} holds checkpoints of a different config: use a new directory")
-        cfg_file.write_text(json.dumps(asdict(config)))
+        atomic_write(cfg_file, json.dumps(asdict(config)))
         step, perm = _resume(ckpt, model, opt, gen, history, keep_weights, perm)
     if not history.steps:
         _record(history, model, x, y, 0, ckpt, keep_weights)
@@ -138,8 +139,9 @@ def train_classifier(
         if step % config.eval_every == 0 or step == total:
             _record(history, model, x, y, step, ckpt, keep_weights)
             if ckpt is not None:
-                torch.save({"opt": opt.state_dict(), "gen": gen.get_state(), "step": step,
-                            "perm": perm}, ckpt / "state.pt")
+                with atomic_path(ckpt / "state.pt") as tmp:
+                    torch.save({"opt": opt.state_dict(), "gen": gen.get_state(), "step": step,
+                                "perm": perm}, tmp)
     return history
 
 
@@ -155,7 +157,8 @@ def _record(history: TrainHistory, model: nn.Module, x: torch.Tensor, y: torch.T
     if ckpt is not None:
         tensors = {"loss": torch.from_numpy(loss), "logits": torch.from_numpy(logits)}
         tensors.update({f"weights.{k}": v for k, v in weights.items()})
-        save_file(tensors, ckpt / f"step{step}.safetensors", metadata={"step": str(step)})
+        with atomic_path(ckpt / f"step{step}.safetensors") as tmp:
+            save_file(tensors, tmp, metadata={"step": str(step)})
 
 
 def _resume(ckpt: Path, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,

@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from memprobe.errors import MemprobeError
+from memprobe.io import atomic_path
 from memprobe.train.augment import AugmentConfig, augment
 
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
@@ -263,10 +264,8 @@ def save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer | N
         groups = sd["param_groups"]
     meta = {"epoch": str(epoch), "config": cfg.to_json(), "history": json.dumps(history),
             "param_groups": json.dumps(groups)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

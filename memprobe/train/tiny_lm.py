@@ -17,6 +17,7 @@ import torch
 
 from memprobe.adapters import adapter_for
 from memprobe.errors import MemprobeError
+from memprobe.io import staged_directory
 from memprobe.models import LoadedModel, load_model, tiny_model
 
 
@@ -49,10 +50,10 @@ def train_tiny_lm(texts: Sequence[str], *, n_layers: int = 2, d_model: int = 64,
     model.eval()
     loaded.info["train"] = {"steps": steps, "seq_len": seq_len, "batch": batch, "lr": lr, "seed": seed,
                             "final_loss": float(loss.detach()), "texts": len(texts)}
-    if checkpoint is not None:
-        Path(checkpoint).mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(checkpoint, safe_serialization=True)
-        loaded.tokenizer.save_pretrained(checkpoint)
+    if checkpoint is not None:  # published whole: a directory with config.json is a finished run
+        with staged_directory(checkpoint, replace=True) as staged:
+            model.save_pretrained(staged, safe_serialization=True)
+            loaded.tokenizer.save_pretrained(staged)
     return loaded
 
 
