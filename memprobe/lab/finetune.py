@@ -24,7 +24,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -230,32 +229,26 @@ def _save_state(
     """Write resume/step-N in a temp dir, rename it, then publish it by replacing latest.json."""
     from safetensors.torch import save_file
 
+    from memprobe.io import staged_directory
     from memprobe.results import write_json
 
     root = out_dir / RESUME_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    save_file(
-        {n: p.detach().cpu().contiguous() for n, p in _trainable(model).items()},
-        tmp / "trainable.safetensors",
-    )
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        },
-        tmp / "state.pt",
-    )
-    write_json(tmp / "state.json", {"step": step, **extra})
-    for f in tmp.iterdir():  # flush file contents before the rename makes them visible
-        with f.open("rb") as fh:
-            os.fsync(fh.fileno())
     target = root / f"step-{step}"
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    with staged_directory(target, replace=True) as tmp:  # files are fsynced before the rename
+        save_file(
+            {n: p.detach().cpu().contiguous() for n, p in _trainable(model).items()},
+            tmp / "trainable.safetensors",
+        )
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+            tmp / "state.pt",
+        )
+        write_json(tmp / "state.json", {"step": step, **extra})
     write_json(root / "latest.json", {"step": step, "dir": target.name})
     for old in root.iterdir():
         if old.is_dir() and old.name != target.name:
@@ -293,11 +286,10 @@ def _plain_dir(
     model: torch.nn.Module, tokenizer: Any, lora: bool, target: Path, provenance: dict
 ) -> None:
     """A Hugging Face directory that loads without memprobe, written in a temp dir and renamed."""
+    from memprobe.io import staged_directory
     from memprobe.results import write_json
 
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a model directory is an ordinary one
-    try:
+    with staged_directory(target, replace=True) as tmp:
         if lora:
             merged = copy.deepcopy(model).merge_and_unload()
             merged.save_pretrained(tmp, safe_serialization=True)
@@ -306,11 +298,6 @@ def _plain_dir(
             model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         write_json(tmp / PROVENANCE_FILE, provenance)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _publish_final(
@@ -410,7 +397,7 @@ def finetune(
     done_file = out_dir / PROVENANCE_FILE
     if done_file.exists():
         return json.loads(done_file.read_text(encoding="utf-8"))
-    for partial in out_dir.glob(".tmp-*"):  # a checkpoint a killed run was half-way through writing
+    for partial in out_dir.glob("*.tmp-*"):  # a checkpoint a killed run was half-way through writing
         shutil.rmtree(partial, ignore_errors=True)
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
