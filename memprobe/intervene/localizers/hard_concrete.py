@@ -12,13 +12,8 @@ from collections.abc import Sequence
 import torch
 
 from memprobe.intervene.localizers.base import Localizer
-from memprobe.intervene.localizers.targets import (
-    Target,
-    background_logprob,
-    mlp_intercept,
-    mlp_shape,
-    target_logprob,
-)
+from memprobe.intervene.localizers.drop_mask import train_drop_mask
+from memprobe.intervene.localizers.targets import Target, mlp_shape
 
 
 class HardConcrete(Localizer):
@@ -37,20 +32,17 @@ class HardConcrete(Localizer):
     def score(self, target: Target, background: Sequence[Target]) -> torch.Tensor:
         gen = torch.Generator().manual_seed(self.seed)
         shape = mlp_shape(self.model)
-        log_alpha = torch.full(shape, -3.0, requires_grad=True)
-        opt = torch.optim.Adam([log_alpha], lr=self.lr)
         lo, hi = self.limits
         shift = self.beta * math.log(-lo / hi)
-        n_tok = max(target.n_scored, 1)
-        for _ in range(self.steps):
+
+        def sampled_drop(log_alpha: torch.Tensor) -> torch.Tensor:  # a fresh gate sample every step
             u = torch.rand(shape, generator=gen).clamp(1e-6, 1 - 1e-6)
             s = torch.sigmoid((u.log() - (1 - u).log() + log_alpha) / self.beta)
-            drop = (s * (hi - lo) + lo).clamp(0, 1)
-            with mlp_intercept(self.model, scales=1 - drop):
-                loss = (target_logprob(self.model, target) / n_tok
-                        - self.keep_weight * background_logprob(self.model, background))
-            loss = loss + self.l0 * torch.sigmoid(log_alpha - shift).sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        return torch.sigmoid(log_alpha - shift).detach()
+            return (s * (hi - lo) + lo).clamp(0, 1)
+
+        def expected_l0(log_alpha: torch.Tensor, _drop: torch.Tensor) -> torch.Tensor:
+            return self.l0 * torch.sigmoid(log_alpha - shift).sum()
+
+        log_alpha = train_drop_mask(self.model, target, background, steps=self.steps, lr=self.lr,
+                                    keep_weight=self.keep_weight, drop=sampled_drop, penalty=expected_l0)
+        return torch.sigmoid(log_alpha - shift)

@@ -11,13 +11,8 @@ from collections.abc import Sequence
 import torch
 
 from memprobe.intervene.localizers.base import Localizer
-from memprobe.intervene.localizers.targets import (
-    Target,
-    background_logprob,
-    mlp_intercept,
-    mlp_shape,
-    target_logprob,
-)
+from memprobe.intervene.localizers.drop_mask import train_drop_mask
+from memprobe.intervene.localizers.targets import Target
 
 
 class Slimming(Localizer):
@@ -32,16 +27,7 @@ class Slimming(Localizer):
 
     def score(self, target: Target, background: Sequence[Target]) -> torch.Tensor:
         torch.manual_seed(self.seed)
-        logit = torch.full(mlp_shape(self.model), -3.0, requires_grad=True)
-        opt = torch.optim.Adam([logit], lr=self.lr)
-        n_tok = max(target.n_scored, 1)
-        for _ in range(self.steps):
-            drop = torch.sigmoid(logit)
-            with mlp_intercept(self.model, scales=1 - drop):
-                loss = (target_logprob(self.model, target) / n_tok
-                        - self.keep_weight * background_logprob(self.model, background))
-            loss = loss + self.l1 * drop.sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        return torch.sigmoid(logit).detach()
+        logit = train_drop_mask(self.model, target, background, steps=self.steps, lr=self.lr,
+                                keep_weight=self.keep_weight, drop=torch.sigmoid,
+                                penalty=lambda _logit, drop: self.l1 * drop.sum())
+        return torch.sigmoid(logit)
