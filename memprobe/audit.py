@@ -16,9 +16,9 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from memprobe.errors import MemprobeError
 from memprobe.io.atomic import staged_directory
@@ -32,19 +32,27 @@ DEFAULT_SITES = "blocks.*.hook_resid_post,blocks.*.mlp.hook_post"
 
 @dataclass(frozen=True)
 class AuditConfig:
-    """What an audit was asked to do; an audit directory holds the audit of one config only."""
+    """What an audit was asked to do; an audit directory holds the audit of one config only.
 
-    model: str = "smollm2-135m"
-    texts: str | None = None  # JSONL; None = the bundled corpus
-    quick: bool = False
-    seed: int = 0
-    sites: str = DEFAULT_SITES
-    dtype: str = "bfloat16"
-    min_prob: float = 0.5
+    The help texts are those of `memprobe audit`, whose options are generated from these fields."""
+
+    model: str = field(default="smollm2-135m", metadata={"help": "registered name or local HF/GGUF path"})
+    texts: str | None = field(default=None, metadata={"help": "JSONL texts {id, text, ...} (default: the "
+                                                               "bundled corpus)"})
+    quick: bool = field(default=False, metadata={"help": "a few texts per kind (for tests, < 2 min)"})
+    seed: int = field(default=0, metadata={"help": "seed of the bundled corpus, the splits and the bootstraps"})
+    sites: str = field(default=DEFAULT_SITES, metadata={"help": "sites (or globs) to capture and localize"})
+    dtype: Literal["float32", "bfloat16", "float16"] = field(
+        default="bfloat16", metadata={"help": "dtype of the activation capture"})
+    min_prob: float = field(default=0.5, metadata={"help": "a memorized token is correct with p >= this"})
     # Membership (memprobe.calibration): memorized beyond a reference model (same tokenizer), and a
     # lab directory whose members the audited model was fine-tuned on (its texts replace `texts`).
-    reference_model: str | None = None
-    lab: str | None = None
+    reference_model: str | None = field(default=None, metadata={
+        "help": "report memorization beyond this model (the audited model's base; same tokenizer): per-text "
+                "ref score, per-token log-prob gain, calibrated labels"})
+    lab: str | None = field(default=None, metadata={
+        "help": "a membership lab directory (memprobe lab build) the model was fine-tuned on: MIA ROC/AUC, "
+                "canary exposure and PII extraction against known membership"})
 
 
 class Audit:

@@ -1,4 +1,5 @@
-"""`memprobe audit`: a thin layer over memprobe.audit.Audit."""
+"""`memprobe audit`: a thin layer over memprobe.audit.Audit; its options are AuditConfig's fields
+(generated, so a new field is a new flag) plus --out."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import time
 from pathlib import Path
 
+from memprobe.cli.options import add_config_options, config_from_args
 from memprobe.cli.table import table
 from memprobe.errors import MemprobeError
 
@@ -20,8 +22,7 @@ def _audit(args: argparse.Namespace) -> int:
         from memprobe.lab import load_lab
 
         load_lab(args.lab)
-    config = AuditConfig(model=args.model, texts=args.texts, quick=args.quick, seed=args.seed,
-                         reference_model=args.reference_model, lab=args.lab)
+    config = config_from_args(AuditConfig, args)
     out = Path(args.out) if args.out else default_out(config)
     t = time.perf_counter()
     summary = Audit(config, out).run()
@@ -35,13 +36,8 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def add_audit(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--texts", help="JSONL texts {id, text, ...} (default: the bundled corpus)")
+    from memprobe.audit import AuditConfig
+
+    add_config_options(p, AuditConfig)
     p.add_argument("--out", help="audit directory (default: runs/audit-<model>-<hash>); re-running resumes")
-    p.add_argument("--quick", action="store_true", help="a few texts per kind (for tests, < 2 min)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--reference-model", help="report memorization beyond this model (the audited model's base; "
-                   "same tokenizer): per-text ref score, per-token log-prob gain, calibrated labels")
-    p.add_argument("--lab", help="a membership lab directory (memprobe lab build) the model was fine-tuned on: "
-                   "MIA ROC/AUC, canary exposure and PII extraction against known membership")
     p.set_defaults(handler=_audit)

@@ -9,17 +9,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from memprobe.cli.options import add_config_options, config_from_args
 from memprobe.errors import MemprobeError
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """--engine (no default: without it the command runs as one plain process), the Ray options
+    generated from EngineOptions, and the job's own settings."""
+    from memprobe.distributed.engines import ENGINES, EngineOptions
+
     g = parser.add_argument_group("distributed run (a plan of whole-document shards, merged into one output)")
-    g.add_argument("--engine", choices=["process", "ray", "torchrun"],
+    g.add_argument("--engine", choices=list(ENGINES),
                    help="run as a planned job: 'process' (here), 'ray' (Ray Data actors), 'torchrun' "
                         "(launched by torchrun); the output equals the one-process run's")
-    g.add_argument("--address", help="Ray cluster to join (host:port or ray://host:10001; default: start one here)")
-    g.add_argument("--workers", type=int, default=2, help="Ray actors (default 2)")
-    g.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs each Ray actor claims (default 0)")
+    add_config_options(g, EngineOptions, exclude=["engine"])
     g.add_argument("--entry-tokens", type=int, default=65536, help="tokens per plan entry (default 65536)")
     g.add_argument("--work-dir", help="local job directory when --out is an fsspec URL (file://, memory://); "
                                       "shared by the workers (default: under the system temp)")
@@ -27,13 +30,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                    help="torch threads per worker (default 1; CPU results can change with it)")
 
 
-def _options(args: argparse.Namespace):
-    from memprobe.distributed.job import EngineOptions
+def _options(args: argparse.Namespace):  # noqa: ANN202
+    from memprobe.distributed.engines import EngineOptions
 
     if not args.input:
         raise MemprobeError("--engine needs --input: a JSONL file every worker can read")
-    return EngineOptions(engine=args.engine, workers=args.workers, address=args.address,
-                         gpus_per_worker=args.gpus_per_worker)
+    return config_from_args(EngineOptions, args)
 
 
 def run_capture(args: argparse.Namespace) -> object | None:

@@ -63,10 +63,12 @@ def _finetune(args: argparse.Namespace) -> int:
 
 def add_lab(lab: argparse.ArgumentParser) -> None:
     """Add `memprobe lab build`."""
+    from memprobe.lab.corpus import PRESETS
+
     actions = lab.add_subparsers(dest="lab_command", required=True)
     build = actions.add_parser("build", help="write members.jsonl, nonmembers.jsonl and manifest.json")
     build.add_argument("--out", required=True, help="directory for the lab")
-    build.add_argument("--preset", default="small", choices=["tiny", "small", "headline"])
+    build.add_argument("--preset", default="small", choices=list(PRESETS))
     build.add_argument("--seed", type=int, default=0)
     build.set_defaults(handler=_lab_build)
 

@@ -2,6 +2,7 @@
 ordinary output, and engines that only decide where entries run (this process, Ray Data, torchrun).
 
 Modules: `plan` (entries, content-hashed plan file) · `shard` (the shard function, worker caches) ·
-`merge` (parts to one store / one JSONL) · `job` (plan, run, merge for any engine) · `ray_runner` ·
-`torchrun` · `cli` (the --engine options). Importing this package loads nothing heavy.
+`merge` (parts to one store / one JSONL) · `engines` (where entries run) · `job` (plan, run, merge
+for any engine) · `ray_runner` · `torchrun`; the --engine options are `memprobe.cli.distributed`.
+Importing this package loads nothing heavy.
 """

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from memprobe.distributed.engines import ENGINES, EngineOptions
 from memprobe.distributed.merge import merge_capture, merge_records, merged_store, unfinished
 from memprobe.distributed.plan import PLAN_FILE, capture_plan, file_sha256, records_plan, write_plan
 from memprobe.distributed.remote import fetch, is_url, publish, published, read_published
@@ -33,19 +34,6 @@ from memprobe.distributed.shard import (
 from memprobe.errors import MemprobeError
 from memprobe.models import LoadedModel, load_model
 from memprobe.results import provenance, write_json
-
-ENGINES = ("process", "ray", "torchrun")
-
-
-@dataclass
-class EngineOptions:
-    """Where entries run: the engine and, for Ray, the cluster and the size of each worker."""
-
-    engine: str = "process"
-    workers: int = 2
-    address: str | None = None
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 0.5  # fractional: Ray Data can hang when actors claim every CPU
 
 
 @dataclass
