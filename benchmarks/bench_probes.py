@@ -81,6 +81,7 @@ def _cache_dir(cache: Path, args: argparse.Namespace) -> Path:
 def prepare(where: Path, args: argparse.Namespace) -> str:
     """Store of the sites with per-token stats, plus rows/labels/split, cached; returns the model name."""
     from memprobe.capture import capture
+    from memprobe.io import atomic_path
     from memprobe.labels import token_labels_from_store
 
     meta = where / "rows.npz"
@@ -109,8 +110,9 @@ def prepare(where: Path, args: argparse.Namespace) -> str:
         rows.append(np.arange(r.start, r.stop - 1))  # activation at t-1 scores token t
         y.append(np.asarray(lab.memorized[1:], dtype=np.int64))
         test.append(np.full(r.stop - r.start - 1, play in test_plays))
-    np.savez(meta, rows=np.concatenate(rows), y=np.concatenate(y), test=np.concatenate(test),
-             test_plays=np.array(sorted(test_plays)), model=np.array(loaded.name))
+    with atomic_path(meta) as tmp, tmp.open("wb") as f:  # a file object: np.savez would rename a path
+        np.savez(f, rows=np.concatenate(rows), y=np.concatenate(y), test=np.concatenate(test),
+                 test_plays=np.array(sorted(test_plays)), model=np.array(loaded.name))
     return loaded.name
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from memprobe.io import atomic_write
 from memprobe.memdata import CONTROL, MEMORIZED, REPETITION, TokenSet, genre_split
 from memprobe.metrics import roc_auc, roc_curve
 from memprobe.plots import heatmap, roc_curves, save_figure
@@ -309,7 +310,7 @@ def main() -> None:
     torch.set_num_threads(1)
     results = run(args)
     path = save_results(args.out / f"{args.name}.json", results, seed=args.seed)
-    (args.out / f"{args.name}.md").write_text(markdown_table(results))
+    atomic_write(args.out / f"{args.name}.md", markdown_table(results))
     best = results["best"]["probe"]
     print(f"best site {results['best_site']}: AUC {best['roc_auc']:.3f} {best.get('roc_auc_ci95')}, "
           f"TPR@1%FPR {best['tpr_at_fpr_0.01']:.3f}; target-prob AUC {results['baselines']['target_prob']['roc_auc']:.3f}; "

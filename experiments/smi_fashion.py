@@ -14,9 +14,8 @@ import numpy as np
 import torch
 
 from memprobe.datasets import load_images
-from memprobe.results import save_results
-from memprobe.studies.smi import add_label_noise, make_figures, run_study, study_parser
-from memprobe.train.classifier import TrainConfig, mlp
+from memprobe.studies.smi import add_label_noise, run_mlp_study, study_parser, write_study
+from memprobe.train.classifier import TrainConfig
 
 
 def main() -> None:
@@ -33,25 +32,13 @@ def main() -> None:
     clean = data.labels[pick].numpy()
     y, noisy = add_label_noise(clean, args.noise, len(data.classes), args.seed)
     config = TrainConfig(epochs=args.epochs, batch_size=128, lr=1e-3, eval_every=10, seed=args.seed)
-    in_dim = int(np.prod(x.shape[1:]))
-    tag = f"n{args.n_samples}_s{args.shadows}_e{args.epochs}_seed{args.seed}{'_quick' if args.quick else ''}"
-    results, arrays = run_study(
-        x=x, y=y, noisy=noisy, make_model=lambda: mlp(in_dim, (256, 256), len(data.classes)),
-        hidden_modules=["act0", "act1"], config=config, n_shadows=args.shadows, n_directions=args.directions,
-        memorized_fraction=args.memorized_fraction, seed=args.seed, cache_dir=args.cache / tag,
-        frozen_features={"pixels": x.flatten(1).numpy()}, n_boot=50 if args.quick else 200,
-    )
+    results, arrays = run_mlp_study(args, x=x, y=y, noisy=noisy, n_classes=len(data.classes), config=config,
+                                    frozen_features={"pixels": x.flatten(1).numpy()})
     results["scale"].update(dataset=data.name, model="MLP 784-256-256-10 (ReLU), Adam",
                             representations="head:act0/act1 = the MLP's hidden ReLU outputs at the early "
                             "checkpoint; frozen:pixels = raw inputs (training-independent reference)")
     name = "smi_fashion_quick" if args.quick else "smi_fashion"
-    path = save_results(args.out / f"{name}.json", results, seed=args.seed)
-    figs = make_figures(arrays, results, args.figures, name, f"Fashion-MNIST MLP, {args.noise:.0%} noise")
-    ev = results["evaluation_by_ground_truth"]["lira"]
-    for k in (results["best_early_psmi_layer_by_lira_auc"], "early_loss", "early_logit_gap"):
-        print(f"{k:28s} AUC {ev[k]['roc_auc']:.3f}  FPR@TPR75 {ev[k]['fpr_at_tpr_0.75']:.3f}  "
-              f"TPR@1%FPR {ev[k]['tpr_at_fpr_0.01']:.3f}")
-    print("wrote", path, *figs)
+    write_study(results, arrays, args, name, f"Fashion-MNIST MLP, {args.noise:.0%} noise")
 
 
 if __name__ == "__main__":

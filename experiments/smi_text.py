@@ -21,10 +21,10 @@ from safetensors.torch import load_file, save_file
 
 from memprobe.backends.torch_hooks import HookPoint, run_with_hooks
 from memprobe.corpora import play_lines
+from memprobe.io import atomic_path
 from memprobe.models import load_model
-from memprobe.results import save_results
-from memprobe.studies.smi import add_label_noise, make_figures, run_study, study_parser
-from memprobe.train.classifier import TrainConfig, mlp
+from memprobe.studies.smi import add_label_noise, run_mlp_study, study_parser, write_study
+from memprobe.train.classifier import TrainConfig
 
 PLAYS = ("tragedies/hamlet.md", "tragedies/macbeth.md", "comedies/a-midsummer-night-s-dream.md",
          "romances/the-tempest.md", "histories/henry-v.md", "roman/julius-caesar.md")
@@ -47,8 +47,8 @@ def encode(texts: list[str], cache: Path, batch_size: int = 64) -> tuple[dict[st
         for name, module in sites.items():
             parts[name].append((out[module] * mask).sum(1) / mask.sum(1))
     feats = {k: torch.cat(v).contiguous() for k, v in parts.items()}
-    cache.mkdir(parents=True, exist_ok=True)
-    save_file(feats, path)
+    with atomic_path(path) as tmp:  # an existing file is a finished cache, never half of one
+        save_file(feats, tmp)
     return {k: v.numpy() for k, v in feats.items()}, loaded.info
 
 
@@ -69,13 +69,8 @@ def main() -> None:
     x = torch.from_numpy(head_in).float()
     y, noisy = add_label_noise(clean, args.noise, len(classes), args.seed)
     config = TrainConfig(epochs=args.epochs, batch_size=128, lr=2e-3, eval_every=5, seed=args.seed)
-    tag = f"n{len(texts)}_s{args.shadows}_e{args.epochs}_seed{args.seed}{'_quick' if args.quick else ''}"
-    results, arrays = run_study(
-        x=x, y=y, noisy=noisy, make_model=lambda: mlp(x.shape[1], (256, 256), len(classes)),
-        hidden_modules=["act0", "act1"], config=config, n_shadows=args.shadows, n_directions=args.directions,
-        memorized_fraction=args.memorized_fraction, seed=args.seed, cache_dir=args.cache / tag,
-        frozen_features=frozen, n_boot=50 if args.quick else 200,
-    )
+    results, arrays = run_mlp_study(args, x=x, y=y, noisy=noisy, n_classes=len(classes), config=config,
+                                    frozen_features=frozen)
     results["scale"].update(
         task=f"which of {len(classes)} plays a verse line (>= {args.min_words} words) comes from",
         classes=classes, lines_per_play=args.per_play, encoder=model_info,
@@ -83,13 +78,7 @@ def main() -> None:
         representations="frozen:embeddings/layerN = MiniLM mean-pooled hidden states (fixed, training-"
         "independent); head:act0/act1 = the head's hidden ReLU outputs at the early checkpoint")
     name = "smi_text_quick" if args.quick else "smi_text"
-    path = save_results(args.out / f"{name}.json", results, seed=args.seed)
-    figs = make_figures(arrays, results, args.figures, name, f"Shakespeare play ID (MiniLM), {args.noise:.0%} noise")
-    ev = results["evaluation_by_ground_truth"]["lira"]
-    for k in (results["best_early_psmi_layer_by_lira_auc"], "early_loss", "early_logit_gap"):
-        print(f"{k:28s} AUC {ev[k]['roc_auc']:.3f}  FPR@TPR75 {ev[k]['fpr_at_tpr_0.75']:.3f}  "
-              f"TPR@1%FPR {ev[k]['tpr_at_fpr_0.01']:.3f}")
-    print("wrote", path, *figs)
+    write_study(results, arrays, args, name, f"Shakespeare play ID (MiniLM), {args.noise:.0%} noise")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from memprobe.predict import (
     top_fraction,
     train_shadows,
 )
-from memprobe.train.classifier import TrainConfig, predict_logits, train_classifier
+from memprobe.train.classifier import TrainConfig, mlp, predict_logits, train_classifier
 
 PAPER_FPR_AT_TPR75 = {"psmi": 0.073, "loss": 0.083, "logit_gap": 0.093}
 
@@ -203,6 +203,35 @@ def run_study(
               "memorized_fraction": memorized_fraction, "median_loss": history.median_loss(),
               "steps": np.array(history.steps), "early": early}
     return results, arrays
+
+
+def run_mlp_study(args: argparse.Namespace, *, x: torch.Tensor, y: np.ndarray, noisy: np.ndarray, n_classes: int,
+                  config: TrainConfig, frozen_features: dict[str, np.ndarray]) -> tuple[dict, dict]:
+    """`run_study` with the MLP 256-256 head of the image and text studies (PSMI on its two ReLU layers),
+    settings from `study_parser`'s options, cached under --cache by sample count and settings."""
+    in_dim = int(np.prod(x.shape[1:]))
+    tag = f"n{len(x)}_s{args.shadows}_e{args.epochs}_seed{args.seed}{'_quick' if args.quick else ''}"
+    return run_study(
+        x=x, y=y, noisy=noisy, make_model=lambda: mlp(in_dim, (256, 256), n_classes),
+        hidden_modules=["act0", "act1"], config=config, n_shadows=args.shadows, n_directions=args.directions,
+        memorized_fraction=args.memorized_fraction, seed=args.seed, cache_dir=args.cache / tag,
+        frozen_features=frozen_features, n_boot=50 if args.quick else 200,
+    )
+
+
+def write_study(results: dict, arrays: dict, args: argparse.Namespace, name: str, title: str) -> list[Path]:
+    """Save `<--out>/<name>.json` (with provenance) and the figures under --figures; print the LiRA
+    summary of the best early PSMI layer and the two baselines. Returns the paths written."""
+    from memprobe.results import save_results
+
+    path = save_results(args.out / f"{name}.json", results, seed=args.seed)
+    figs = make_figures(arrays, results, args.figures, name, title)
+    ev = results["evaluation_by_ground_truth"]["lira"]
+    for k in (results["best_early_psmi_layer_by_lira_auc"], "early_loss", "early_logit_gap"):
+        print(f"{k:28s} AUC {ev[k]['roc_auc']:.3f}  FPR@TPR75 {ev[k]['fpr_at_tpr_0.75']:.3f}  "
+              f"TPR@1%FPR {ev[k]['tpr_at_fpr_0.01']:.3f}")
+    print("wrote", path, *figs)
+    return [path, *figs]
 
 
 def make_figures(arrays: dict, results: dict, figures: Path, prefix: str, title: str) -> list[Path]:
