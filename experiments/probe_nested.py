@@ -42,7 +42,7 @@ from memprobe.probes import nested as nested_module
 from memprobe.probes.artefact import FEATURE_OFFSET
 from memprobe.probes.nested import NestedConfig, NestedCV, nested_cross_validate
 from memprobe.results import experiment_parser, save_results
-from memprobe.sites import layer_of, resolve
+from memprobe.sites import resolve
 from memprobe.studies.cache import StepCache
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -207,7 +207,8 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], NestedCV]:
     t0 = time.time()
     cache = StepCache(args.cache)
     ex = (lab_examples if args.corpus == "lab" else bundled_examples)(args, cache)
-    config = NestedConfig(sites=tuple(ex["sites"]), windows=(1, 16), n_outer=5, n_inner=4,
+    folds = (3, 3) if args.quick else (5, 4)  # (outer, inner); quick: plumbing only
+    config = NestedConfig(sites=tuple(ex["sites"]), windows=(1, 16), n_outer=folds[0], n_inner=folds[1],
                           n_null=args.n_null, alpha=1e-2, max_iter=50 if args.quick else 150,
                           n_boot=50 if args.quick else args.n_boot, seed=args.seed)
     inputs = {k: ex[k] for k in ("rows", "doc_start", "y", "groups", "docs")}
@@ -246,7 +247,10 @@ def main() -> None:
     args.run_dir = args.run_dir or (args.cache / "lab_run" if args.quick else ROOT / "runs" / "lab_smollm2")
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)
-    results, nested = run(args)
+    try:
+        results, nested = run(args)
+    except MemprobeError as e:
+        raise SystemExit(f"error: {e}") from None
     path = save_results(args.out / f"probe_nested_{tag}.json", results, seed=args.seed)
     nested.plot(args.figures / f"probe_nested_{tag}.png",
                 title=f"{results['model']['name']}, {args.corpus}: nested CV, outer folds")
