@@ -61,6 +61,8 @@ def run_memprobe(base: LoadedModel, docs: list[dict], batch_size: int, seq_len: 
 
 
 def run_plain(base: LoadedModel, batches: list[dict]) -> dict:
+    """The plain PyTorch peer: its loop is written out here on purpose, not taken from
+    memprobe.lab.finetune, so the comparison measures memprobe's loop against an independent one."""
     model = copy.deepcopy(base.model).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
