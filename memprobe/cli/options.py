@@ -41,14 +41,14 @@ def add_config_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup
         default = getattr(base, f.name) if base is not None else _field_default(config_cls, f)
         text = f.metadata.get("help") or docs.get(f.name, "")
         kw = _argument(config_cls, f.name, hints[f.name], default, text)
-        switch_off = kw.get("action") == "store_false"
-        parser.add_argument("--no-" + flag(f.name)[2:] if switch_off else flag(f.name), dest=f.name, **kw)
+        name = "--no-" + flag(f.name).removeprefix("--") if kw.get("action") == "store_false" else flag(f.name)
+        parser.add_argument(name, dest=f.name, **kw)
 
 
 def config_from_args(config_cls: type[Config], args: argparse.Namespace, *, base: Config | None = None,
                      **given: Any) -> Config:
-    """The `config_cls` instance the parsed `args` describe: each field from `args` when it has an
-    option there, else from `given`, else from `base` (or the field's default)."""
+    """The `config_cls` instance the parsed `args` describe: each field from `given`, else from
+    `args` when it has an option there, else from `base` (or the field's default)."""
     hints = typing.get_type_hints(config_cls)
     values = {}
     for f in dataclasses.fields(config_cls):
