@@ -37,8 +37,7 @@ def main() -> None:
     results["scale"].update(dataset=data.name, model="MLP 784-256-256-10 (ReLU), Adam",
                             representations="head:act0/act1 = the MLP's hidden ReLU outputs at the early "
                             "checkpoint; frozen:pixels = raw inputs (training-independent reference)")
-    name = "smi_fashion_quick" if args.quick else "smi_fashion"
-    write_study(results, arrays, args, name, f"Fashion-MNIST MLP, {args.noise:.0%} noise")
+    write_study(results, arrays, args, "smi_fashion", f"Fashion-MNIST MLP, {args.noise:.0%} noise")
 
 
 if __name__ == "__main__":

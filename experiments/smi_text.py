@@ -77,8 +77,7 @@ def main() -> None:
         head="MLP 384-256-256-C (ReLU) on the standardised mean-pooled last MiniLM layer, Adam",
         representations="frozen:embeddings/layerN = MiniLM mean-pooled hidden states (fixed, training-"
         "independent); head:act0/act1 = the head's hidden ReLU outputs at the early checkpoint")
-    name = "smi_text_quick" if args.quick else "smi_text"
-    write_study(results, arrays, args, name, f"Shakespeare play ID (MiniLM), {args.noise:.0%} noise")
+    write_study(results, arrays, args, "smi_text", f"Shakespeare play ID (MiniLM), {args.noise:.0%} noise")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def atomic_write(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     chunks = [data] if isinstance(data, (bytes, bytearray, memoryview, str)) else data
-    try:
+    with _renamed_into_place(tmp, path, fsync=fsync):
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             pending = bytearray()
@@ -69,13 +69,21 @@ def atomic_write(
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+    return path
+
+
+@contextlib.contextmanager
+def _renamed_into_place(tmp: Path, path: Path, *, fsync: bool) -> Iterator[None]:
+    """The block fills `tmp`; then it becomes `path` in one rename (made durable with `fsync`). On
+    any failure, `tmp` is removed and `path` is left as it was."""
+    try:
+        yield
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     if fsync:
         fsync_directory(path.parent)
-    return path
 
 
 @contextlib.contextmanager
@@ -94,19 +102,13 @@ def atomic_path(path: str | Path, *, fsync: bool = True) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=path.name + ".tmp-", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
-    try:
+    with _renamed_into_place(tmp, path, fsync=fsync):
         yield tmp
         if fsync:
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())
         if tmp.stat().st_mode & 0o777 == 0o600:  # still mkstemp's private mode: make it ordinary
             tmp.chmod(0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if fsync:
-        fsync_directory(path.parent)
 
 
 def _write_all(fd: int, data: bytearray | memoryview) -> None:

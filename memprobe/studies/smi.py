@@ -220,10 +220,12 @@ def run_mlp_study(args: argparse.Namespace, *, x: torch.Tensor, y: np.ndarray, n
 
 
 def write_study(results: dict, arrays: dict, args: argparse.Namespace, name: str, title: str) -> list[Path]:
-    """Save `<--out>/<name>.json` (with provenance) and the figures under --figures; print the LiRA
-    summary of the best early PSMI layer and the two baselines. Returns the paths written."""
+    """Save `<--out>/<name>.json` (with provenance) and the figures under --figures (name + "_quick"
+    with --quick); print the LiRA summary of the best early PSMI layer and the two baselines. Returns
+    the paths written."""
     from memprobe.results import save_results
 
+    name += "_quick" if args.quick else ""
     path = save_results(args.out / f"{name}.json", results, seed=args.seed)
     figs = make_figures(arrays, results, args.figures, name, title)
     ev = results["evaluation_by_ground_truth"]["lira"]
