@@ -1,27 +1,10 @@
 import pytest
 import torch
+from interrupt import Interrupted, stop_after
 
 from memprobe.capture import capture_outputs
 from memprobe.errors import MemprobeError
 from memprobe.train.classifier import TrainConfig, load_weights, mlp, small_cnn, train_classifier
-
-
-class Interrupted(Exception):
-    pass
-
-
-def stop_after(model, n):
-    """Make `model` raise after `n` training forwards, like a run killed mid-way."""
-    left = [n]
-
-    def hook(module, args):
-        if module.training:
-            left[0] -= 1
-            if left[0] < 0:
-                raise Interrupted
-
-    model.register_forward_pre_hook(hook)
-    return model
 
 
 def data():

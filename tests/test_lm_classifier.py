@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from interrupt import Interrupted, stop_after
 
 from memprobe.capture import capture_outputs, pad_batch, pad_id
 from memprobe.errors import MemprobeError
@@ -38,10 +39,6 @@ def planted(n: int, seed: int = 0) -> tuple[list[str], np.ndarray]:
     texts = [f"{i} " + " ".join(rng.choice(WORDS, rng.integers(1, 4))) + (" yes" if c else " no")
              for i, c in zip(ids, y, strict=True)]
     return texts, y
-
-
-class Interrupted(Exception):
-    pass
 
 
 def test_prefix_cache_is_reused_only_for_the_same_inputs(tiny, tmp_path, monkeypatch):
@@ -103,16 +100,7 @@ def test_learns_a_planted_signal_and_resumes_exactly(tiny, tmp_path):
     assert (held_out == y[test]).mean() >= 0.9  # chance is ~0.5: the signal is read from the last token
     assert full.median_loss()[-1] < 0.5 * full.median_loss()[0]
 
-    broken = make()
-    left = [13]
-
-    def stop(module, args):
-        if module.training:
-            left[0] -= 1
-            if left[0] < 0:
-                raise Interrupted
-
-    broken.register_forward_pre_hook(stop)
+    broken = stop_after(make(), 13)
     with pytest.raises(Interrupted):
         train_classifier(broken, torch.from_numpy(train), y_t[train], cfg, checkpoint_dir=tmp_path / "b")
     torch.manual_seed(99)  # another init: the resumed run must load the checkpoint

@@ -78,6 +78,16 @@ def writer(path: Path, docs: list[dict] | None = None, **kwargs) -> StoreWriter:
     return StoreWriter(path, **kwargs)
 
 
+def two_shard_store(path: Path) -> list[dict]:
+    """A finished store of three documents in two shards (doc0; doc1 and doc2); returns the documents."""
+    docs = documents(3)
+    w = writer(path, docs)
+    w.write_shard(**batch(docs, [0]))
+    w.write_shard(**batch(docs, [1, 2]))
+    w.finish()
+    return docs
+
+
 def expected_rows(docs: list[dict], order: list[int]) -> list[Row]:
     return [Row(docs[i]["id"], p, i * 100 + p) for i in order for p in range(docs[i]["n_tokens"])]
 
@@ -335,11 +345,7 @@ def test_stores_with_sha256_checksums_still_verify(tmp_path: Path) -> None:
 
 
 def test_flipped_byte_is_reported_never_read(tmp_path: Path) -> None:
-    docs = documents(3)
-    w = writer(tmp_path / "s", docs)
-    w.write_shard(**batch(docs, [0]))
-    w.write_shard(**batch(docs, [1, 2]))
-    w.finish()
+    docs = two_shard_store(tmp_path / "s")
     shard = tmp_path / "s/shard-00001.safetensors"
     data = bytearray(shard.read_bytes())
     data[-5] ^= 0x01  # inside the last tensor's data, somewhere in a row we will read
@@ -370,11 +376,7 @@ def test_tampered_header_is_reported(tmp_path: Path) -> None:
 
 
 def test_truncated_or_missing_shard_fails_on_open(tmp_path: Path) -> None:
-    docs = documents(3)
-    w = writer(tmp_path / "s", docs)
-    w.write_shard(**batch(docs, [0]))
-    w.write_shard(**batch(docs, [1, 2]))
-    w.finish()
+    docs = two_shard_store(tmp_path / "s")
     shard = tmp_path / "s/shard-00001.safetensors"
     shard.write_bytes(shard.read_bytes()[:-10])
     with pytest.raises(
