@@ -38,7 +38,6 @@ import numpy as np
 import torch
 
 from memprobe.errors import MemprobeError
-from memprobe.probes import nested as nested_module
 from memprobe.probes.artefact import FEATURE_OFFSET
 from memprobe.probes.nested import NestedConfig, NestedCV, nested_cross_validate
 from memprobe.results import experiment_parser, save_results
@@ -211,15 +210,9 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], NestedCV]:
     config = NestedConfig(sites=tuple(ex["sites"]), windows=(1, 16), n_outer=folds[0], n_inner=folds[1],
                           n_null=args.n_null, alpha=1e-2, max_iter=50 if args.quick else 150,
                           n_boot=50 if args.quick else args.n_boot, seed=args.seed)
-    inputs = {k: ex[k] for k in ("rows", "doc_start", "y", "groups", "docs")}
-    baselines = ex["baselines"]
-    cache.run("nested cv", ["nested.npz"],
-              lambda path: nested_cross_validate(ex["store"], doc_start=ex["doc_start"], baselines=baselines,
-                                                 config=config, rows=ex["rows"], y=ex["y"], groups=ex["groups"],
-                                                 docs=ex["docs"]).save_arrays(path),
-              inputs={"store": Path(ex["store"].path).resolve(), **inputs, "baselines": baselines},
-              settings=config, code=[nested_module])
-    result = NestedCV.load_arrays(cache.root / "nested.npz")
+    result = nested_cross_validate(ex["store"], ex["rows"], ex["y"], ex["groups"], ex["docs"],
+                                   doc_start=ex["doc_start"], baselines=ex["baselines"], config=config,
+                                   cache=cache)  # each run (real, each null) a resumable step
     nested = result.to_dict()
     keep = {k: v for k, v in ex.items() if k not in ("store", "rows", "doc_start", "y", "groups", "docs",
                                                       "kind", "baselines", "sites")}

@@ -16,6 +16,7 @@ import torch
 from memprobe.errors import MemprobeError
 from memprobe.probes import nested
 from memprobe.probes.nested import NestedConfig, NestedCV, choose_in_fold, nested_cross_validate
+from memprobe.studies.cache import StepCache
 from memprobe.studies.probe_sweep import TensorStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,11 +121,32 @@ def test_the_choice_never_reads_outer_test_rows(informative, monkeypatch):
     assert np.array_equal(again.nested_scores, result.nested_scores)
 
 
-def test_round_trip_and_bad_input(informative, tmp_path):
+def test_a_killed_run_resumes_from_its_finished_procedures(informative, tmp_path, monkeypatch):
     (store, rows, y, docs, starts, baseline), result = informative
-    back = NestedCV.load_arrays(result.save_arrays(tmp_path / "n.npz"))
-    assert back.to_dict() == result.to_dict()
-    assert result.plot(tmp_path / "f.png") and (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
+    cache = StepCache(tmp_path / "cache")
+    calls = []
+    real = nested.run_procedure
+
+    def dies_in_the_second_null(*args, **kwargs):
+        calls.append(args[-1])
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # killed while the second null runs
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(nested, "run_procedure", dies_in_the_second_null)
+    with pytest.raises(KeyboardInterrupt):
+        nested_cross_validate(store, rows, y, docs, docs, doc_start=starts,
+                              baselines={"output": baseline}, config=CONFIG, cache=cache)
+    calls.clear()
+    resumed = nested_cross_validate(store, rows, y, docs, docs, doc_start=starts,
+                                    baselines={"output": baseline}, config=CONFIG, cache=cache)
+    assert calls == [CONFIG.seed + 2]  # only the unfinished null ran again
+    assert resumed.to_dict() == result.to_dict()  # the same numbers as an uninterrupted run
+    assert resumed.plot(tmp_path / "f.png") and (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_input_is_refused(informative):
+    (store, rows, y, docs, starts, baseline), result = informative
     mixed = docs.copy()
     mixed[y == 1] = "one"
     mixed[:5] = "one"  # a document holding both labels: the document-level null is undefined

@@ -16,7 +16,8 @@ real run.
 
 Cost: per window and outer fold one batched ProbeSweep.run over the training rows (every site,
 every inner fold and the refit in one L-BFGS batch), then one read per (site, window) to score the
-outer test rows of every fold; the null repeats that `n_null` times.
+outer test rows of every fold; the null repeats that `n_null` times. With a StepCache each run (the
+real one, each null) is a content-keyed step, so a killed job resumes from the last finished run.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -115,11 +116,49 @@ def choose_in_fold(store: Any, rows: np.ndarray, y: np.ndarray, groups: np.ndarr
     return FoldChoice(best[0], best[1], inner_auc, refit, n_inner)
 
 
-def _procedure(store: Any, rows: np.ndarray, y: np.ndarray, groups: np.ndarray,
-               doc_start: np.ndarray | None, sites: list[str], config: NestedConfig,
-               seed: int) -> tuple[np.ndarray, list[FoldChoice], dict[GridPoint, np.ndarray], np.ndarray]:
-    """One nested run: outer folds, a choice per outer training set, then outer test scores of the
-    chosen probe and of every grid point's refit (read only after every fold has chosen)."""
+@dataclass(frozen=True)
+class Procedure:
+    """One run of the nested procedure: its outer folds, each outer training set's choice, and every
+    grid point's outer-test scores (fold f's rows scored by the refit on the other folds)."""
+
+    outer: np.ndarray
+    choices: list[FoldChoice]
+    grid_scores: dict[GridPoint, np.ndarray]
+
+    @property
+    def nested_scores(self) -> np.ndarray:
+        """Each row scored by the grid point its outer training set chose."""
+        out = np.empty(len(self.outer))
+        for f, c in enumerate(self.choices):
+            out[self.outer == f] = self.grid_scores[(c.site, c.window)][self.outer == f]
+        return out
+
+    def save(self, path: str | Path) -> Path:
+        """Scores, folds and choices (not the refitted weights) in one .npz, written atomically."""
+        meta = {"grid": [list(g) for g in self.grid_scores],
+                "choices": [{"site": c.site, "window": c.window, "n_inner": c.n_inner,
+                             "inner_auc": [[s, w, v] for (s, w), v in c.inner_auc.items()]}
+                            for c in self.choices]}
+        buffer = io.BytesIO()
+        np.savez(buffer, meta=np.array(json.dumps(meta)), outer=self.outer,
+                 grid_scores=np.stack(list(self.grid_scores.values())))
+        return atomic_write(path, buffer.getbuffer())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Procedure:
+        with np.load(path) as z:
+            meta = json.loads(str(z["meta"]))
+            choices = [FoldChoice(c["site"], c["window"], {(s, w): v for s, w, v in c["inner_auc"]},
+                                  {}, c["n_inner"]) for c in meta["choices"]]
+            grid = {(s, int(w)): v for (s, w), v in zip(meta["grid"], z["grid_scores"], strict=True)}
+            return cls(z["outer"], choices, grid)
+
+
+def run_procedure(store: Any, rows: np.ndarray, y: np.ndarray, groups: np.ndarray,
+                  doc_start: np.ndarray | None, sites: Sequence[str], config: NestedConfig,
+                  seed: int) -> Procedure:
+    """One nested run: outer folds, a choice per outer training set, then outer test scores of every
+    grid point's refit (test rows are read only after every fold has chosen)."""
     n_outer = _n_folds(groups, y, config.n_outer, "outer cross-validation")
     outer = group_folds(groups, y, n_folds=n_outer, seed=seed)
     choices = []
@@ -137,10 +176,27 @@ def _procedure(store: Any, rows: np.ndarray, y: np.ndarray, groups: np.ndarray,
                 coef, intercept = choice.refit[(site, int(window))]
                 test = outer == f
                 grid_scores[(site, int(window))][test] = X[test] @ coef + intercept
-    nested = np.empty(len(y))
-    for f, choice in enumerate(choices):
-        nested[outer == f] = grid_scores[(choice.site, choice.window)][outer == f]
-    return nested, choices, grid_scores, outer
+    return Procedure(outer, choices, grid_scores)
+
+
+def _cached_procedure(cache: Any, name: str, store: Any, rows: np.ndarray, y: np.ndarray,
+                      groups: np.ndarray, doc_start: np.ndarray | None, sites: list[str],
+                      config: NestedConfig, seed: int) -> Procedure:
+    """`run_procedure`, kept as one step of `cache` (a StepCache) when given, keyed by the store's
+    content, the rows, labels, families, settings and code: a killed run loses one procedure at most."""
+    if cache is None:
+        return run_procedure(store, rows, y, groups, doc_start, sites, config, seed)
+    from memprobe.probes import estimators, features, sweep
+
+    output = f"{'-'.join(name.split())}.npz"
+    path = getattr(store, "path", None)
+    cache.run(name, [output],
+              lambda out: run_procedure(store, rows, y, groups, doc_start, sites, config, seed).save(out),
+              inputs={"store": Path(path).resolve() if path is not None else store.identity,
+                      "rows": rows, "y": y, "groups": groups, "doc_start": doc_start},
+              settings={**asdict(config), "sites": sites, "seed": seed},
+              code=[run_procedure, choose_in_fold, Procedure, sweep, estimators, features])
+    return Procedure.load(cache.root / output)
 
 
 def _document_labels(y: np.ndarray, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -161,13 +217,14 @@ def _document_labels(y: np.ndarray, docs: np.ndarray) -> tuple[np.ndarray, np.nd
 def nested_cross_validate(store: Any, rows: np.ndarray, y: np.ndarray, groups: np.ndarray,
                           docs: np.ndarray, *, doc_start: np.ndarray | None = None,
                           baselines: Mapping[str, np.ndarray] | None = None,
-                          config: NestedConfig = NestedConfig()) -> NestedCV:
+                          config: NestedConfig = NestedConfig(), cache: Any = None) -> NestedCV:
     """Nested grouped CV of probes on `rows` of `store` (an ActivationStore or TensorStore).
 
     y: 0/1 per row; groups: the fold unit (document families; a family never spans folds);
     docs: each row's document (bootstrap unit, and where labels live for the null: one label per
     document); doc_start: each row's document start in the store (needed for windows > 1);
-    baselines: output-only scores per row (higher = more likely positive), reported beside it.
+    baselines: output-only scores per row (higher = more likely positive), reported beside it;
+    cache: a memprobe.studies.cache.StepCache keeping each run (the real one, each null) as a step.
     """
     rows, y = np.asarray(rows, dtype=np.int64), np.asarray(y).astype(int)
     groups, docs = np.asarray(groups).astype(str), np.asarray(docs).astype(str)
@@ -189,24 +246,16 @@ def nested_cross_validate(store: Any, rows: np.ndarray, y: np.ndarray, groups: n
             raise MemprobeError(f"baseline {name!r} has {v.size} scores for {y.size} rows")
     _, doc_label, doc_index = _document_labels(y, docs)
 
-    nested, choices, grid_scores, outer = _procedure(store, rows, y, groups, doc_start, sites,
-                                                     config, config.seed)
+    real = _cached_procedure(cache, "nested run", store, rows, y, groups, doc_start, sites, config,
+                             config.seed)
     rng = np.random.default_rng(config.seed)
-    null_y, null_scores, null_runs = [], [], []
+    null_y, nulls = [], []
     for i in range(config.n_null):
-        permuted = rng.permutation(doc_label)[doc_index]
-        n_scores, n_choices, n_grid, _ = _procedure(store, rows, permuted, groups, doc_start, sites,
-                                                    config, config.seed + 1 + i)
-        null_y.append(permuted)
-        null_scores.append(n_scores)
-        null_runs.append({"nested_auc": roc_auc(n_scores, permuted),
-                          "best_of_grid_auc": max(roc_auc(v, permuted) for v in n_grid.values()),
-                          "chosen": [[c.site, c.window] for c in n_choices]})
-    return NestedCV(config=config, sites=sites, y=y, docs=docs, groups=groups, outer_folds=outer,
-                    nested_scores=nested, choices=choices, grid_scores=grid_scores,
-                    baselines=baselines, null_y=np.array(null_y).reshape(len(null_y), len(y)),
-                    null_scores=np.array(null_scores).reshape(len(null_y), len(y)),
-                    null_runs=null_runs)
+        null_y.append(rng.permutation(doc_label)[doc_index])
+        nulls.append(_cached_procedure(cache, f"nested null {i}", store, rows, null_y[-1], groups,
+                                       doc_start, sites, config, config.seed + 1 + i))
+    return NestedCV(config=config, sites=sites, y=y, docs=docs, groups=groups, baselines=baselines,
+                    real=real, nulls=nulls, null_y=np.array(null_y).reshape(len(nulls), len(y)))
 
 
 def _key(point: GridPoint) -> str:
@@ -215,11 +264,11 @@ def _key(point: GridPoint) -> str:
 
 @dataclass(frozen=True)
 class NestedCV(Result):
-    """Outer-test scores of the nested procedure, the grid's out-of-fold scores, baselines, nulls.
+    """The real nested run, its null reruns (labels `null_y[i]` for `nulls[i]`), baselines.
 
     `nested_scores[i]`: row i scored by the probe its outer training set chose and refitted;
     `grid_scores[(site, window)]`: the same outer folds with that grid point fixed (its max over
-    the grid is the optimistic best-of-grid figure); `null_*`: one row per permutation.
+    the grid is the optimistic best-of-grid figure).
     """
 
     config: NestedConfig
@@ -227,18 +276,37 @@ class NestedCV(Result):
     y: np.ndarray
     docs: np.ndarray
     groups: np.ndarray
-    outer_folds: np.ndarray
-    nested_scores: np.ndarray
-    choices: list[FoldChoice]
-    grid_scores: dict[GridPoint, np.ndarray]
     baselines: dict[str, np.ndarray]
+    real: Procedure
+    nulls: list[Procedure]
     null_y: np.ndarray
-    null_scores: np.ndarray
-    null_runs: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def outer_folds(self) -> np.ndarray:
+        return self.real.outer
+
+    @property
+    def choices(self) -> list[FoldChoice]:
+        return self.real.choices
+
+    @property
+    def nested_scores(self) -> np.ndarray:
+        return self.real.nested_scores
+
+    @property
+    def grid_scores(self) -> dict[GridPoint, np.ndarray]:
+        return self.real.grid_scores
 
     @property
     def grid_auc(self) -> dict[GridPoint, float]:
         return {g: roc_auc(s, self.y) for g, s in self.grid_scores.items()}
+
+    def null_runs(self) -> list[dict[str, Any]]:
+        """Per permutation: the nested AUC, the best-of-grid AUC and the choices."""
+        return [{"nested_auc": roc_auc(run.nested_scores, y),
+                 "best_of_grid_auc": max(roc_auc(v, y) for v in run.grid_scores.values()),
+                 "chosen": [[c.site, c.window] for c in run.choices]}
+                for run, y in zip(self.nulls, self.null_y, strict=True)]
 
     def per_fold(self) -> list[dict[str, Any]]:
         out = []
@@ -260,7 +328,8 @@ class NestedCV(Result):
         best = max(grid_auc, key=grid_auc.__getitem__)
         folds = self.per_fold()
         nested = detection(self.nested_scores, self.y, self.docs, n_boot=cfg.n_boot, seed=cfg.seed)
-        null_aucs = [r["nested_auc"] for r in self.null_runs]
+        null_runs = self.null_runs()
+        null_aucs = [r["nested_auc"] for r in null_runs]
         chosen: dict[str, int] = {}
         for c in self.choices:
             chosen[_key((c.site, c.window))] = chosen.get(_key((c.site, c.window)), 0) + 1
@@ -287,12 +356,12 @@ class NestedCV(Result):
                 "auc_per_grid_point": {_key(g): v for g, v in grid_auc.items()}},
             "null": {"protocol": ("the whole nested procedure rerun with labels permuted among "
                                   "documents (each keeps its rows); folds rebuilt from them"),
-                     "n_permutations": len(self.null_runs), "nested_auc": null_aucs,
+                     "n_permutations": len(null_runs), "nested_auc": null_aucs,
                      "nested_auc_mean": float(np.mean(null_aucs)) if null_aucs else None,
-                     "best_of_grid_auc": [r["best_of_grid_auc"] for r in self.null_runs],
+                     "best_of_grid_auc": [r["best_of_grid_auc"] for r in null_runs],
                      "p_value": ((1 + sum(a >= nested["roc_auc"] for a in null_aucs))
                                  / (1 + len(null_aucs))) if null_aucs else None,
-                     "chosen": [r["chosen"] for r in self.null_runs]},
+                     "chosen": [r["chosen"] for r in null_runs]},
             "baselines": {name: detection(v, self.y, self.docs, n_boot=cfg.n_boot, seed=cfg.seed)
                           for name, v in self.baselines.items()},
         }
@@ -310,8 +379,8 @@ class NestedCV(Result):
                 ax.plot(fpr, tpr, lw=0.7, alpha=0.6, color="C0")
         fpr, tpr, _ = roc_curve(self.nested_scores, self.y)
         ax.plot(fpr, tpr, lw=2, color="C0", label=f"nested, pooled ({d['nested']['roc_auc']:.3f})")
-        for i in range(len(self.null_y)):
-            fpr, tpr, _ = roc_curve(self.null_scores[i], self.null_y[i])
+        for i, run in enumerate(self.nulls):
+            fpr, tpr, _ = roc_curve(run.nested_scores, self.null_y[i])
             ax.plot(fpr, tpr, ls="--", lw=1, color="0.5", label="shuffled null" if i == 0 else None)
         for j, (name, v) in enumerate(self.baselines.items()):
             fpr, tpr, _ = roc_curve(v, self.y)
@@ -340,34 +409,3 @@ class NestedCV(Result):
         bx.set_xticks(range(len(labels)), labels, fontsize=7, rotation=30, ha="right")
         bx.set(ylim=(0, 1.02), ylabel="ROC-AUC (document-bootstrap 95%)")
         return fig
-
-    def save_arrays(self, path: str | Path) -> Path:
-        """Everything (arrays and choices) in one .npz, written atomically (for step caches)."""
-        meta = {"config": asdict(self.config), "sites": self.sites, "null_runs": self.null_runs,
-                "grid": [list(g) for g in self.grid_scores],
-                "choices": [{"site": c.site, "window": c.window, "n_inner": c.n_inner,
-                             "inner_auc": [[s, w, v] for (s, w), v in c.inner_auc.items()]}
-                            for c in self.choices]}
-        buffer = io.BytesIO()
-        np.savez(buffer, meta=np.array(json.dumps(meta)), y=self.y, docs=self.docs,
-                 groups=self.groups, outer_folds=self.outer_folds, nested_scores=self.nested_scores,
-                 null_y=self.null_y, null_scores=self.null_scores,
-                 grid_scores=np.stack(list(self.grid_scores.values())),
-                 **{f"baseline/{k}": v for k, v in self.baselines.items()})
-        return atomic_write(path, buffer.getbuffer())
-
-    @classmethod
-    def load_arrays(cls, path: str | Path) -> NestedCV:
-        """Read back `save_arrays` (the refitted coefficients are not kept)."""
-        with np.load(path) as z:
-            meta = json.loads(str(z["meta"]))
-            cfg = meta["config"]
-            config = NestedConfig(**{**cfg, "sites": None if cfg["sites"] is None else tuple(cfg["sites"]),
-                                     "windows": tuple(cfg["windows"])})
-            choices = [FoldChoice(c["site"], c["window"], {(s, w): v for s, w, v in c["inner_auc"]}, {},
-                                  c["n_inner"]) for c in meta["choices"]]
-            grid = {(s, int(w)): v for (s, w), v in zip(meta["grid"], z["grid_scores"], strict=True)}
-            baselines = {k.removeprefix("baseline/"): z[k] for k in z.files if k.startswith("baseline/")}
-            return cls(config, meta["sites"], z["y"], z["docs"], z["groups"], z["outer_folds"],
-                       z["nested_scores"], choices, grid, baselines, z["null_y"], z["null_scores"],
-                       meta["null_runs"])
