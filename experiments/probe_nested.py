@@ -1,6 +1,7 @@
-"""Probe AUCs under nested cross-validation, on real membership ground truth (the lab) and on the
-bundled famous-text corpus: (site, window) chosen inside each outer training set, never on the
-documents it is scored on, beside the old best-of-grid figure, a document-level shuffled null and
+"""Probe AUCs under nested cross-validation, on the membership lab or the bundled corpus.
+
+On real membership ground truth (the lab) and on the bundled famous-text corpus: (site, window)
+chosen inside each outer training set, never on the documents it is scored on, beside the old best-of-grid figure, a document-level shuffled null and
 output-only baselines (memprobe.probes.nested).
 
 --corpus lab: the model experiments/lab_smollm2.py fine-tuned on the lab's members (its --run-dir),
