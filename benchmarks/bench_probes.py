@@ -8,10 +8,12 @@ and confidently (memprobe.labels' teacher-forced label), read from the activatio
 every document of a fifth of the plays (seeded), so no test text was trained on, nor its play.
 
 Peers, each in a fresh subprocess (so peak RSS is its own), on the same rows, split and objective:
-- read: every site's rows read from the store once (memprobe.probes.read_rows), the I/O floor.
+- read: every site's rows read from the store once (memprobe.probes.read_rows into one reused buffer),
+  the I/O floor: the bound a sweep that reads each site once cannot beat.
 - memprobe: ProbeSweep.run over all sites, streamed from the store, at sklearn's tolerance (1e-4).
-- sklearn: StandardScaler + LogisticRegression(lbfgs, C = 1 / (alpha n), class_weight="balanced"), the
-  same objective, one site at a time in a loop, on the sites of layers 0, 15, 29 of each kind (all
+- sklearn: StandardScaler (weighted by the balanced class weights, as memprobe standardises) +
+  LogisticRegression(lbfgs, C = 1 / (alpha n), class_weight="balanced"): the same objective, one site
+  at a time in a loop, on the sites of layers 0, 15, 29 of each kind (all
   sites when there are at most 6) and scaled to all sites by the mean time per site of each kind. The
   AUCs of both are reported per measured site: the comparison is at equal AUC only if they agree.
 
@@ -25,7 +27,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import resource
+import os
 import subprocess
 import sys
 import time
@@ -116,6 +118,36 @@ def prepare(where: Path, args: argparse.Namespace) -> str:
     return loaded.name
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM). Why not getrusage: on Linux ru_maxrss survives
+    exec, so a peer started from the benchmark would report the parent's peak (the capture's model)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise SystemExit("no VmHWM in /proc/self/status: peak memory cannot be measured on this system")
+
+
+def split_check(where: Path) -> dict:
+    """What the held-out documents share with the training ones, from the store itself: plays, and
+    documents with identical token sequences (both must be 0 for a held-out split)."""
+    from memprobe.store import ActivationStore
+
+    z = np.load(where / "rows.npz")
+    store = ActivationStore.open(where / "store")
+    doc_index, token_id = store.rows.doc_index.numpy(), store.rows.token_id.numpy()
+    test_docs = set(np.unique(doc_index[z["rows"][z["test"]]]).tolist())
+    train_docs = set(np.unique(doc_index[z["rows"][~z["test"]]]).tolist())
+    names = {int(d): n for d, n in zip(doc_index.tolist(), store.rows.doc_id, strict=True)}
+    starts = np.flatnonzero(np.r_[True, doc_index[1:] != doc_index[:-1]])
+    texts = {int(doc_index[a]): hashlib.sha256(token_id[a:b].tobytes()).hexdigest()
+             for a, b in zip(starts, np.r_[starts[1:], len(doc_index)], strict=True)}
+    play = {d: names[d].rsplit("-", 1)[0] for d in names}
+    return {"test_documents": len(test_docs), "train_documents": len(train_docs),
+            "documents_in_both": len(test_docs & train_docs),
+            "plays_in_both": len({play[d] for d in test_docs} & {play[d] for d in train_docs}),
+            "identical_texts_in_both": len({texts[d] for d in test_docs} & {texts[d] for d in train_docs})}
+
+
 def sklearn_sites(sites: list[str]) -> list[str]:
     if len(sites) <= 6:
         return list(sites)
@@ -133,11 +165,13 @@ def _peer(args: argparse.Namespace) -> dict:
     z = np.load(where / "rows.npz")
     rows, y, test = z["rows"], z["y"], z["test"]
     store = ActivationStore.open(where / "store")
-    out: dict = {"rows": int(len(rows)), "train_rows": int((~test).sum()), "positive_share": float(y.mean())}
+    out: dict = {"rows": int(len(rows)), "train_rows": int((~test).sum()), "positive_share": float(y.mean()),
+                 "load_average_at_start": os.getloadavg()}
     t0, c0 = time.perf_counter(), time.process_time()  # CPU time too: on a shared machine wall time waits
     if args.mode == "read":
+        buffer = torch.empty(len(rows) * max(store.widths.values()))
         for site in store.sites:
-            read_rows(store, site, rows)
+            read_rows(store, site, rows, out=buffer[: len(rows) * store.widths[site]].view(len(rows), -1))
         out["seconds"] = time.perf_counter() - t0
     elif args.mode == "memprobe":
         sweep = ProbeSweep(alpha=ALPHA, max_iter=MAX_ITER, tol=TOL, progress=False)
@@ -154,7 +188,7 @@ def _peer(args: argparse.Namespace) -> dict:
         for site in sklearn_sites(store.sites):
             t, c = time.perf_counter(), time.process_time()
             X = read_rows(store, site, rows).numpy().astype(np.float64)
-            scaler = StandardScaler().fit(X[~test])
+            scaler = StandardScaler().fit(X[~test], sample_weight=balanced_weights(y, ~test)[~test])
             clf = LogisticRegression(C=1 / (ALPHA * (~test).sum()), class_weight="balanced", max_iter=1000)
             clf.fit(scaler.transform(X[~test]), y[~test])
             out["seconds_per_site"][site] = time.perf_counter() - t
@@ -163,7 +197,7 @@ def _peer(args: argparse.Namespace) -> dict:
             out["n_iter"][site] = int(clf.n_iter_[0])
         out["seconds"] = time.perf_counter() - t0
     out["cpu_seconds"] = time.process_time() - c0
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mb"] = peak_rss_mb()
     return out
 
 
@@ -184,6 +218,7 @@ def main() -> None:
     where = _cache_dir(args.cache, args)
     where.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
+    load_at_start = os.getloadavg()
     t = time.perf_counter()
     model = prepare(where, args)
     prepare_seconds = time.perf_counter() - t
@@ -208,15 +243,19 @@ def main() -> None:
     results = {
         "model": model, "tokens_captured": args.tokens, "sites": len(sites), "threads": args.threads,
         "alpha": ALPHA, "max_iter": MAX_ITER, "tol": TOL, "quick": args.quick,
+        "load_average_at_start": load_at_start,
         "split": "held-out = every document of a seeded fifth of the plays; no text repeats anywhere",
+        "split_check": split_check(where),
         "test_plays": np.load(where / "rows.npz")["test_plays"].tolist(),
         "prepare_seconds_capture_and_labels": prepare_seconds, "peers": peers,
         "sklearn_seconds_per_site_by_kind": per_kind, "sklearn_all_sites_seconds_scaled": sklearn_all,
-        "memprobe_all_sites_seconds": seconds, "speedup_over_sklearn_loop": sklearn_all / seconds,
+        "memprobe_all_sites_seconds": seconds, "memprobe_over_sklearn": seconds / sklearn_all,
+        "speedup_over_sklearn_loop": sklearn_all / seconds,
         "speedup_over_sklearn_loop_cpu_time": sklearn_all_cpu / peers["memprobe"]["cpu_seconds"],
         "store_read_once_seconds": peers["read"]["seconds"],
         "memprobe_over_read_once": seconds / peers["read"]["seconds"],
-        "auc_on_sklearn_sites": {s: {"memprobe": peers["memprobe"]["auc"][s], "sklearn": peers["sklearn"]["auc"][s]}
+        "auc_on_sklearn_sites": {s: {"memprobe": peers["memprobe"]["auc"][s], "sklearn": peers["sklearn"]["auc"][s],
+                                     "abs_difference": abs(peers["memprobe"]["auc"][s] - peers["sklearn"]["auc"][s])}
                                  for s in sk},
         "max_abs_auc_difference": auc_gap,
         "note": f"sklearn timed on {len(sk)} of {len(sites)} sites and scaled by the mean per site of each kind; "
@@ -224,7 +263,8 @@ def main() -> None:
                 "(every site's rows read once, bfloat16 to float32)",
     }
     save_results(args.out, results, seed=0)
-    print(json.dumps({k: results[k] for k in ("memprobe_all_sites_seconds", "sklearn_all_sites_seconds_scaled",
+    print(json.dumps({k: results[k] for k in ("load_average_at_start", "memprobe_all_sites_seconds",
+                                              "sklearn_all_sites_seconds_scaled", "memprobe_over_sklearn",
                                               "speedup_over_sklearn_loop", "speedup_over_sklearn_loop_cpu_time",
                                               "store_read_once_seconds",
                                               "memprobe_over_read_once", "max_abs_auc_difference")}))

@@ -2,7 +2,7 @@
 
 Why streamed and batched: a store of every layer is larger than memory, but one site's rows of
 interest are small. So sites are read a few at a time (as many as fit `memory_mb`), and for each
-group every problem (cross-validation folds, shuffled-label controls) is fitted in one batched
+site every problem (cross-validation folds, shuffled-label controls) is fitted in one batched
 L-BFGS run (memprobe.probes.estimators.fit_logistic_batch).
 """
 
@@ -66,30 +66,42 @@ class ProbeSweep:
         for width in dict.fromkeys(store.widths[s] for s in sites):
             groups.append([])
             for site in (s for s in sites if store.widths[s] == width):
-                if groups[-1] and (len(groups[-1]) + 1) * n_rows * width * 4 * 3 > budget:  # X, X*X, a product
+                if groups[-1] and (len(groups[-1]) + 1) * n_rows * width * 4 * 2 > budget:  # X, a row sample
                     groups.append([])
                 groups[-1].append(site)
         return groups
 
     def run(self, store: Any, rows: np.ndarray, targets: np.ndarray, weights: np.ndarray,
             sites: Sequence[str] | None = None, doc_start: np.ndarray | None = None) -> SweepFit:
-        """Fit problem p (targets[p], weights[p] over `rows`) at every site; score every row."""
+        """Fit problem p (targets[p], weights[p] over `rows`) at every site; score every row.
+
+        Why rows are read training rows first, into one buffer for all groups: the fit then reads a
+        contiguous view (no copy of the rows it trains on), and no group pays for fresh memory.
+        """
         sites = list(store.sites if sites is None else sites)
         rows = np.asarray(rows, dtype=np.int64)
         Y = torch.as_tensor(np.atleast_2d(targets), dtype=torch.float32)
         W = torch.as_tensor(np.atleast_2d(weights), dtype=torch.float32)
+        trains = (W > 0).any(0).numpy()
+        order = np.concatenate([np.flatnonzero(trains), np.flatnonzero(~trains)])
+        n_train = int(trains.sum())
+        Y, W = Y[:, order[:n_train]], W[:, order[:n_train]]
+        starts = None if doc_start is None else np.asarray(doc_start)[order]
         scores, coefs, fits = {}, {}, {}
         groups = self._site_groups(store, sites, len(rows))
+        buffer = torch.empty(max(len(g) * store.widths[g[0]] for g in groups) * len(rows)) if groups else None
         for group in tqdm(groups, desc="probe sweep", disable=not self.progress):
-            X = torch.stack([read_rows(store, s, rows, window=self.window, doc_start=doc_start) for s in group])
-            fit = fit_logistic_batch(X, Y, W, alpha=self.alpha, max_iter=self.max_iter, tol=self.tol)
-            logits = torch.bmm(X, fit.coef.transpose(1, 2)).transpose(1, 2) + fit.intercept[..., None]
+            X = buffer[: len(group) * len(rows) * store.widths[group[0]]].view(len(group), len(rows), -1)
             for i, site in enumerate(group):
-                scores[site] = logits[i].numpy()
+                read_rows(store, site, rows[order], window=self.window, doc_start=starts, out=X[i])
+            fit = fit_logistic_batch(X[:, :n_train], Y, W, alpha=self.alpha, max_iter=self.max_iter, tol=self.tol)
+            for i, site in enumerate(group):
+                logits = (fit.coef[i] @ X[i].T + fit.intercept[i][:, None]).numpy()
+                scores[site] = np.empty_like(logits)
+                scores[site][:, order] = logits
                 coefs[site] = fit.standardized_coef[i].numpy()
                 fits[site] = {"coef": fit.coef[i].numpy(), "intercept": fit.intercept[i].numpy(),
                               "mean": fit.mean[i].numpy(), "scale": fit.scale[i].numpy(), "n_iter": fit.n_iter}
-            del X
         return SweepFit(sites, scores, coefs, fits)
 
     def cross_validate(self, store: Any, rows: np.ndarray, y: np.ndarray, folds: np.ndarray, *,
