@@ -8,7 +8,10 @@ the learned edit, privacy (TER/SER, exposure, MIA) against utility (perplexity, 
 Expected real cost on 2 shared CPU cores: ~15 min per LoRA fine-tune (baseline, dedup, 2 x RMFT,
 2 x DP-SGD, the DP ones slower for per-sample gradients) plus ~2-4 min per evaluated model and
 split (17 models x 2 splits): about 3-4 hours. Every stage is cached under --out and a rerun
-resumes from the last complete one. Results: <out>/defenses.json and <out>/defenses.png.
+resumes from the last complete one. Results: experiments/results/defenses_<name>.json and figures/defenses_<name>.png (models and caches
+stay under --out, default runs/, never committed).
+
+    .venv/bin/python experiments/defenses_smollm2.py --cpu      # the grid sized for 2 CPU cores
 """
 
 from __future__ import annotations
@@ -19,21 +22,31 @@ from pathlib import Path
 
 from memprobe.studies.defenses import ALL_METHODS, DefenseConfig, run_defenses
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny model and tiny lab (the tested path)")
-    p.add_argument("--out", default=None, help="work and result directory (default experiments/results/...)")
+    p.add_argument("--cpu", action="store_true", help="smollm2 sized for 2 CPU cores (DefenseConfig.cpu)")
+    p.add_argument("--out", default=None, help="work directory: lab, models, evaluation cache (default runs/...)")
+    p.add_argument("--results", default=None, help="results JSON (default experiments/results/defenses_<name>.json)")
+    p.add_argument("--figure", default=None, help="Pareto figure (default figures/defenses_<name>.png)")
     p.add_argument("--methods", nargs="+", choices=ALL_METHODS, help="a subset of the defenses (default: all)")
     p.add_argument("--lab", help="an existing lab directory (default: build one under --out)")
     p.add_argument("--finetuned", help="an existing undefended fine-tune of the model (default: train one)")
     args = p.parse_args(argv)
-    cfg = DefenseConfig.quick() if args.quick else DefenseConfig()
+    cfg = DefenseConfig.quick() if args.quick else DefenseConfig.cpu() if args.cpu else DefenseConfig()
     if args.methods:
         cfg = replace(cfg, methods=tuple(args.methods))
-    out = Path(args.out or f"experiments/results/defenses_{'quick' if args.quick else 'smollm2'}")
+    name = "quick" if args.quick else "smollm2_cpu" if args.cpu else "smollm2"
+    out = Path(args.out or ROOT / "runs" / f"defenses_{name}")  # lab, models, evaluation cache: not committed
     study = run_defenses(cfg, out, progress=not args.quick, lab=args.lab, finetuned=args.finetuned)
-    study.plot(out / "defenses.png", script=__file__)
+    results = Path(args.results or ROOT / "experiments" / "results" / f"defenses_{name}.json")
+    figure = Path(args.figure or ROOT / "figures" / f"defenses_{name}.png")
+    study.save(results)
+    study.plot(figure, script=__file__)
+    print(f"wrote {results} and {figure}")
     for method, row in study.summary().items():
         print(f"{method:16s} knob={row['chosen_knob']!s:10s} MaxTER@6%={row['max_ter_at_6pct']:.3f} "
               f"AURC={row['aurc_0_10pct']:.4f}")

@@ -280,8 +280,10 @@ def test_defend_cli_matches_steps_resumes_and_refuses_a_foreign_base(tmp_path: P
 
     experiment = runpy.run_path(str(Path(__file__).parent.parent / "experiments" / "defenses_smollm2.py"))
     experiment["main"](["--quick", "--lab", str(tmp_path / "lab"), "--finetuned", str(tmp_path / "ft"),
-                        "--methods", "prune-wanda", "--out", str(tmp_path / "out")])
-    quick = json.loads((tmp_path / "out" / "defenses.json").read_text())
+                        "--methods", "prune-wanda", "--out", str(tmp_path / "out"),
+                        "--results", str(tmp_path / "quick.json"), "--figure", str(tmp_path / "quick.png")])
+    quick = json.loads((tmp_path / "quick.json").read_text())
+    assert (tmp_path / "quick.png").exists()
     assert quick["baseline"] == result["baseline"]  # the same evaluation settings: measured once
     assert quick["notes"]["prune-wanda-0.3"]["achieved_sparsity"] == pytest.approx(0.3, abs=0.01)
     assert set(quick["summary"]) == {"prune-wanda"}

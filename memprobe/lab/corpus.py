@@ -162,6 +162,9 @@ PRESETS: dict[str, LabPreset] = {
     # full fine-tune of smollm2-135m on 2 CPU cores (see the README for the measured time)
     # (258 members, ~46k smollm2 tokens with copies; see the README for the measured time)
     "small": LabPreset({1: 48, 2: 16, 4: 8, 8: 4}, 72, (1, 2, 4, 8, 16, 32), 3, 18, 32, 32),
+    # the defense grid on 2 CPU cores: fewer people, each recurring value seen more often, so that a
+    # few LoRA epochs memorize PII and a dozen models can be trained and judged in one session
+    "defense": LabPreset({1: 8, 2: 4, 4: 4, 8: 4}, 16, (1, 4, 16), 2, 6, 8, 8),
     # about four times small
     "headline": LabPreset(
         {1: 192, 2: 64, 4: 32, 8: 16}, 288, (1, 2, 4, 8, 16, 32), 12, 72, 128, 100

@@ -56,6 +56,15 @@ class DefenseConfig:
     evaluation: EvalConfig = field(default_factory=EvalConfig)
 
     @classmethod
+    def cpu(cls) -> DefenseConfig:
+        """smollm2-135m on 2 CPU cores in one session: the `defense` lab (fewer people, values seen
+        more often), LoRA at a rate that memorizes PII in 4 epochs, two or three knobs per method,
+        greedy + 4 samples per PII prompt."""
+        return cls(lab_preset="defense", epochs=4, lr=1e-3, dp_lr=5e-3, sparsities=(0.1, 0.3),
+                   ablate_fractions=(0.001, 0.005), edit_strengths=(0.5, 1.0),
+                   evaluation=EvalConfig(extraction_samples=4))
+
+    @classmethod
     def quick(cls) -> DefenseConfig:
         return cls(model="tiny-llama", lab_preset="tiny", epochs=30, lr=1e-2, batch_size=8, seq_len=512,
                    lora=False, dp_lr=5e-2, dp_epsilons=(8.0,), sparsities=(0.3,), ablate_fractions=(0.02,),
