@@ -18,6 +18,8 @@ from memprobe.studies.suppression import (
     TOKENS,
     SuppressionConfig,
     choose_strength,
+    document_rows,
+    edit_tables,
     label_records,
     measure_split,
     paired_interval,
@@ -182,3 +184,24 @@ def test_too_few_heldout_groups_is_refused(labelled):
     with pytest.raises(MemprobeError, match="one for validation and one for test"):
         run_suppression(loaded.model, parts["build_memorized"], parts["build_control"], one,
                         parts["heldout_control"], dataclasses.replace(CONFIG, n_boot=0))
+
+
+def test_edit_tables_replaying_the_lower_layers_equal_a_full_labelling_per_edit(labelled):
+    """The evaluation's shortcut (layers below the edit run once per batch) gives the rows of a full
+    `token_labels` pass under each edit: memorized, correct and token counts exactly, losses to 1e-4."""
+    from memprobe.intervene.ablation import LowRankEdit
+    from memprobe.intervene.weight_edit import random_low_rank_like
+
+    loaded, records = labelled
+    ids = [r["token_ids"] for r in records]
+    n_layers = loaded.model.config.num_hidden_layers
+    d_model, d_mlp = loaded.model.config.hidden_size, loaded.model.config.intermediate_size
+    g = torch.Generator().manual_seed(1)
+    upper = LowRankEdit({n_layers - 1: (torch.randn(2, d_mlp, generator=g), torch.randn(d_model, 2, generator=g))})
+    edits = [upper.with_strength(0.5), random_low_rank_like(upper, seed=3).with_strength(4.0)]
+    tables = edit_tables(loaded.model, ids, edits, batch_size=3)
+    full = [document_rows(loaded.model, ids, None), *(document_rows(loaded.model, ids, e) for e in edits)]
+    for fast, slow in zip(tables, full, strict=True):
+        np.testing.assert_array_equal(fast[:, [MEM, 2, TOKENS]], slow[:, [MEM, 2, TOKENS]])
+        np.testing.assert_allclose(fast[:, LOSS], slow[:, LOSS], rtol=1e-4, atol=1e-4)
+    assert not np.array_equal(tables[0][:, LOSS], tables[2][:, LOSS])  # the edits did change something

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from memprobe.errors import MemprobeError
@@ -91,13 +92,65 @@ def document_rows(
 
     with hooked_edit(model, edit) if edit is not None else nullcontext():
         labels = token_labels(model, ids, batch_size=batch_size)
-    return np.array(
-        [
-            [t.memorized[1:].sum(), t.loss[1:].astype(np.float64).sum(), t.correct[1:].sum(), len(t.loss) - 1]
-            for t in labels
-        ],
-        dtype=np.float64,
-    )
+    return np.array([_row(t) for t in labels], dtype=np.float64)
+
+
+def _row(t: Any) -> list[float]:
+    return [t.memorized[1:].sum(), t.loss[1:].astype(np.float64).sum(), t.correct[1:].sum(), len(t.loss) - 1]
+
+
+def _lowest_layer(edit: Any) -> int:
+    """The lowest layer an edit changes: a low-rank edit changes only its layers' MLP outputs, any
+    other kind is treated as changing everything."""
+    from memprobe.intervene.ablation import LowRankEdit
+
+    return min(edit.factors) if isinstance(edit, LowRankEdit) and edit.factors else 0
+
+
+def edit_tables(
+    model: nn.Module, ids: Sequence[Sequence[int]], edits: Sequence[Any], *, batch_size: int = 8,
+    min_prob: float = 0.5,
+) -> list[np.ndarray]:
+    """`document_rows` of `ids` unedited (first table), then under each of `edits`.
+
+    Why not one `document_rows` per edit: the layers below the lowest edited one give the same output
+    under every edit, so per batch they run once and are replayed for each edit
+    (memprobe.intervene.weight_edit.EditForward, checked against the full forward per batch); the
+    labels come from `labels_from_stats`, the one definition `token_labels` uses.
+    """
+    from memprobe.intervene.ablation import hooked_edit
+    from memprobe.intervene.weight_edit import EditForward
+    from memprobe.labels import labels_from_stats
+    from memprobe.token_stats import next_token_stats
+
+    start = min([_lowest_layer(e) for e in edits], default=0)
+    tables = np.zeros((1 + len(edits), len(ids), 4), dtype=np.float64)
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    device = next(model.parameters()).device
+    for lo in range(0, len(order), batch_size):
+        batch = order[lo : lo + batch_size]
+        width = len(ids[batch[0]])
+        tokens = torch.zeros((len(batch), width), dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            tokens[row, : len(ids[i])] = torch.as_tensor(ids[i], dtype=torch.long)
+            mask[row, : len(ids[i])] = 1
+        tokens, mask = tokens.to(device), mask.to(device)
+        with torch.no_grad():
+            forward = EditForward(model, tokens, mask, mask[:, 1:].bool(), start=start)
+            passes = [forward.reference]
+            for e in edits:
+                with hooked_edit(model, e):
+                    passes.append(forward())
+        for k, logprobs in enumerate(passes):
+            at = 0
+            for row, i in enumerate(batch):
+                n = len(ids[i]) - 1
+                doc = tokens[row, : n + 1]
+                stats = next_token_stats(logprobs[at : at + n], doc[1:])
+                tables[k, i] = _row(labels_from_stats(doc.cpu(), stats, min_prob))
+                at += n
+    return list(tables)
 
 
 def suppression_of(base: np.ndarray, edited: np.ndarray) -> float:
@@ -424,8 +477,13 @@ def evaluate_suppression(
     order = [(s, n, r) for s, p in parts.items() for n, rs in p.items() for r in rs]
     ids = [r["token_ids"][:cut] for _, _, r in order]
 
-    def rows(e: Any) -> dict[str, dict[str, np.ndarray]]:
-        table = document_rows(model, ids, e)
+    # the unedited rows, then the edit and its random baseline at every strength: one call, so the
+    # layers below the edit run once per batch (edit_tables)
+    edits = [(key, strength, e.with_strength(strength)) for strength in config.strengths
+             for e, key in ((edit, "curve"), (random_edit, "random_curve"))]
+    tables = edit_tables(model, ids, [e for _, _, e in edits])
+
+    def rows(table: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
         out: dict[str, dict[str, np.ndarray]] = {s: {} for s in parts}
         for s, p in parts.items():
             for n in p:
@@ -437,20 +495,19 @@ def evaluate_suppression(
         easy = [(r.get("memorized_fraction") or 0.0) <= config.easy_control_max for r in ctrl_records]
         return [str(r.get("kind")) for r in ctrl_records], np.array(easy)
 
-    base = rows(None)
+    base = rows(tables[0])
     info = {s: split_info(s) for s in parts}
     splits: dict[str, dict[str, Any]] = {
         s: {"base": measure_split(base[s], None, *info[s], n_boot=0, seed=config.seed),
             "curve": [], "random_curve": []}
         for s in parts
     }
-    for strength in config.strengths:
-        for e, key in ((edit, "curve"), (random_edit, "random_curve")):
-            edited = rows(e.with_strength(strength))
-            for s in parts:
-                n_boot = config.n_boot if s == "test" else 0  # validation only chooses
-                row = measure_split(base[s], edited[s], *info[s], n_boot=n_boot, seed=config.seed)
-                splits[s][key].append({"strength": strength, **row})
+    for (key, strength, _), table in zip(edits, tables[1:], strict=True):
+        edited = rows(table)
+        for s in parts:
+            n_boot = config.n_boot if s == "test" else 0  # validation only chooses
+            row = measure_split(base[s], edited[s], *info[s], n_boot=n_boot, seed=config.seed)
+            splits[s][key].append({"strength": strength, **row})
     pick = choose_strength(splits["validation"]["curve"], config.ppl_budget)
     test_row = next(r for r in splits["test"]["curve"] if r["strength"] == pick["strength"])
     random_row = next(r for r in splits["test"]["random_curve"] if r["strength"] == pick["strength"])
