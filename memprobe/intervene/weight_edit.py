@@ -150,9 +150,8 @@ def train_low_rank_edit(model: nn.Module, memorized: Sequence[Target], controls:
     texts (a seeded sample) are used: the CPU budget. Full-batch Adam for `steps` steps; deterministic
     for a given `seed` and precision. mixed_precision (default: where bfloat16 is native,
     `native_bfloat16`): the frozen model's matmuls (reference and every step) in bfloat16 autocast,
-    the factors, losses and optimizer in float32; on smollm2 and the audit's texts it trained in
-    61 s instead of 99 s and gave the same suppression and perplexity change within one token
-    (benchmarks/bench_audit.py has the whole step).
+    the factors, losses and optimizer in float32; on smollm2 and the audit's texts it trains 1.9x
+    faster with the same held-out suppression (benchmarks/bench_suppression.py).
     """
     if max_controls is not None and len(controls) > max_controls:
         keep = np.random.default_rng(seed).permutation(len(controls))[:max_controls]
