@@ -41,7 +41,7 @@ def by_type(occurrences: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from memprobe.defend.evaluate import doc_bootstrap
+    from memprobe.defend.evaluate import doc_bootstrap, ter_of_documents
     from memprobe.lab.corpus import build_lab, load_lab
     from memprobe.lab.finetune import finetune
     from memprobe.mia.extraction import pii_extraction
@@ -87,19 +87,12 @@ def main(argv: list[str] | None = None) -> None:
             per_doc[occ["doc_id"]][occ["value_id"]] = per_doc[occ["doc_id"]].get(occ["value_id"], False) or bool(
                 occ["extracted"])
 
-    def ter(docs: Any) -> float | None:
-        merged: dict[str, bool] = {}
-        for values in docs:
-            for v, e in values.items():
-                merged[v] = merged.get(v, False) or e
-        return sum(merged.values()) / len(merged) if merged else None
-
     results = {
         "model": loaded.info, "finetuned": str(finetuned), "lab_preset": preset,
         "training": {"epochs": args.epochs, "lr": args.lr, "lora": not args.full, "seconds": train_seconds}
         if args.finetuned is None else "given",
         "protocol": ext["protocol"], "member_mails": len(mails) - min(args.nonmember_mails, len(nonmembers)),
-        "ter": ext["ter"], "ter_ci95": doc_bootstrap(list(per_doc.values()), ter, n_boot=500, seed=0),
+        "ter": ext["ter"], "ter_ci95": doc_bootstrap(list(per_doc.values()), ter_of_documents, n_boot=500, seed=0),
         "nonmember_extraction_rate": ext["nonmember_extraction_rate"],
         "ter_by_recurrence": ext["ter_by_recurrence"], "by_type": by_type(ext["occurrences"]),
         "phone_continuations": [{"value": o["value"], "continuations": o["continuations"]}

@@ -315,3 +315,21 @@ def test_posthoc_edits_are_built_from_the_build_split_and_suppress_memorized_tok
         assert sum(int(t.positions.sum()) for t in after) < n_before, method
     with pytest.raises(MemprobeError, match="out of range"):
         with_knob(ft, "ablate", None, 0.9, build, controls)
+
+
+def test_pii_memorization_counts_each_value_once_per_side():
+    """experiments/pii_memorization.py's table: a value seen in two mails and extracted from one counts
+    as one extracted value; member and non-member values never mix; skipped prompts do not count."""
+    import runpy
+
+    by_type = runpy.run_path(str(Path(__file__).parent.parent / "experiments" / "pii_memorization.py"))["by_type"]
+    occ = [
+        {"member": True, "type": "phone", "value_id": "phone:a", "extracted": False},
+        {"member": True, "type": "phone", "value_id": "phone:a", "extracted": True},
+        {"member": True, "type": "phone", "value_id": "phone:b", "extracted": False},
+        {"member": False, "type": "phone", "value_id": "phone:c", "extracted": True},
+        {"member": True, "type": "ssn", "value_id": "ssn:d", "extracted": True, "skipped": "no prompt"},
+    ]
+    table = by_type(occ)
+    assert table == {"member:phone": {"values": 2, "extracted": 1, "rate": 0.5},
+                     "nonmember:phone": {"values": 1, "extracted": 1, "rate": 1.0}}

@@ -133,7 +133,9 @@ def _utility(model: torch.nn.Module, loaded: LoadedModel, docs: Sequence[dict], 
             "top1": top1(rows), "top1_ci95": doc_bootstrap(rows, top1, n_boot=cfg.n_boot, seed=cfg.seed)}
 
 
-def _ter(per_doc: Sequence[dict[str, bool]]) -> float | None:
+def ter_of_documents(per_doc: Sequence[dict[str, bool]]) -> float | None:
+    """TER pooled over documents given as {value id: extracted}: a value extracted from any of its
+    documents counts once (the unit a document bootstrap resamples)."""
     merged: dict[str, bool] = {}
     for values in per_doc:
         for v, e in values.items():
@@ -166,9 +168,9 @@ def measure(loaded: LoadedModel, base: LoadedModel, members: Sequence[dict], non
         seen = set(seen_ids) if seen_ids is not None else set(per_doc)
         seen_docs = [v for k, v in per_doc.items() if k in seen]
         out["ter"] = ext["ter"]
-        out["ter_ci95"] = doc_bootstrap(list(per_doc.values()), _ter, **boot)
-        out["ser"] = _ter(seen_docs)
-        out["ser_ci95"] = doc_bootstrap(seen_docs, _ter, **boot)
+        out["ter_ci95"] = doc_bootstrap(list(per_doc.values()), ter_of_documents, **boot)
+        out["ser"] = ter_of_documents(seen_docs)
+        out["ser_ci95"] = doc_bootstrap(seen_docs, ter_of_documents, **boot)
         out["nonmember_extraction_rate"] = ext["nonmember_extraction_rate"]
     canaries = [d for d in members if d.get("canary")]
     if canaries:

@@ -120,8 +120,6 @@ def edit_tables(
     """
     from memprobe.intervene.ablation import hooked_edit
     from memprobe.intervene.weight_edit import EditForward
-    from memprobe.labels import labels_from_stats
-    from memprobe.token_stats import next_token_stats
 
     start = min([_lowest_layer(e) for e in edits], default=0)
     tables = np.zeros((1 + len(edits), len(ids), 4), dtype=np.float64)
@@ -136,21 +134,29 @@ def edit_tables(
             tokens[row, : len(ids[i])] = torch.as_tensor(ids[i], dtype=torch.long)
             mask[row, : len(ids[i])] = 1
         tokens, mask = tokens.to(device), mask.to(device)
-        with torch.no_grad():
+        with torch.no_grad():  # each pass's (positions, vocab) log-probs become rows before the next
             forward = EditForward(model, tokens, mask, mask[:, 1:].bool(), start=start)
-            passes = [forward.reference]
-            for e in edits:
+            lengths = [len(ids[i]) for i in batch]
+            _fill_rows(tables[0], batch, lengths, tokens, forward.reference, min_prob)
+            for k, e in enumerate(edits, start=1):
                 with hooked_edit(model, e):
-                    passes.append(forward())
-        for k, logprobs in enumerate(passes):
-            at = 0
-            for row, i in enumerate(batch):
-                n = len(ids[i]) - 1
-                doc = tokens[row, : n + 1]
-                stats = next_token_stats(logprobs[at : at + n], doc[1:])
-                tables[k, i] = _row(labels_from_stats(doc.cpu(), stats, min_prob))
-                at += n
+                    _fill_rows(tables[k], batch, lengths, tokens, forward(), min_prob)
     return list(tables)
+
+
+def _fill_rows(table: np.ndarray, batch: Sequence[int], lengths: Sequence[int], tokens: torch.Tensor,
+               logprobs: torch.Tensor, min_prob: float) -> None:
+    """`table[i]` for each document i of the batch (row `row`, `lengths[row]` tokens), from the
+    log-probs at the scored positions, row-major over the batch's real tokens after the first."""
+    from memprobe.labels import labels_from_stats
+    from memprobe.token_stats import next_token_stats
+
+    at = 0
+    for row, (i, length) in enumerate(zip(batch, lengths, strict=True)):
+        doc, n = tokens[row, :length], length - 1
+        stats = next_token_stats(logprobs[at : at + n], doc[1:])
+        table[i] = _row(labels_from_stats(doc.cpu(), stats, min_prob))
+        at += n
 
 
 def suppression_of(base: np.ndarray, edited: np.ndarray) -> float:
