@@ -35,10 +35,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", nargs="+", choices=ALL_METHODS, help="a subset of the defenses (default: all)")
     p.add_argument("--lab", help="an existing lab directory (default: build one under --out)")
     p.add_argument("--finetuned", help="an existing undefended fine-tune of the model (default: train one)")
+    p.add_argument("--edit-strengths", type=float, nargs="+", help="the learned edit's knob values (default: the config's)")
     args = p.parse_args(argv)
     cfg = DefenseConfig.quick() if args.quick else DefenseConfig.cpu() if args.cpu else DefenseConfig()
     if args.methods:
         cfg = replace(cfg, methods=tuple(args.methods))
+    if args.edit_strengths:
+        cfg = replace(cfg, edit_strengths=tuple(args.edit_strengths))
     name = "quick" if args.quick else "smollm2_cpu" if args.cpu else "smollm2"
     out = Path(args.out or ROOT / "runs" / f"defenses_{name}")  # lab, models, evaluation cache: not committed
     study = run_defenses(cfg, out, progress=not args.quick, lab=args.lab, finetuned=args.finetuned)
