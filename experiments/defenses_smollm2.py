@@ -12,6 +12,7 @@ resumes from the last complete one. Results: experiments/results/defenses_<name>
 stay under --out, default runs/, never committed).
 
     .venv/bin/python experiments/defenses_smollm2.py --cpu      # the grid sized for 2 CPU cores
+    .venv/bin/python experiments/defenses_smollm2.py --cpu --full-ft   # full fine-tunes: a baseline that memorizes PII
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny model and tiny lab (the tested path)")
     p.add_argument("--cpu", action="store_true", help="smollm2 sized for 2 CPU cores (DefenseConfig.cpu)")
+    p.add_argument("--full-ft", action="store_true",
+                   help="with --cpu: full fine-tunes (DefenseConfig.cpu_full), the baseline that memorizes PII")
     p.add_argument("--out", default=None, help="work directory: lab, models, evaluation cache (default runs/...)")
     p.add_argument("--results", default=None, help="results JSON (default experiments/results/defenses_<name>.json)")
     p.add_argument("--figure", default=None, help="Pareto figure (default figures/defenses_<name>.png)")
@@ -37,12 +40,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--finetuned", help="an existing undefended fine-tune of the model (default: train one)")
     p.add_argument("--edit-strengths", type=float, nargs="+", help="the learned edit's knob values (default: the config's)")
     args = p.parse_args(argv)
-    cfg = DefenseConfig.quick() if args.quick else DefenseConfig.cpu() if args.cpu else DefenseConfig()
+    if args.full_ft and not args.cpu:
+        p.error("--full-ft goes with --cpu")
+    cfg = (DefenseConfig.quick() if args.quick else DefenseConfig.cpu_full() if args.full_ft
+           else DefenseConfig.cpu() if args.cpu else DefenseConfig())
     if args.methods:
         cfg = replace(cfg, methods=tuple(args.methods))
     if args.edit_strengths:
         cfg = replace(cfg, edit_strengths=tuple(args.edit_strengths))
-    name = "quick" if args.quick else "smollm2_cpu" if args.cpu else "smollm2"
+    name = ("quick" if args.quick else "smollm2_full_ft" if args.full_ft else "smollm2_cpu" if args.cpu
+            else "smollm2")
     out = Path(args.out or ROOT / "runs" / f"defenses_{name}")  # lab, models, evaluation cache: not committed
     study = run_defenses(cfg, out, progress=not args.quick, lab=args.lab, finetuned=args.finetuned)
     results = Path(args.results or ROOT / "experiments" / "results" / f"defenses_{name}.json")

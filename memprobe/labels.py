@@ -14,6 +14,7 @@ prediction, so its per-token values are NaN / False.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -206,10 +207,11 @@ def continue_tokens(
     padded = any(len(r) < width for r in rows)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long, device=device)
     position = (mask.cumsum(-1) - 1).clamp_min(0)
-    cache, chosen = None, []
+    cache, chosen, first = None, [], last_position_only(model)
     for _ in range(steps):
         extra = {"attention_mask": mask, "position_ids": position} if padded else {}
-        out = model(input_ids=inputs, cache=cache, use_cache=True, **extra)
+        out = model(input_ids=inputs, cache=cache, use_cache=True, **extra, **first)
+        first = {}
         cache, last = out.cache, out.logits[:, -1].double()
         nxt = last.argmax(-1) if temperature == 0 else _sample(last / temperature, generators).to(device)
         chosen.append(nxt)
@@ -218,6 +220,12 @@ def continue_tokens(
             mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
             position = position[:, -1:] + 1
     return torch.stack(chosen, dim=1).cpu()
+
+
+def last_position_only(model: torch.nn.Module) -> dict[str, int]:
+    """Forward kwargs that apply the vocabulary head to the last position only, where the model
+    supports it: reading a prompt to decode from it needs no other position's logits."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
 def _row_generators(generator: torch.Generator | Sequence[torch.Generator] | None,

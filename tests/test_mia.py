@@ -315,6 +315,27 @@ def test_extraction_samples_do_not_depend_on_batching(lab):
     assert [o["continuations"][1:] for o in one] != [o["continuations"][1:] for o in other_seed]
 
 
+def test_decode_group_equals_a_per_row_full_recompute(lab):
+    """One read of each prompt, its cache copied to every row, gives what each row computes alone."""
+    from memprobe.mia.extraction import decode_group
+
+    model = lab["base"].model
+    prompts = torch.tensor([lab["base"].encode(t)[:9] for t in (MEMBER_PII, NONMEMBER_PII, CANARY)])
+    seeds, n_samples, steps = (11, 12, 13), 3, 6
+    got = decode_group(model, prompts, steps, [torch.Generator().manual_seed(s) for s in seeds], n_samples)
+    assert got.shape == (3, 1 + n_samples, steps)
+    for p, seed in enumerate(seeds):
+        gen, rows = torch.Generator().manual_seed(seed), [prompts[p].tolist() for _ in range(1 + n_samples)]
+        for _ in range(steps):
+            with torch.inference_mode():
+                last = model(input_ids=torch.tensor(rows)).logits[:, -1].double()
+            nxt = [int(last[0].argmax())]
+            nxt += torch.multinomial(torch.softmax(last[1:], -1), 1, generator=gen)[:, 0].tolist()
+            rows = [r + [t] for r, t in zip(rows, nxt, strict=True)]
+        assert got[p].tolist() == [r[len(prompts[p]):] for r in rows]
+    assert len({tuple(r) for r in got[0, 1:].tolist()}) > 1  # the sample rows are not copies
+
+
 def test_ter_ser_arithmetic_on_a_hand_built_case():
     occ = [  # value a: 2 docs (copies 1 and 4); b: 1 doc, copies 2; c: never extracted; z: non-member
         {"doc_id": "d1", "value_id": "a", "member": True, "copies": 1, "extracted": False},

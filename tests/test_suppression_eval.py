@@ -13,6 +13,7 @@ from memorize import MEMORIZED as SHARED_MEMORIZED
 
 from memprobe.errors import MemprobeError
 from memprobe.studies.suppression import (
+    CORRECT,
     LOSS,
     MEM,
     TOKENS,
@@ -27,6 +28,7 @@ from memprobe.studies.suppression import (
     run_suppression,
     split_validation_test,
     suppression_of,
+    top1_change_of,
 )
 
 MEMORIZED = [
@@ -158,6 +160,16 @@ def test_intervals_contain_the_estimate_and_shrink_with_more_documents(statistic
         assert lo < statistic(base, edited) < hi
         widths.append(hi - lo)
     assert widths[1] < widths[0] / 2  # 16x the documents: about a quarter of the width
+
+
+@pytest.mark.parametrize("statistic", [suppression_of, ppl_change_of, top1_change_of])
+def test_vectorised_interval_equals_the_per_draw_bootstrap(statistic):
+    from memprobe.defend.evaluate import doc_bootstrap
+
+    base, edited = _rows(23, np.random.default_rng(5))
+    edited[:, CORRECT] = np.round(base[:, TOKENS] * 0.4)
+    slow = doc_bootstrap(list(range(23)), lambda idx: statistic(base[idx], edited[idx]), n_boot=300, seed=2)
+    assert paired_interval(statistic, base, edited, n_boot=300, seed=2) == pytest.approx(slow, abs=1e-12)
 
 
 def test_measure_split_intervals_per_kind():

@@ -30,7 +30,7 @@ import torch
 from transformers import DynamicCache
 
 from memprobe.errors import MemprobeError
-from memprobe.labels import sequence_labels
+from memprobe.labels import last_position_only, sequence_labels
 from memprobe.models import LoadedModel
 
 
@@ -45,17 +45,21 @@ def decode_group(model: torch.nn.Module, prompts: torch.Tensor, steps: int, gene
                  n_samples: int, temperature: float = 1.0) -> torch.Tensor:
     """Equal-length prompts (P, k) -> (P, 1 + n_samples, steps): row 0 greedy, then samples.
 
-    One KV-cached decode for all rows; prompt p's samples draw only from `generators[p]`.
+    Each prompt is read once (vocabulary head on its last position only) and its KV cache copied
+    to its 1 + n_samples rows: the rows share the prefix, so reading it per row would repeat the
+    most expensive part of the decode. Prompt p's samples draw only from `generators[p]`.
     """
     rows = 1 + n_samples
     device = next(model.parameters()).device
-    inputs = prompts.repeat_interleave(rows, 0).to(device)
-    cache = DynamicCache(config=model.config)
+    out = model(input_ids=prompts.to(device), cache=DynamicCache(config=model.config), use_cache=True,
+                **last_position_only(model))
+    cache = out.cache
+    if rows > 1:
+        cache.batch_repeat_interleave(rows)
+    logits = out.logits[:, -1].repeat_interleave(rows, 0)
     chosen = []
-    for _ in range(steps):
-        out = model(input_ids=inputs, cache=cache, use_cache=True)
-        cache = out.cache
-        last = out.logits[:, -1].double().reshape(len(prompts), rows, -1)
+    for step in range(steps):
+        last = logits.double().reshape(len(prompts), rows, -1)
         nxt = torch.empty((len(prompts), rows), dtype=torch.long)
         nxt[:, 0] = last[:, 0].argmax(-1).cpu()
         if n_samples:
@@ -63,7 +67,9 @@ def decode_group(model: torch.nn.Module, prompts: torch.Tensor, steps: int, gene
             for p, gen in enumerate(generators):
                 nxt[p, 1:] = torch.multinomial(probs[p], 1, generator=gen)[:, 0]
         chosen.append(nxt)
-        inputs = nxt.reshape(-1, 1).to(device)
+        if step + 1 < steps:
+            out = model(input_ids=nxt.reshape(-1, 1).to(device), cache=cache, use_cache=True)
+            cache, logits = out.cache, out.logits[:, -1]
     return torch.stack(chosen, dim=-1)
 
 

@@ -65,6 +65,14 @@ class DefenseConfig:
                    evaluation=EvalConfig(extraction_samples=4))
 
     @classmethod
+    def cpu_full(cls) -> DefenseConfig:
+        """`cpu`, but the baseline and the dedup/RMFT runs are FULL fine-tunes (6 epochs, lr 1e-4): the
+        LoRA baseline memorizes no PII beyond guessable e-mails, this one does
+        (experiments/results/pii_memorization_full_ft.json). DP-SGD stays on LoRA adapters: per-sample
+        gradients of all 135M parameters are out of reach of 2 CPU cores (the row says so)."""
+        return replace(cls.cpu(), epochs=6, lr=1e-4, lora=False)
+
+    @classmethod
     def quick(cls) -> DefenseConfig:
         return cls(model="tiny-llama", lab_preset="tiny", epochs=30, lr=1e-2, batch_size=8, seq_len=512,
                    lora=False, dp_lr=5e-2, dp_epsilons=(8.0,), sparsities=(0.3,), ablate_fractions=(0.02,),
@@ -210,9 +218,10 @@ def run_defenses(cfg: DefenseConfig, out_dir: str | Path, *, progress: bool = Fa
     cfg = replace(cfg, **{k: hp[k] for k in ("epochs", "lr", "batch_size", "seq_len", "lora", "seed") if k in hp})
     ft = load_model(str(finetuned))
     check_pair(base, ft)
-    # measurements are keyed by what decides them: evaluation settings, base, fine-tune, lab, seed
+    # measurements are keyed by what decides them: evaluation settings, base, the fine-tune's weights
+    # (not its path: a retrained model at the same path is a new evaluation), lab, seed
     key = json.dumps([asdict(cfg.evaluation), cfg.model, baseline_prov.get("base_model", {}).get("weights_sha256"),
-                      str(Path(finetuned).resolve()), lab_hash(lab_dir), cfg.seed], sort_keys=True)
+                      ft.info.get("sha256"), lab_hash(lab_dir), cfg.seed], sort_keys=True)
     eval_dir = out / "eval" / hashlib.sha256(key.encode()).hexdigest()[:12]
     hard = _cached(eval_dir / "hard_texts.json",
                    lambda: hard_texts(base, seed=cfg.seed, sample_prompts=cfg.evaluation.sample_prompts))
@@ -220,11 +229,15 @@ def run_defenses(cfg: DefenseConfig, out_dir: str | Path, *, progress: bool = Fa
                              "equalised": "dedup and RMFT: the baseline's optimizer steps and batch size "
                              "(finetune(steps=...)); DP-SGD: the same epochs over one record per document "
                              "presentation (expected batches of batch_size)"}
+    if "dp" in cfg.methods and not cfg.lora:
+        notes["dp_caveat"] = ("DP-SGD trains LoRA adapters (memprobe.defend.dp) while the baseline is a full "
+                              "fine-tune: fewer trainable parameters, so part of any privacy gain is LoRA's")
     ctx = _Context(cfg, members, splits, ft, baseline_prov["steps"]["total"], models, notes, progress)
 
     def evaluate(name: str, loaded: Any, seen: list[str]) -> dict[str, Any]:
         check_pair(base, loaded)
-        return {split: _cached(eval_dir / f"{name}-{split}.json",
+        weights = (loaded.info.get("sha256") or "")[:12]  # a retrained defense is a new measurement
+        return {split: _cached(eval_dir / f"{name}-{weights}-{split}.json",
                                lambda split=split: measure(loaded, base, splits[split]["members"],
                                                            splits[split]["nonmembers"], hard, cfg.evaluation,
                                                            seen_ids=seen))
