@@ -316,16 +316,17 @@ def test_extraction_samples_do_not_depend_on_batching(lab):
 
 
 def test_decode_group_equals_a_per_row_full_recompute(lab):
-    """One read of each prompt, its cache copied to every row, gives what each row computes alone."""
+    """One read of each prompt (left-padded to the longest), its cache copied to every row, gives
+    what each row computes alone."""
     from memprobe.mia.extraction import decode_group
 
     model = lab["base"].model
-    prompts = torch.tensor([lab["base"].encode(t)[:9] for t in (MEMBER_PII, NONMEMBER_PII, CANARY)])
+    prompts = [lab["base"].encode(t)[:n] for t, n in ((MEMBER_PII, 9), (NONMEMBER_PII, 4), (CANARY, 12))]
     seeds, n_samples, steps = (11, 12, 13), 3, 6
     got = decode_group(model, prompts, steps, [torch.Generator().manual_seed(s) for s in seeds], n_samples)
     assert got.shape == (3, 1 + n_samples, steps)
     for p, seed in enumerate(seeds):
-        gen, rows = torch.Generator().manual_seed(seed), [prompts[p].tolist() for _ in range(1 + n_samples)]
+        gen, rows = torch.Generator().manual_seed(seed), [list(prompts[p]) for _ in range(1 + n_samples)]
         for _ in range(steps):
             with torch.inference_mode():
                 last = model(input_ids=torch.tensor(rows)).logits[:, -1].double()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -156,6 +157,14 @@ def measure(loaded: LoadedModel, base: LoadedModel, members: Sequence[dict], non
         raise MemprobeError("a split needs members and non-members: give a larger lab or other shares")
     boot = {"n_boot": cfg.n_boot, "seed": cfg.seed}
     out: dict[str, Any] = {"members": len(members), "nonmembers": len(nonmembers)}
+    seconds: dict[str, float] = {}  # where an evaluation's time goes (the defenses' cost table)
+    clock = time.perf_counter()
+
+    def lap(part: str) -> None:
+        nonlocal clock
+        seconds[part] = time.perf_counter() - clock
+        clock = time.perf_counter()
+
     with_pii = [d for d in [*members, *nonmembers] if d.get("pii_spans")]
     if with_pii:
         ext = pii_extraction(loaded, with_pii, seen_ids=seen_ids, n_samples=cfg.extraction_samples, seed=cfg.seed,
@@ -172,6 +181,7 @@ def measure(loaded: LoadedModel, base: LoadedModel, members: Sequence[dict], non
         out["ser"] = ter_of_documents(seen_docs)
         out["ser_ci95"] = doc_bootstrap(seen_docs, ter_of_documents, **boot)
         out["nonmember_extraction_rate"] = ext["nonmember_extraction_rate"]
+        lap("pii_extraction")
     canaries = [d for d in members if d.get("canary")]
     if canaries:
         rep = exposure_report(loaded, canaries, method="skewnorm", n_samples=cfg.exposure_samples,
@@ -185,6 +195,7 @@ def measure(loaded: LoadedModel, base: LoadedModel, members: Sequence[dict], non
                            "by_copies": {c: {"canaries": len(v), "mean": float(np.mean(v)),
                                              "mean_ci95": doc_bootstrap(v, lambda x: float(np.mean(x)), **boot)}
                                          for c, v in sorted(by.items(), key=lambda kv: int(kv[0]))}}
+        lap("exposure")
     scored = [d for d in [*members, *nonmembers] if len(loaded.encode(d["text"])) > 6]
     scores = score_texts(loaded, [{"id": d["id"], "text": d["text"][: cfg.max_tokens * 4]} for d in scored],
                          reference=base, batch_size=cfg.batch_size)
@@ -198,8 +209,11 @@ def measure(loaded: LoadedModel, base: LoadedModel, members: Sequence[dict], non
                   "tpr_at_fpr_0.01_ci95": list(bootstrap_ci(lambda s, y: tpr_at_fpr(s, y, 0.01), best_scores,
                                                             labels, **boot)),
                   "note": "best of the attacks by AUC on this split (an optimistic attacker)"}
+    lap("mia")
     out["utility_nonmembers"] = _utility(loaded.model, loaded, nonmembers, cfg)
     out["utility_hard"] = _utility(loaded.model, loaded, hard, cfg)
+    lap("utility")
+    out["seconds"] = seconds
     return out
 
 

@@ -41,26 +41,37 @@ def prompt_seed(seed: int, doc_id: str, span_index: int) -> int:
 
 
 @torch.inference_mode()
-def decode_group(model: torch.nn.Module, prompts: torch.Tensor, steps: int, generators: list[torch.Generator],
-                 n_samples: int, temperature: float = 1.0) -> torch.Tensor:
-    """Equal-length prompts (P, k) -> (P, 1 + n_samples, steps): row 0 greedy, then samples.
+def decode_group(model: torch.nn.Module, prompts: torch.Tensor | Sequence[Sequence[int]], steps: int,
+                 generators: list[torch.Generator], n_samples: int, temperature: float = 1.0) -> torch.Tensor:
+    """Prompts (P of them, any lengths) -> (P, 1 + n_samples, steps): row 0 greedy, then samples.
 
     Each prompt is read once (vocabulary head on its last position only) and its KV cache copied
     to its 1 + n_samples rows: the rows share the prefix, so reading it per row would repeat the
-    most expensive part of the decode. Prompt p's samples draw only from `generators[p]`.
+    most expensive part of the decode. Prompts of different lengths are left-padded, with the
+    attention mask and positions that make each row compute what it would alone, so one batch
+    holds any prompts (a forward costs about the same for 16 rows as for 80: the weights are read
+    once either way). Prompt p's samples draw only from `generators[p]`.
     """
     rows = 1 + n_samples
+    seqs = [[int(t) for t in q] for q in (prompts.tolist() if isinstance(prompts, torch.Tensor) else prompts)]
     device = next(model.parameters()).device
-    out = model(input_ids=prompts.to(device), cache=DynamicCache(config=model.config), use_cache=True,
+    width = max(map(len, seqs))
+    ids = torch.tensor([[0] * (width - len(q)) + q for q in seqs], dtype=torch.long, device=device)
+    mask = torch.tensor([[0] * (width - len(q)) + [1] * len(q) for q in seqs], dtype=torch.long, device=device)
+    padded = any(len(q) < width for q in seqs)
+    extra = {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp_min(0)} if padded else {}
+    out = model(input_ids=ids, cache=DynamicCache(config=model.config), use_cache=True, **extra,
                 **last_position_only(model))
     cache = out.cache
     if rows > 1:
         cache.batch_repeat_interleave(rows)
     logits = out.logits[:, -1].repeat_interleave(rows, 0)
+    mask = mask.repeat_interleave(rows, 0)
+    position = mask.sum(-1, keepdim=True) - 1
     chosen = []
     for step in range(steps):
-        last = logits.double().reshape(len(prompts), rows, -1)
-        nxt = torch.empty((len(prompts), rows), dtype=torch.long)
+        last = logits.double().reshape(len(seqs), rows, -1)
+        nxt = torch.empty((len(seqs), rows), dtype=torch.long)
         nxt[:, 0] = last[:, 0].argmax(-1).cpu()
         if n_samples:
             probs = torch.softmax(last[:, 1:] / temperature, dim=-1).cpu()
@@ -68,7 +79,11 @@ def decode_group(model: torch.nn.Module, prompts: torch.Tensor, steps: int, gene
                 nxt[p, 1:] = torch.multinomial(probs[p], 1, generator=gen)[:, 0]
         chosen.append(nxt)
         if step + 1 < steps:
-            out = model(input_ids=nxt.reshape(-1, 1).to(device), cache=cache, use_cache=True)
+            if padded:  # the new token is real in every row, one position further on
+                mask = torch.cat([mask, mask.new_ones((len(mask), 1))], dim=1)
+                position = position + 1
+                extra = {"attention_mask": mask, "position_ids": position}
+            out = model(input_ids=nxt.reshape(-1, 1).to(device), cache=cache, use_cache=True, **extra)
             cache, logits = out.cache, out.logits[:, -1]
     return torch.stack(chosen, dim=-1)
 
@@ -109,24 +124,23 @@ def pii_extraction(
     if prompt_tokens < 1 or n_samples < 0 or margin < 0 or batch_size < 1:
         raise MemprobeError("prompt_tokens and batch_size must be >= 1, n_samples and margin >= 0")
     occurrences = _occurrences(loaded, docs, prompt_tokens, margin)
-    groups: dict[int, list[int]] = defaultdict(list)  # by prompt length: no padding, exact
-    for i, occ in enumerate(occurrences):
-        if occ["prompt"]:
-            groups[len(occ["prompt"])].append(i)
-        else:
+    for occ in occurrences:
+        if not occ["prompt"]:
             occ["skipped"] = "no text before the value and no BOS token: nothing to prompt with"
-    for _, members in sorted(groups.items()):
-        for lo in range(0, len(members), batch_size):
-            chunk = [occurrences[i] for i in members[lo : lo + batch_size]]
-            gens = [torch.Generator().manual_seed(prompt_seed(seed, o["doc_id"], o["span_index"])) for o in chunk]
-            steps = max(o["steps"] for o in chunk)
-            out = decode_group(loaded.model, torch.tensor([o["prompt"] for o in chunk]), steps, gens, n_samples)
-            for occ, conts in zip(chunk, out, strict=True):
-                # a prompt's first `steps` draws do not depend on how long the group decodes
-                texts = [loaded.decode(c[: occ["steps"]].tolist()) for c in conts]
-                occ["greedy_extracted"] = occ["value"] in texts[0]
-                occ["extracted"] = any(occ["value"] in t for t in texts)
-                occ["continuations"] = texts
+    # batches of similar prompt length and decode length: little padding, few wasted steps
+    order = sorted((i for i, o in enumerate(occurrences) if o["prompt"]),
+                   key=lambda i: (len(occurrences[i]["prompt"]), occurrences[i]["steps"]))
+    for lo in range(0, len(order), batch_size):
+        chunk = [occurrences[i] for i in order[lo : lo + batch_size]]
+        gens = [torch.Generator().manual_seed(prompt_seed(seed, o["doc_id"], o["span_index"])) for o in chunk]
+        steps = max(o["steps"] for o in chunk)
+        out = decode_group(loaded.model, [o["prompt"] for o in chunk], steps, gens, n_samples)
+        for occ, conts in zip(chunk, out, strict=True):
+            # a prompt's first `steps` draws do not depend on how long the batch decodes
+            texts = [loaded.decode(c[: occ["steps"]].tolist()) for c in conts]
+            occ["greedy_extracted"] = occ["value"] in texts[0]
+            occ["extracted"] = any(occ["value"] in t for t in texts)
+            occ["continuations"] = texts
     for occ in occurrences:
         occ.pop("prompt")
     settings = {"prompt_tokens": prompt_tokens, "n_samples": n_samples, "temperature": 1.0, "margin": margin,

@@ -5,8 +5,8 @@ Why a study: the audit's suppress step and experiments/suppress.py both call `ru
 Method: the edit (memprobe.intervene.weight_edit) is trained on the build records (memorized tokens of
 build texts vs build controls). The held-out records are split by `split_group` into VALIDATION and
 TEST (controls stratified by kind, so every kind with two groups is in both). At each strength the
-edit and a random edit of the same layers, rank and per-layer norm are measured on both: the
-memorized-token rate on memorized texts, perplexity and top-1 accuracy on ALL controls (code,
+edit is measured on both, and a random edit of the same layers, rank and per-layer norm on test (the
+baseline beside the reported numbers; validation only chooses): the memorized-token rate on memorized texts, perplexity and top-1 accuracy on ALL controls (code,
 formulaic, model samples, ... included), on the easy subset (base memorized fraction <=
 `easy_control_max`, the old filter) and per control kind. One rule picks the strength on validation
 only: the largest validation suppression whose validation ALL-controls perplexity increase is <=
@@ -292,7 +292,7 @@ class SuppressionResult(Result):
 
     config: SuppressionConfig
     split_sizes: dict[str, int]
-    validation: dict[str, Any]  # {"base", "curve", "random_curve"}
+    validation: dict[str, Any]  # {"base", "curve"}: validation only chooses the strength
     test: dict[str, Any]
     chosen: dict[str, Any]
     edit: Any = field(repr=False)  # LowRankEdit at strength 1 (as trained)
@@ -497,46 +497,35 @@ def evaluate_suppression(
     config: SuppressionConfig,
     build_sizes: dict[str, int] | None = None,
 ) -> SuppressionResult:
-    """Measure a built edit and its random baseline at every strength on the validation and test
-    halves of the held-out records; choose the strength on validation (SELECTION_RULE)."""
+    """Measure a built edit at every strength on the validation and test halves of the held-out
+    records, and its random baseline on test (validation only chooses the strength: SELECTION_RULE)."""
     cut = config.max_tokens
     parts = _validation_test(heldout_memorized, heldout_control, config)
     sizes = dict(build_sizes or {}) | {f"{s}_{n}": len(v) for s, p in parts.items() for n, v in p.items()}
-
-    # Every held-out document in one labelling pass per edit; rows are sliced per split afterwards.
-    order = [(s, n, r) for s, p in parts.items() for n, rs in p.items() for r in rs]
-    ids = [r["token_ids"][:cut] for _, _, r in order]
-
-    # the unedited rows, then the edit and its random baseline at every strength: one call, so the
-    # layers below the edit run once per batch (edit_tables)
-    edits = [(key, strength, e.with_strength(strength)) for strength in config.strengths
-             for e, key in ((edit, "curve"), (random_edit, "random_curve"))]
-    tables = edit_tables(model, ids, [e for _, _, e in edits])
-
-    def rows(table: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
-        out: dict[str, dict[str, np.ndarray]] = {s: {} for s in parts}
-        for s, p in parts.items():
-            for n in p:
-                out[s][n] = table[[i for i, (s2, n2, _) in enumerate(order) if (s2, n2) == (s, n)]]
-        return out
 
     def split_info(s: str) -> tuple[list[str], np.ndarray]:
         ctrl_records = parts[s]["control"]
         easy = [(r.get("memorized_fraction") or 0.0) <= config.easy_control_max for r in ctrl_records]
         return [str(r.get("kind")) for r in ctrl_records], np.array(easy)
 
-    base = rows(tables[0])
-    info = {s: split_info(s) for s in parts}
-    splits: dict[str, dict[str, Any]] = {
-        s: {"base": measure_split(base[s], None, *info[s], n_boot=0, seed=config.seed),
-            "curve": [], "random_curve": []}
-        for s in parts
-    }
-    for (key, strength, _), table in zip(edits, tables[1:], strict=True):
-        edited = rows(table)
-        for s in parts:
-            n_boot = config.n_boot if s == "test" else 0  # validation only chooses
-            row = measure_split(base[s], edited[s], *info[s], n_boot=n_boot, seed=config.seed)
+    splits: dict[str, dict[str, Any]] = {}
+    for s, p in parts.items():
+        # one edit_tables call per split: the unedited rows, then every edited pass, with the layers
+        # below the edit run once per batch
+        ids = [r["token_ids"][:cut] for n in ("memorized", "control") for r in p[n]]
+        keys = ["curve"] if s == "validation" else ["curve", "random_curve"]
+        edits = [(key, strength, e.with_strength(strength)) for strength in config.strengths
+                 for e, key in ((edit, "curve"), (random_edit, "random_curve")) if key in keys]
+        tables = edit_tables(model, ids, [e for _, _, e in edits])
+        n_mem = len(p["memorized"])
+        base = {"memorized": tables[0][:n_mem], "control": tables[0][n_mem:]}
+        info = split_info(s)
+        n_boot = config.n_boot if s == "test" else 0  # validation only chooses
+        splits[s] = {"base": measure_split(base, None, *info, n_boot=0, seed=config.seed),
+                     **{key: [] for key in keys}}
+        for (key, strength, _), table in zip(edits, tables[1:], strict=True):
+            edited = {"memorized": table[:n_mem], "control": table[n_mem:]}
+            row = measure_split(base, edited, *info, n_boot=n_boot, seed=config.seed)
             splits[s][key].append({"strength": strength, **row})
     pick = choose_strength(splits["validation"]["curve"], config.ppl_budget)
     test_row = next(r for r in splits["test"]["curve"] if r["strength"] == pick["strength"])
