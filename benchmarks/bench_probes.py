@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from memprobe.resource_use import peak_rss_mb
+
 ROOT = Path(__file__).resolve().parent.parent
 SITES = "blocks.*.hook_resid_post,blocks.*.mlp.hook_post"
 KINDS = ("hook_resid_post", "mlp.hook_post")
@@ -116,15 +118,6 @@ def prepare(where: Path, args: argparse.Namespace) -> str:
         np.savez(f, rows=np.concatenate(rows), y=np.concatenate(y), test=np.concatenate(test),
                  test_plays=np.array(sorted(test_plays)), model=np.array(loaded.name))
     return loaded.name
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (VmHWM). Why not getrusage: on Linux ru_maxrss survives
-    exec, so a peer started from the benchmark would report the parent's peak (the capture's model)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise SystemExit("no VmHWM in /proc/self/status: peak memory cannot be measured on this system")
 
 
 def split_check(where: Path) -> dict:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -34,26 +33,6 @@ def make_data(n: int, d: int, n_classes: int, seed: int = 0) -> tuple[np.ndarray
     y = rng.integers(0, n_classes, n)
     means = rng.standard_normal((n_classes, d)).astype(np.float32)
     return (rng.standard_normal((n, d), dtype=np.float32) + means[y]), y
-
-
-def _status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # no /proc: lifetime peak
-
-
-def reset_peak_rss() -> float:
-    """Reset the peak-RSS counter (Linux: clear_refs 5) and return the current RSS in MiB."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-    return _status_mb("VmRSS")
-
-
-def peak_rss_mb() -> float:
-    return _status_mb("VmHWM")
 
 
 def loop_psmi(x: np.ndarray, y: np.ndarray, theta: np.ndarray) -> np.ndarray:
@@ -77,6 +56,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from memprobe.predict import pointwise_smi, random_directions
+    from memprobe.resource_use import peak_rss_mb, reset_peak_rss
 
     torch.set_num_threads(args.threads)
     x, y = make_data(args.n, args.d, args.classes)

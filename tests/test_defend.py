@@ -269,6 +269,10 @@ def test_defend_cli_matches_steps_resumes_and_refuses_a_foreign_base(tmp_path: P
     for key in ("ter", "ter_ci95", "ser", "mia", "utility_nonmembers", "utility_hard"):
         assert key in test_row
     assert test_row["utility_hard"]["documents"] > 0 and test_row["utility_hard"]["perplexity_ci95"]
+    assert {"mia", "utility"} <= set(test_row["seconds"])
+    cost = result["notes"]["costs"]["rmft-1.0"]  # the defense's own training, beside the baseline's
+    assert cost["train_seconds"] > 0 and cost["peak_rss_mb"] > 0
+    assert result["notes"]["costs"]["baseline"]["train_seconds"] == baseline["train_seconds"]
     assert (tmp_path / "out" / "defenses.png").exists()
     weights = tmp_path / "out" / "models" / "rmft-1.0" / "model.safetensors"
     stamp = weights.stat().st_mtime_ns
@@ -286,6 +290,7 @@ def test_defend_cli_matches_steps_resumes_and_refuses_a_foreign_base(tmp_path: P
     assert (tmp_path / "quick.png").exists()
     assert quick["baseline"] == result["baseline"]  # the same evaluation settings: measured once
     assert quick["notes"]["prune-wanda-0.3"]["achieved_sparsity"] == pytest.approx(0.3, abs=0.01)
+    assert quick["notes"]["costs"]["prune-wanda-0.3"]["build_peak_rss_mb"] > 0
     assert set(quick["summary"]) == {"prune-wanda"}
     bad = [*argv[:4], "tiny-gpt2", *argv[5:-1], str(tmp_path / "out2")]
     assert main(bad) == 2

@@ -30,6 +30,7 @@ import torch
 
 from memprobe.errors import MemprobeError
 from memprobe.models import LoadedModel
+from memprobe.resource_use import peak_rss_mb, reset_peak_rss
 
 EPSILONS = (8.0, 1.0)
 
@@ -108,6 +109,7 @@ def dp_finetune(
     )
     private.train()
     losses, steps, tokens, started = [], 0, 0, time.perf_counter()
+    reset_peak_rss()
     for _ in range(epochs):
         for batch_ids, batch_mask in private_loader:
             optimizer.zero_grad(set_to_none=True)
@@ -151,6 +153,7 @@ def dp_finetune(
         "steps": {"done": steps, "expected": epochs * len(loader)},
         "tokens_seen": tokens,
         "train_seconds": round(time.perf_counter() - started, 3),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
         "losses": losses,
         "complete": True,
     }

@@ -35,6 +35,7 @@ import torch
 
 from memprobe.errors import MemprobeError
 from memprobe.models import LoadedModel
+from memprobe.resource_use import peak_rss_mb, reset_peak_rss
 
 ARGS_FILE, PROVENANCE_FILE, RESUME_DIR = (
     "memprobe-finetune-args.json",
@@ -426,6 +427,7 @@ def finetune(
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     state = _load_state(out_dir, net, optimizer, scheduler) if resume else None
+    reset_peak_rss()  # the provenance's peak_rss_mb is this training segment's
     step = state["step"] if state else 0
     tokens_seen = state["tokens_seen"] if state else 0
     elapsed = state["train_seconds"] if state else 0.0
@@ -467,6 +469,7 @@ def finetune(
             "steps": {"done": done_step, "total": total, "per_epoch": steps_per_epoch},
             "tokens_seen": tokens_seen,
             "train_seconds": round(elapsed, 3),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
             "tokens_per_second": round(tokens_seen / elapsed, 1) if elapsed else None,
             "segments": segments,
             "checkpoints": checkpoints,

@@ -29,6 +29,7 @@ from memprobe.defend.evaluate import (
     split_lab,
 )
 from memprobe.errors import MemprobeError
+from memprobe.resource_use import stage_cost
 
 ALL_METHODS = ("dedup", "rmft", "dp", "prune-magnitude", "prune-wanda", "ablate", "edit")
 
@@ -175,6 +176,17 @@ def defended_model(ctx: _Context, method: str, knob: Any) -> tuple[Any, list[str
     raise MemprobeError(f"unknown defense method {method!r}: choose from {', '.join(ALL_METHODS)}")
 
 
+def _cost_row(method: str, cost: dict[str, Any], model_dir: Path) -> dict[str, Any]:
+    """A defense's cost: post-hoc builds as measured here, fine-tunes from their provenance."""
+    row = {"build_seconds": cost["seconds"], "build_peak_rss_mb": cost["peak_rss_mb"]}
+    prov_file = next((f for f in (model_dir / "memprobe-finetune.json", model_dir / "model" / "memprobe-finetune.json")
+                      if f.exists()), None) if method in ("dedup", "rmft", "dp") else None
+    if prov_file is not None:
+        prov = json.loads(prov_file.read_text(encoding="utf-8"))
+        row |= {"train_seconds": prov.get("train_seconds"), "peak_rss_mb": prov.get("peak_rss_mb")}
+    return row
+
+
 def knobs_of(cfg: DefenseConfig, method: str) -> tuple[Any, ...]:
     """The settings the study tries for `method`."""
     return {"dedup": ("exact+near",), "rmft": cfg.rmft_fractions, "dp": cfg.dp_epsilons,
@@ -244,12 +256,21 @@ def run_defenses(cfg: DefenseConfig, out_dir: str | Path, *, progress: bool = Fa
                 for split in ("validation", "test")}
 
     baseline = evaluate("baseline", ft, [d["id"] for d in members])
+    costs: dict[str, Any] = {"baseline": {"train_seconds": baseline_prov.get("train_seconds"),
+                                          "peak_rss_mb": baseline_prov.get("peak_rss_mb")}}
     methods: dict[str, dict[Any, dict[str, Any]]] = {}
     for method in cfg.methods:
         methods[method] = {}
         for knob in knobs_of(cfg, method):
-            loaded, seen = defended_model(ctx, method, knob)
+            with stage_cost() as cost:
+                loaded, seen = defended_model(ctx, method, knob)
+            costs[f"{method}-{knob}"] = _cost_row(method, cost, models / f"{method}-{knob}")
             methods[method][knob] = evaluate(f"{method}-{knob}", loaded, seen)
+    notes["costs"] = costs
+    notes["costs_note"] = ("train_seconds / peak_rss_mb of a fine-tune: its own provenance (the run that "
+                           "trained it; peak RSS only where that run recorded it); build_seconds / "
+                           "build_peak_rss_mb: this invocation's build of a post-hoc defense (for a cached "
+                           "fine-tune: its loading)")
     notes["config"] = json.loads(json.dumps(asdict(cfg)))
     notes["evaluation_cache"] = str(eval_dir)
     notes["splits"] = {s: {k: len(v) for k, v in parts.items()} for s, parts in splits.items()}
