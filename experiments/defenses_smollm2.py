@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lab", help="an existing lab directory (default: build one under --out)")
     p.add_argument("--finetuned", help="an existing undefended fine-tune of the model (default: train one)")
     p.add_argument("--edit-strengths", type=float, nargs="+", help="the learned edit's knob values (default: the config's)")
+    p.add_argument("--sparsities", type=float, nargs="+", help="the pruning methods' knob values (default: the config's)")
+    p.add_argument("--rmft-fractions", type=float, nargs="+", help="RMFT's knob values (default: the config's)")
     args = p.parse_args(argv)
     if args.full_ft and not args.cpu:
         p.error("--full-ft goes with --cpu")
@@ -46,8 +48,9 @@ def main(argv: list[str] | None = None) -> None:
            else DefenseConfig.cpu() if args.cpu else DefenseConfig())
     if args.methods:
         cfg = replace(cfg, methods=tuple(args.methods))
-    if args.edit_strengths:
-        cfg = replace(cfg, edit_strengths=tuple(args.edit_strengths))
+    for knob in ("edit_strengths", "sparsities", "rmft_fractions"):
+        if getattr(args, knob):
+            cfg = replace(cfg, **{knob: tuple(getattr(args, knob))})
     name = ("quick" if args.quick else "smollm2_full_ft" if args.full_ft else "smollm2_cpu" if args.cpu
             else "smollm2")
     out = Path(args.out or ROOT / "runs" / f"defenses_{name}")  # lab, models, evaluation cache: not committed
