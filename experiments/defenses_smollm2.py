@@ -41,7 +41,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--edit-strengths", type=float, nargs="+", help="the learned edit's knob values (default: the config's)")
     p.add_argument("--sparsities", type=float, nargs="+", help="the pruning methods' knob values (default: the config's)")
     p.add_argument("--rmft-fractions", type=float, nargs="+", help="RMFT's knob values (default: the config's)")
+    p.add_argument("--table", metavar="RESULTS", help="print the markdown table of a saved results JSON and stop")
     args = p.parse_args(argv)
+    if args.table:
+        import json
+
+        from memprobe.defend.evaluate import DefenseStudy
+
+        print(DefenseStudy.from_dict(json.loads(Path(args.table).read_text(encoding="utf-8"))).markdown_table())
+        return
     if args.full_ft and not args.cpu:
         p.error("--full-ft goes with --cpu")
     cfg = (DefenseConfig.quick() if args.quick else DefenseConfig.cpu_full() if args.full_ft
@@ -60,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     study.save(results)
     study.plot(figure, script=__file__)
     print(f"wrote {results} and {figure}")
+    print(study.markdown_table())
     for method, row in study.summary().items():
         print(f"{method:16s} knob={row['chosen_knob']!s:10s} MaxTER@6%={row['max_ter_at_6pct']:.3f} "
               f"AURC={row['aurc_0_10pct']:.4f}")

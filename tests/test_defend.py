@@ -291,6 +291,11 @@ def test_defend_cli_matches_steps_resumes_and_refuses_a_foreign_base(tmp_path: P
     assert quick["baseline"] == result["baseline"]  # the same evaluation settings: measured once
     assert quick["notes"]["prune-wanda-0.3"]["achieved_sparsity"] == pytest.approx(0.3, abs=0.01)
     assert quick["notes"]["costs"]["prune-wanda-0.3"]["build_peak_rss_mb"] > 0
+    from memprobe.defend.evaluate import DefenseStudy
+
+    table = DefenseStudy.from_dict(quick).markdown_table().splitlines()
+    assert len(table) == 4 and table[2].startswith("| undefended fine-tune") and "prune-wanda (0.3)" in table[3]
+    assert DefenseStudy.from_dict(quick).summary() == quick["summary"]
     assert set(quick["summary"]) == {"prune-wanda"}
     bad = [*argv[:4], "tiny-gpt2", *argv[5:-1], str(tmp_path / "out2")]
     assert main(bad) == 2

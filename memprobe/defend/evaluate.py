@@ -280,6 +280,60 @@ class DefenseStudy(Result):
                                           "nothing to reduce, so every reduction reads 0")
         return out
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DefenseStudy:
+        """A study back from its saved JSON (`to_dict`), numeric knobs as floats."""
+        def knob(k: str) -> Any:
+            try:
+                return float(k)
+            except ValueError:
+                return k
+
+        return cls(EvalConfig(**data["config"]), data["baseline"],
+                   {m: {knob(k): v for k, v in ks.items()} for m, ks in data["methods"].items()}, data["notes"])
+
+    def markdown_table(self, split: str = "test") -> str:
+        """Every model's privacy and utility on `split` (each knob; * = chosen on validation), with
+        each figure's interval and the change against the undefended model: the README's table."""
+        summary = self.summary()
+
+        def ci(v: float | None, c: list[float] | None, fmt: str = "{:.3f}") -> str:
+            if v is None:
+                return "-"
+            return fmt.format(v) + (f" [{fmt.format(c[0])}, {fmt.format(c[1])}]" if c else "")
+
+        def row(name: str, m: dict[str, Any], cost: str) -> str:
+            rel = relative(m, self.baseline[split]) if m is not self.baseline[split] else (0.0, 0.0)
+            ppl0 = self.baseline[split]["utility_hard"]["perplexity"]
+            hard = m["utility_hard"]["perplexity"]
+            expo = m.get("exposure", {}).get("by_copies", {})
+            return " | ".join([
+                f"| {name}", ci(m.get("ter"), m.get("ter_ci95")), f"{-rel[0]:+.1%}",
+                ci(m.get("nonmember_extraction_rate"), None),
+                " / ".join(f"{expo[c]['mean']:.1f}" for c in sorted(expo, key=int)) or "-",
+                ci(m["mia"]["auc"], m["mia"].get("auc_ci95"), "{:.2f}"),
+                ci(m["utility_nonmembers"]["perplexity"], m["utility_nonmembers"].get("perplexity_ci95"), "{:.2f}"),
+                f"{rel[1]:+.1%}", ci(hard, m["utility_hard"].get("perplexity_ci95"), "{:.2f}"),
+                f"{(hard - ppl0) / ppl0:+.1%}", f"{m['utility_nonmembers']['top1']:.3f}", cost]) + " |"
+
+        costs = self.notes.get("costs", {})
+
+        def cost_of(name: str) -> str:
+            c = costs.get(name, {})
+            if c.get("train_seconds"):
+                return f"{c['train_seconds']:.0f} s training"
+            return f"{c['build_seconds']:.0f} s build" if c.get("build_seconds") is not None else "-"
+
+        lines = ["| defense (knob) | TER [95% CI] | TER change | non-member extraction | canary exposure by "
+                 "copies (bits) | best MIA AUC | perplexity, held-out non-members | change | perplexity, hard "
+                 "text | change | top-1, non-members | cost |", "|" + "---|" * 12,
+                 row("undefended fine-tune", self.baseline[split], cost_of("baseline"))]
+        for method, knobs in self.methods.items():
+            for knob, m in knobs.items():
+                star = "*" if summary[method]["chosen_knob"] == knob else ""
+                lines.append(row(f"{method} ({knob}){star}", m[split], cost_of(f"{method}-{knob}")))
+        return "\n".join(lines)
+
     def to_dict(self) -> dict[str, Any]:
         return {"config": asdict(self.config), "baseline": self.baseline,
                 "methods": {m: {str(k): v for k, v in ks.items()} for m, ks in self.methods.items()},
