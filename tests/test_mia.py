@@ -287,6 +287,17 @@ def test_digit_merging_tokenizer_refused(lab):
         exposure(lab["base"], CANARY, {"secret": "4816", "prefix_chars": CANARY.index("4 8"), "space": "digits:4"})
 
 
+def test_a_precomputed_reference_loss_gives_the_same_scores(lab, scores):
+    docs = lab["members"] + lab["nonmembers"]
+    ref_loss = {r["id"]: r["scores"]["loss"] for r in score_texts(lab["base"], docs, batch_size=8)}
+    again = score_texts(lab["trained"], docs, reference_loss=ref_loss, batch_size=8)
+    assert [r["scores"] for r in again] == [r["scores"] for r in scores]
+    with pytest.raises(MemprobeError, match="not both"):
+        score_texts(lab["trained"], docs, reference=lab["base"], reference_loss=ref_loss)
+    with pytest.raises(MemprobeError, match="no score for"):
+        score_texts(lab["trained"], docs, reference_loss={})
+
+
 # --- extraction -------------------------------------------------------------------------------------
 
 

@@ -144,9 +144,29 @@ def ter_of_documents(per_doc: Sequence[dict[str, bool]]) -> float | None:
     return float(np.mean(list(merged.values()))) if merged else None
 
 
+def mia_documents(loaded: LoadedModel, members: Sequence[dict], nonmembers: Sequence[dict],
+                  cfg: EvalConfig) -> list[dict]:
+    """The split's texts the membership attacks score (over 6 tokens, cut to `max_tokens`)."""
+    scored = [d for d in [*members, *nonmembers] if len(loaded.encode(d["text"])) > 6]
+    return [{"id": d["id"], "text": d["text"][: cfg.max_tokens * 4], "member": bool(d.get("member"))}
+            for d in scored]
+
+
+def reference_losses(base: LoadedModel, members: Sequence[dict], nonmembers: Sequence[dict],
+                     cfg: EvalConfig) -> dict[str, float]:
+    """The base model's own `loss` score of each scored text: the ref attack's reference, the same for
+    every model of a study, so read once per split (`measure(reference_loss=...)`)."""
+    from memprobe.mia.attacks import score_texts
+
+    docs = mia_documents(base, members, nonmembers, cfg)
+    return {r["id"]: r["scores"]["loss"] for r in score_texts(base, docs, batch_size=cfg.batch_size)}
+
+
 def measure(loaded: LoadedModel, base: LoadedModel, members: Sequence[dict], nonmembers: Sequence[dict],
-            hard: Sequence[dict], cfg: EvalConfig, *, seen_ids: Sequence[str] | None = None) -> dict[str, Any]:
-    """Privacy and utility of `loaded` on one split (see the module docstring)."""
+            hard: Sequence[dict], cfg: EvalConfig, *, seen_ids: Sequence[str] | None = None,
+            reference_loss: dict[str, float] | None = None) -> dict[str, Any]:
+    """Privacy and utility of `loaded` on one split (see the module docstring); `reference_loss`
+    (`reference_losses`) spares the base model's forward of the ref attack."""
     from memprobe.metrics import bootstrap_ci, roc_auc, tpr_at_fpr
     from memprobe.mia.attacks import score_texts
     from memprobe.mia.evaluate import evaluate_mia
@@ -196,12 +216,12 @@ def measure(loaded: LoadedModel, base: LoadedModel, members: Sequence[dict], non
                                              "mean_ci95": doc_bootstrap(v, lambda x: float(np.mean(x)), **boot)}
                                          for c, v in sorted(by.items(), key=lambda kv: int(kv[0]))}}
         lap("exposure")
-    scored = [d for d in [*members, *nonmembers] if len(loaded.encode(d["text"])) > 6]
-    scores = score_texts(loaded, [{"id": d["id"], "text": d["text"][: cfg.max_tokens * 4]} for d in scored],
-                         reference=base, batch_size=cfg.batch_size)
-    mia = evaluate_mia(scores, {d["id"]: bool(d.get("member")) for d in scored}, n_boot=0)
+    scored = mia_documents(loaded, members, nonmembers, cfg)
+    scores = score_texts(loaded, scored, reference=None if reference_loss is not None else base,
+                         reference_loss=reference_loss, batch_size=cfg.batch_size)
+    mia = evaluate_mia(scores, {d["id"]: d["member"] for d in scored}, n_boot=0)
     best = max(mia["attacks"], key=lambda a: mia["attacks"][a]["roc_auc"])
-    labels = np.array([bool(d.get("member")) for d in scored])
+    labels = np.array([d["member"] for d in scored])
     best_scores = np.array([r["scores"][best] for r in scores])
     out["mia"] = {"best_attack": best, "auc": mia["attacks"][best]["roc_auc"],
                   "auc_ci95": list(bootstrap_ci(roc_auc, best_scores, labels, **boot)),

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -110,15 +110,24 @@ def score_texts(
     docs: Sequence[dict[str, Any]],
     *,
     reference: LoadedModel | None = None,
+    reference_loss: Mapping[str, float] | None = None,
     k: float = 0.2,
     batch_size: int = 8,
 ) -> list[dict[str, Any]]:
-    """`[{"id", "scores": {attack: value}}]` in input order; `ref` only with a reference model."""
+    """`[{"id", "scores": {attack: value}}]` in input order; `ref` only with a reference model, or with
+    `reference_loss` (id -> the reference's own `loss` score of that text, e.g. from an earlier
+    `score_texts(reference, docs)`): a study that scores many targets against one reference reads the
+    reference once, and `ref` comes out the same."""
     if not 0.0 < k <= 1.0:
         raise MemprobeError(f"k must be a fraction in (0, 1], not {k} (0.2 means the lowest 20% of tokens)")
     if batch_size < 1:
         raise MemprobeError(f"batch_size must be >= 1, not {batch_size}")
     encoded = _encode_all(target, docs)
+    if reference is not None and reference_loss is not None:
+        raise MemprobeError("give a reference model or its precomputed reference_loss, not both")
+    missing = [d["id"] for d in docs if reference_loss is not None and d["id"] not in reference_loss]
+    if missing:
+        raise MemprobeError(f"reference_loss has no score for {missing[:3]}: score these texts with the reference")
     if reference is not None:
         check_same_tokenizer(target, reference, encoded, [d["text"] for d in docs], [d["id"] for d in docs])
     order = sorted(range(len(docs)), key=lambda i: -len(encoded[i]))
@@ -132,6 +141,8 @@ def score_texts(
             scores = scores_from_stats(*target_stats[j], docs[i]["text"], k)
             if ref_stats is not None:
                 scores["ref"] = -float(ref_stats[j][0].double().mean()) + scores["loss"]
+            elif reference_loss is not None:
+                scores["ref"] = scores["loss"] - float(reference_loss[docs[i]["id"]])
             if not all(math.isfinite(v) for v in scores.values()):
                 raise MemprobeError(f"text {docs[i]['id']!r} got a non-finite score: the model's logits overflow")
             results[i] = {"id": docs[i]["id"], "scores": scores}

@@ -26,6 +26,7 @@ from memprobe.defend.evaluate import (
     check_pair,
     hard_texts,
     measure,
+    reference_losses,
     split_lab,
 )
 from memprobe.errors import MemprobeError
@@ -246,13 +247,21 @@ def run_defenses(cfg: DefenseConfig, out_dir: str | Path, *, progress: bool = Fa
                               "fine-tune: fewer trainable parameters, so part of any privacy gain is LoRA's")
     ctx = _Context(cfg, members, splits, ft, baseline_prov["steps"]["total"], models, notes, progress)
 
+    references: dict[str, dict[str, float]] = {}  # the base model's ref-attack losses, read once per split
+
+    def reference(split: str) -> dict[str, float]:
+        if split not in references:
+            references[split] = reference_losses(base, splits[split]["members"], splits[split]["nonmembers"],
+                                                 cfg.evaluation)
+        return references[split]
+
     def evaluate(name: str, loaded: Any, seen: list[str]) -> dict[str, Any]:
         check_pair(base, loaded)
         weights = (loaded.info.get("sha256") or "")[:12]  # a retrained defense is a new measurement
         return {split: _cached(eval_dir / f"{name}-{weights}-{split}.json",
                                lambda split=split: measure(loaded, base, splits[split]["members"],
                                                            splits[split]["nonmembers"], hard, cfg.evaluation,
-                                                           seen_ids=seen))
+                                                           seen_ids=seen, reference_loss=reference(split)))
                 for split in ("validation", "test")}
 
     baseline = evaluate("baseline", ft, [d["id"] for d in members])
