@@ -45,6 +45,10 @@ class AuditConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = field(
         default="bfloat16", metadata={"help": "dtype of the activation capture"})
     min_prob: float = field(default=0.5, metadata={"help": "a memorized token is correct with p >= this"})
+    precision: Literal["auto", "float32", "bfloat16"] = field(default="auto", metadata={
+        "help": "compute precision of the forward passes after the texts step: auto = the blocks in bfloat16 "
+                "autocast where bfloat16 is native (the vocabulary head float32), else float32 "
+                "(memprobe.precision)"})
     # Membership (memprobe.calibration): memorized beyond a reference model (same tokenizer), and a
     # lab directory whose members the audited model was fine-tuned on (its texts replace `texts`).
     reference_model: str | None = field(default=None, metadata={
@@ -116,10 +120,25 @@ class Audit:
             print(f"[audit] {name}: reusing {path}")
             return path
         print(f"[audit] {name} ...", flush=True)
-        self.cache.run(name, [output, *also], fn, key=key, resumable=resumable)
+        self.cache.run(name, [output, *also], self._in_precision(name, fn), key=key, resumable=resumable)
         self.timings[name] = self.cache.seconds(name) or 0.0
         write_json(self.out / "timings.json", self.timings)  # kept, so a resumed audit reports every step
         return path
+
+    def _in_precision(self, name: str, fn: Callable[[Path], Any]) -> Callable[[Path], Any]:
+        """fn in the audit's compute precision; the texts step (the model's own samples) always in
+        float32, so that the corpus is the same whatever the precision."""
+        if name == "texts" or self.config.precision == "float32":
+            return fn
+
+        def run(path: Path) -> Any:
+            from memprobe.precision import compute_precision
+
+            models = [self.loaded.model] + ([self.reference.model] if self.config.reference_model else [])
+            with compute_precision(self.config.precision, *models):
+                return fn(path)
+
+        return run
 
     # -- steps ------------------------------------------------------------------------------
 
@@ -302,7 +321,10 @@ class Audit:
         top = sorted((r for r in records if r.get("role") == "candidate" and r.get("memorization_score") is not None),
                      key=lambda r: -(r["memorized_fraction"] or 0))[:6]
         patched = load_model(str(self.out / "patched-model"))  # the exported directory, as a user loads it
-        after = sequence_labels(patched.model, [r["token_ids"] for r in top])
+        from memprobe.precision import compute_precision
+
+        with compute_precision(self.config.precision, patched.model):  # its head in float32 too
+            after = sequence_labels(patched.model, [r["token_ids"] for r in top])
         rows = []
         for r, a in zip(top, after, strict=True):
             rows.append({"id": r["id"], "prefix": self.loaded.decode(r["token_ids"][:32]),

@@ -26,6 +26,7 @@ from memprobe.adapters import adapter_for
 from memprobe.errors import MemprobeError
 from memprobe.intervene.ablation import LowRankEdit
 from memprobe.intervene.localizers import Target, mlp_shape
+from memprobe.precision import native_bfloat16
 
 
 def _batch(targets: Sequence[Target]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -127,16 +128,6 @@ class EditForward:
     def __call__(self) -> torch.Tensor:
         """(scored positions, vocab) log-probs under the model as currently hooked."""
         return self._shortcut() if self.fast else self._full()
-
-
-def native_bfloat16(device: torch.device) -> bool:
-    """Whether `device` multiplies bfloat16 natively (CUDA with bf16; a CPU with AVX512-BF16 or AMX,
-    where oneDNN runs it ~2.5x faster than float32 here); elsewhere bfloat16 is emulated and slower."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return False
 
 
 def train_low_rank_edit(model: nn.Module, memorized: Sequence[Target], controls: Sequence[Target], *,
