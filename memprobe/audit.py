@@ -127,8 +127,9 @@ class Audit:
 
     def _in_precision(self, name: str, fn: Callable[[Path], Any]) -> Callable[[Path], Any]:
         """fn in the audit's compute precision; the texts step (the model's own samples) always in
-        float32, so that the corpus is the same whatever the precision."""
-        if name == "texts" or self.config.precision == "float32":
+        float32, so that the corpus is the same whatever the precision; the suppression step sets its
+        own (its edit trains in bfloat16 autocast, head included: memprobe.intervene.weight_edit)."""
+        if name in ("texts", "suppression patch") or self.config.precision == "float32":
             return fn
 
         def run(path: Path) -> Any:
@@ -284,7 +285,8 @@ class Audit:
         try:
             result = run_suppression(self.loaded.model, parts["build_memorized"], parts["build_control"],
                                      parts["heldout_memorized"], parts["heldout_control"],
-                                     SuppressionConfig(seed=self.config.seed, max_controls=MAX_TRAIN_CONTROLS))
+                                     SuppressionConfig(seed=self.config.seed, max_controls=MAX_TRAIN_CONTROLS),
+                                     precision=self.config.precision)
         except MemprobeError as exc:
             write_json(path, {"status": "skipped", "reason": f"{reason}: {exc}", "split_sizes": sizes})
             return
@@ -427,12 +429,13 @@ def _seen_ids(loaded: Any) -> list[str] | None:
 
 
 def audit_probe_config(config: AuditConfig):  # noqa: ANN201 - memprobe.studies.probe_sweep.ProbeSweepConfig
-    """The audit's screening sweep: at most 3 folds and a short L-BFGS budget keep it within minutes on
-    a CPU (experiments/probe_layers.py runs the full 5-fold evaluation); top neurons at the best MLP site."""
+    """The audit's screening sweep: at most 3 folds, a short L-BFGS budget and scikit-learn's stopping
+    tolerance (1e-4) keep it within minutes on a CPU (experiments/probe_layers.py runs the full 5-fold
+    evaluation at 1e-6); top neurons at the best MLP site."""
     from memprobe.probes.artefact import DEFAULT_WINDOW
     from memprobe.studies.probe_sweep import ProbeSweepConfig
 
-    return ProbeSweepConfig(window=DEFAULT_WINDOW, n_folds=3, seed=config.seed, max_iter=60, n_shuffled=1,
+    return ProbeSweepConfig(window=DEFAULT_WINDOW, n_folds=3, seed=config.seed, max_iter=60, tol=1e-4, n_shuffled=1,
                             n_boot=0 if config.quick else 100, top_neurons=15, top_neurons_at="best_mlp")
 
 

@@ -43,6 +43,7 @@ class ProbeSweepConfig:
     seed: int = 0
     alpha: float = 1e-2
     max_iter: int = 150
+    tol: float = 1e-6  # largest gradient entry at which a fit stops (scikit-learn's default is 1e-4)
     n_shuffled: int = 1
     n_boot: int = 200  # document-bootstrap draws per interval (0: none)
     top_neurons: int = 20
@@ -50,7 +51,7 @@ class ProbeSweepConfig:
 
     def sweep(self, progress: bool = True) -> ProbeSweep:
         return ProbeSweep(
-            alpha=self.alpha, max_iter=self.max_iter, progress=progress, window=self.window
+            alpha=self.alpha, max_iter=self.max_iter, tol=self.tol, progress=progress, window=self.window
         )
 
 

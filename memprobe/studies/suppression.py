@@ -437,13 +437,18 @@ def run_suppression(
     heldout_memorized: Sequence[dict[str, Any]],
     heldout_control: Sequence[dict[str, Any]],
     config: SuppressionConfig,
+    *,
+    precision: str = "float32",
 ) -> SuppressionResult:
     """Train the edit on the build records; choose its strength on the validation half of the
     held-out records and report every strength on the test half (records: `token_ids`, `kind`,
     `split_group`, `memorized_fraction`, and `memorized` for memorized texts; e.g. from
-    memprobe.intervene.suppress.split_memorized with control_max=1.0, so that hard controls count)."""
+    memprobe.intervene.suppress.split_memorized with control_max=1.0, so that hard controls count).
+    `precision`: of the evaluation's forward passes (memprobe.precision); the edit trains in its own
+    (`train_low_rank_edit`'s mixed precision)."""
     from memprobe.intervene.suppress import targets_from_labels
     from memprobe.intervene.weight_edit import random_low_rank_like, train_low_rank_edit
+    from memprobe.precision import compute_precision
 
     if not build_memorized or not heldout_memorized or not build_control:
         raise MemprobeError(
@@ -462,10 +467,11 @@ def run_suppression(
         model, mem, ctrl, seed=config.seed, max_tokens=cut, max_controls=config.max_controls
     )
     build_seconds = time.perf_counter() - t
-    result = evaluate_suppression(
-        model, edit, random_low_rank_like(edit, seed=config.seed), heldout_memorized, heldout_control,
-        config, build_sizes={"build_memorized": len(build_memorized), "build_control": len(build_control)},
-    )
+    with compute_precision(precision, model):
+        result = evaluate_suppression(
+            model, edit, random_low_rank_like(edit, seed=config.seed), heldout_memorized, heldout_control,
+            config, build_sizes={"build_memorized": len(build_memorized), "build_control": len(build_control)},
+        )
     result.build_seconds = build_seconds
     return result
 
