@@ -303,7 +303,7 @@ def test_audit_probe_step_and_probe_layers_run_one_study(audit_dir):
         **{
             f.name: getattr(audit_probe_config(audit.config), f.name)
             for f in dataclasses.fields(config)
-            if f.name in ("n_folds", "max_iter", "top_neurons", "top_neurons_at")
+            if f.name in ("n_folds", "max_iter", "tol", "top_neurons", "top_neurons_at")
         },
     )
     assert same == audit_probe_config(audit.config)
@@ -333,6 +333,7 @@ def test_audit_suppress_step_is_the_suppression_study(audit_dir):
         parts["heldout_memorized"],
         parts["heldout_control"],
         SuppressionConfig(seed=0, max_controls=MAX_TRAIN_CONTROLS),
+        precision=audit.config.precision,
     )
     for key, value in json.loads(json.dumps(_plain(study.to_dict()))).items():
         assert from_audit[key] == value, key
