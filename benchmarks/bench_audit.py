@@ -134,23 +134,28 @@ def _from_scratch(tree: Path, model: str, quick: bool, work: Path, threads: int)
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def compare(before: str, model: str, quick: bool, rounds: int, work: Path, threads: int) -> dict:
-    """Before (COMMIT) and after (this tree), each from scratch once per round, order alternating."""
+@contextlib.contextmanager
+def commit_worktree(before: str, tree: Path):  # noqa: ANN201 - yields (tree, full commit hash)
+    """A temporary git worktree of `before` at `tree` (the code a before/after benchmark runs)."""
     import subprocess
 
-    tree = work / "before"
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), before], check=True,
                    capture_output=True)
-    commit = subprocess.run(["git", "-C", str(tree), "rev-parse", "HEAD"], capture_output=True, text=True,
-                            check=True).stdout.strip()
-    runs: dict[str, list[dict]] = {"before": [], "after": []}
     try:
+        yield tree, subprocess.run(["git", "-C", str(tree), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                   check=True).stdout.strip()
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
+
+
+def compare(before: str, model: str, quick: bool, rounds: int, work: Path, threads: int) -> dict:
+    """Before (COMMIT) and after (this tree), each from scratch once per round, order alternating."""
+    runs: dict[str, list[dict]] = {"before": [], "after": []}
+    with commit_worktree(before, work / "before") as (tree, commit):
         for r in range(rounds):
             for version in (("before", "after") if r % 2 == 0 else ("after", "before")):
                 code = tree if version == "before" else ROOT
                 runs[version].append(_from_scratch(code, model, quick, work / f"{version}-{r}", threads))
-    finally:
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
     steps = list(dict.fromkeys([*runs["before"][0]["steps"], *runs["after"][0]["steps"]]))
     table = {s: {v: (float(np.median([x["steps"][s] for x in runs[v]]))
                      if all(s in x["steps"] for x in runs[v]) else None) for v in runs} for s in steps}

@@ -48,13 +48,10 @@ def run_once(model: str, preset: str, split: str, samples: int, batch_size: int,
 
 def compare(before: str, model: str, preset: str, split: str, samples: int, batch_size: int, rounds: int,
             work: Path) -> dict:
-    tree = work / "before"
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), before], check=True,
-                   capture_output=True)
-    commit = subprocess.run(["git", "-C", str(tree), "rev-parse", "HEAD"], check=True, capture_output=True,
-                            text=True).stdout.strip()
+    from bench_audit import commit_worktree  # benchmarks/ is the script's directory, on sys.path
+
     runs: dict[str, list[dict]] = {"before": [], "after": []}
-    try:
+    with commit_worktree(before, work / "before") as (tree, commit):
         for r in range(rounds):
             for version in (("before", "after") if r % 2 == 0 else ("after", "before")):
                 out = work / f"{version}-{r}.json"
@@ -65,8 +62,6 @@ def compare(before: str, model: str, preset: str, split: str, samples: int, batc
                                 "--batch-size", str(batch_size)], check=True, env=env, cwd=code)
                 runs[version].append(json.loads(out.read_text()))
                 print(f"round {r} {version}: {runs[version][-1]['seconds']:.1f} s", flush=True)
-    finally:
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
     a, b = runs["before"][0]["occurrences"], runs["after"][0]["occurrences"]
     same_cont = sum(x["continuations"] == y["continuations"] for x, y in zip(a, b, strict=True))
     same_ext = sum(x["extracted"] == y["extracted"] for x, y in zip(a, b, strict=True))
