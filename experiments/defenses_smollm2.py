@@ -8,8 +8,9 @@ the learned edit, privacy (TER/SER, exposure, MIA) against utility (perplexity, 
 Expected real cost on 2 shared CPU cores: ~15 min per LoRA fine-tune (baseline, dedup, 2 x RMFT,
 2 x DP-SGD, the DP ones slower for per-sample gradients) plus ~2-4 min per evaluated model and
 split (17 models x 2 splits): about 3-4 hours. Every stage is cached under --out and a rerun
-resumes from the last complete one. Results: experiments/results/defenses_<name>.json and figures/defenses_<name>.png (models and caches
-stay under --out, default runs/, never committed).
+resumes from the last complete one. Results: experiments/results/defenses_<name>.json, figures/defenses_<name>.png and the edits and DP
+LoRA adapters in experiments/results/defenses_<name>_artifacts (models and caches stay under --out,
+default runs/, never committed).
 
     .venv/bin/python experiments/defenses_smollm2.py --cpu      # the grid sized for 2 CPU cores
     .venv/bin/python experiments/defenses_smollm2.py --cpu --full-ft   # full fine-tunes: a baseline that memorizes PII
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--edit-strengths", type=float, nargs="+", help="the learned edit's knob values (default: the config's)")
     p.add_argument("--sparsities", type=float, nargs="+", help="the pruning methods' knob values (default: the config's)")
     p.add_argument("--rmft-fractions", type=float, nargs="+", help="RMFT's knob values (default: the config's)")
+    p.add_argument("--artifacts", default=None, help="edits and DP LoRA adapters, small enough to commit "
+                   "(default experiments/results/defenses_<name>_artifacts; --quick: under --out)")
     p.add_argument("--table", metavar="RESULTS", help="print the markdown table of a saved results JSON and stop")
     args = p.parse_args(argv)
     if args.table:
@@ -62,12 +65,15 @@ def main(argv: list[str] | None = None) -> None:
     name = ("quick" if args.quick else "smollm2_full_ft" if args.full_ft else "smollm2_cpu" if args.cpu
             else "smollm2")
     out = Path(args.out or ROOT / "runs" / f"defenses_{name}")  # lab, models, evaluation cache: not committed
-    study = run_defenses(cfg, out, progress=not args.quick, lab=args.lab, finetuned=args.finetuned)
+    artifacts = Path(args.artifacts or (out / "artifacts" if args.quick
+                                        else ROOT / "experiments" / "results" / f"defenses_{name}_artifacts"))
+    study = run_defenses(cfg, out, progress=not args.quick, lab=args.lab, finetuned=args.finetuned,
+                         artifacts=artifacts)
     results = Path(args.results or ROOT / "experiments" / "results" / f"defenses_{name}.json")
     figure = Path(args.figure or ROOT / "figures" / f"defenses_{name}.png")
     study.save(results)
     study.plot(figure, script=__file__)
-    print(f"wrote {results} and {figure}")
+    print(f"wrote {results}, {figure} and {artifacts}")
     print(study.markdown_table())
     for method, row in study.summary().items():
         print(f"{method:16s} knob={row['chosen_knob']!s:10s} MaxTER@6%={row['max_ter_at_6pct']:.3f} "

@@ -302,6 +302,43 @@ def test_defend_cli_matches_steps_resumes_and_refuses_a_foreign_base(tmp_path: P
     assert "not a fine-tune of base" in capsys.readouterr().err
 
 
+def test_defend_keeps_the_edits_and_dp_adapters_that_reproduce_the_evaluated_models(tmp_path: Path):
+    """What the study commits instead of model copies: the saved edit is the one it evaluated, and the
+    saved LoRA adapter, merged into the base, gives the DP model it evaluated."""
+    from peft import PeftModel
+
+    from memprobe.cli import main
+    from memprobe.defend.evaluate import split_lab
+    from memprobe.defend.posthoc import build_posthoc, edit_at_knob
+    from memprobe.intervene.ablation import load_edit
+    from memprobe.lab.finetune import finetune
+    from memprobe.models import load_model
+
+    build_lab(tmp_path / "full", preset="tiny", seed=0)
+    _small_lab(tmp_path / "full", tmp_path / "lab")
+    members, nonmembers, _ = load_lab(tmp_path / "lab")
+    finetune("tiny-llama", members, tmp_path / "ft", epochs=30, lr=1e-2, batch_size=8, seq_len=512, progress=False)
+    out = tmp_path / "out"
+    for method, knob in (("edit", "1.0"), ("dp", "8")):
+        assert main(["defend", "--lab", str(tmp_path / "lab"), "--model", "tiny-llama", "--finetuned",
+                     str(tmp_path / "ft"), "--method", method, "--knob", knob, "--fast-eval", "--out", str(out)]) == 0
+    ft = load_model(str(tmp_path / "ft"))
+    build = split_lab(members, nonmembers, seed=0)["build"]
+    built = edit_at_knob(ft, "edit", build_posthoc(ft, "edit", build["members"], build["nonmembers"]), 1.0,
+                         build["members"], build["nonmembers"])
+    saved = load_edit(out / "artifacts" / "edit-1.0.safetensors").to_tensors()
+    assert saved.keys() == built.to_tensors().keys()
+    for name, tensor in built.to_tensors().items():
+        torch.testing.assert_close(saved[name], tensor)
+    assert (out / "artifacts" / "dp-8.0" / "memprobe-finetune.json").exists()
+    merged = PeftModel.from_pretrained(load_model("tiny-llama").model,
+                                       str(out / "artifacts" / "dp-8.0" / "adapter")).merge_and_unload()
+    evaluated = load_model(str(out / "models" / "dp-8.0" / "model")).model.state_dict()
+    assert not any(p.stat().st_size > 50e6 for p in (out / "artifacts").rglob("*") if p.is_file())
+    for name, tensor in merged.state_dict().items():
+        torch.testing.assert_close(tensor, evaluated[name], msg=name)
+
+
 def test_posthoc_edits_are_built_from_the_build_split_and_suppress_memorized_tokens(tmp_path: Path):
     from memprobe.defend.posthoc import build_posthoc, memorized_targets, with_knob
     from memprobe.lab.finetune import finetune

@@ -22,7 +22,8 @@ def _defend(args: argparse.Namespace) -> int:
         cfg = replace(cfg, **{KNOB_FIELD[args.method]: tuple(args.knob)})
     if args.fast_eval:
         cfg = replace(cfg, evaluation=DefenseConfig.quick().evaluation)
-    study = run_defenses(cfg, args.out, lab=args.lab, finetuned=args.finetuned, progress=True)
+    study = run_defenses(cfg, args.out, lab=args.lab, finetuned=args.finetuned, progress=True,
+                         artifacts=f"{args.out}/artifacts")
     study.plot(f"{args.out}/defenses.png")
     for method, row in study.summary().items():
         print(f"{method}: chosen knob {row['chosen_knob']} (validation), MaxTER@6% {row['max_ter_at_6pct']:.3f}, "
@@ -37,5 +38,6 @@ def add_defend(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", required=True, choices=["dedup", "rmft", "dp", "prune", "ablate", "edit"])
     p.add_argument("--knob", type=float, nargs="+", help="settings to try (default: the study's)")
     p.add_argument("--fast-eval", action="store_true", help="fewer samples and bootstrap draws")
-    p.add_argument("--out", required=True, help="work and result directory (a rerun resumes)")
+    p.add_argument("--out", required=True, help="work and result directory (a rerun resumes); the edits "
+                   "and DP LoRA adapters also go to OUT/artifacts")
     p.set_defaults(handler=_defend)

@@ -64,17 +64,25 @@ def build_posthoc(loaded: LoadedModel, method: str, build_members: Sequence[dict
     return edit
 
 
-def with_knob(loaded: LoadedModel, method: str, edit: Any, knob: float, build_members: Sequence[dict],
-              build_controls: Sequence[dict], *, seed: int = 0) -> nn.Module:
-    """A fresh model with the edit at `knob` folded in: a neuron fraction (ablate) is rebuilt from
-    the same scores; a strength (edit) scales the learned edit."""
-    from memprobe.intervene.export import patched_model
+def edit_at_knob(loaded: LoadedModel, method: str, edit: Any, knob: float, build_members: Sequence[dict],
+                 build_controls: Sequence[dict], *, seed: int = 0) -> Any:
+    """The edit of `method` at `knob` (kept apart from the model so it can be saved with
+    `save_edit`): a neuron fraction (ablate) is rebuilt from the same scores; a strength (edit)
+    scales the learned edit."""
     from memprobe.intervene.suppress import make_edit, targets_from_labels
 
     check_knob(method, knob)
     if method == "edit":
-        return patched_model(loaded.model, edit.with_strength(knob))
+        return edit.with_strength(knob)
     memorized, _ = memorized_targets(loaded, build_members)
     controls = targets_from_labels([loaded.encode(d["text"])[:256] for d in build_controls])
-    return patched_model(loaded.model, make_edit(loaded.model, METHODS[method], memorized, controls,
-                                                 fraction=knob, seed=seed))
+    return make_edit(loaded.model, METHODS[method], memorized, controls, fraction=knob, seed=seed)
+
+
+def with_knob(loaded: LoadedModel, method: str, edit: Any, knob: float, build_members: Sequence[dict],
+              build_controls: Sequence[dict], *, seed: int = 0) -> nn.Module:
+    """A fresh model with `edit_at_knob(...)` folded in."""
+    from memprobe.intervene.export import patched_model
+
+    return patched_model(loaded.model, edit_at_knob(loaded, method, edit, knob, build_members, build_controls,
+                                                    seed=seed))

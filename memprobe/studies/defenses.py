@@ -130,6 +130,7 @@ class _Context:
     models: Path
     notes: dict[str, Any]
     progress: bool = False
+    artifacts: Path | None = None  # where the small artifacts go: edits, DP LoRA adapters
     _edit: Any = None
 
     def train_args(self) -> dict[str, Any]:
@@ -142,9 +143,11 @@ def defended_model(ctx: _Context, method: str, knob: Any) -> tuple[Any, list[str
     """(LoadedModel of `method` at `knob`, ids of the documents it trained on)."""
     from memprobe.defend.dedup import deduplicate
     from memprobe.defend.dp import dp_finetune
-    from memprobe.defend.posthoc import build_posthoc, with_knob
+    from memprobe.defend.posthoc import build_posthoc, edit_at_knob
     from memprobe.defend.prune import prune_mlp
     from memprobe.defend.rmft import rmft
+    from memprobe.intervene.ablation import save_edit
+    from memprobe.intervene.export import patched_model
     from memprobe.lab.finetune import finetune
     from memprobe.models import LoadedModel, load_model
 
@@ -161,6 +164,8 @@ def defended_model(ctx: _Context, method: str, knob: Any) -> tuple[Any, list[str
         prov = dp_finetune(cfg.model, ctx.members, ctx.models / name, epsilon=knob, epochs=cfg.epochs,
                            lr=cfg.dp_lr, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed)
         ctx.notes[name] = {"privacy": prov["privacy"], "steps": prov["steps"]}
+        if ctx.artifacts is not None:
+            _keep_adapter(ctx.models / name, ctx.artifacts / name)
         return load_model(str(ctx.models / name / "model")), all_ids
     if method.startswith("prune-"):
         kind = method.removeprefix("prune-")
@@ -172,9 +177,24 @@ def defended_model(ctx: _Context, method: str, knob: Any) -> tuple[Any, list[str
         build = (ctx.splits["build"]["members"], ctx.splits["build"]["nonmembers"])
         if method == "edit" and ctx._edit is None:
             ctx._edit = build_posthoc(ft, method, *build, seed=cfg.seed)
-        net = with_knob(ft, method, ctx._edit, knob, *build, seed=cfg.seed)
-        return LoadedModel(f"{ft.name}+{name}", net, ft.tokenizer, ft.info), all_ids
+        edit = edit_at_knob(ft, method, ctx._edit, knob, *build, seed=cfg.seed)
+        if ctx.artifacts is not None:
+            save_edit(edit, ctx.artifacts / f"{name}.safetensors")
+        return LoadedModel(f"{ft.name}+{name}", patched_model(ft.model, edit), ft.tokenizer, ft.info), all_ids
     raise MemprobeError(f"unknown defense method {method!r}: choose from {', '.join(ALL_METHODS)}")
+
+
+def _keep_adapter(run_dir: Path, target: Path) -> None:
+    """Copy a DP run's LoRA adapter and its provenance (a few MB, unlike the merged model) to
+    `target`, published whole or not at all."""
+    import shutil
+
+    from memprobe.io import staged_directory
+    from memprobe.lab.finetune import PROVENANCE_FILE
+
+    with staged_directory(target, replace=True) as tmp:
+        shutil.copytree(run_dir / "model" / "adapter", tmp / "adapter")
+        shutil.copy2(run_dir / PROVENANCE_FILE, tmp / PROVENANCE_FILE)
 
 
 def _cost_row(method: str, cost: dict[str, Any], model_dir: Path) -> dict[str, Any]:
@@ -196,11 +216,15 @@ def knobs_of(cfg: DefenseConfig, method: str) -> tuple[Any, ...]:
 
 
 def run_defenses(cfg: DefenseConfig, out_dir: str | Path, *, progress: bool = False,
-                 lab: str | Path | None = None, finetuned: str | Path | None = None) -> DefenseStudy:
+                 lab: str | Path | None = None, finetuned: str | Path | None = None,
+                 artifacts: str | Path | None = None) -> DefenseStudy:
     """Run (or resume) the whole study; returns the result (also saved as `defenses.json`).
 
     `lab` and `finetuned` reuse an existing lab directory and undefended fine-tune (whose
-    `memprobe-finetune.json` gives the step count); otherwise both are made under `out_dir`."""
+    `memprobe-finetune.json` gives the step count); otherwise both are made under `out_dir`.
+    `artifacts`: a directory for what is small enough to commit: each post-hoc edit
+    (`<method>-<knob>.safetensors`, `memprobe.intervene.ablation.load_edit`) and each DP-SGD
+    LoRA adapter with its provenance (`dp-<eps>/`); full model copies stay under `out_dir`."""
     from memprobe.lab.corpus import build_lab, load_lab
     from memprobe.lab.finetune import PROVENANCE_FILE, finetune
     from memprobe.models import load_model
@@ -245,7 +269,8 @@ def run_defenses(cfg: DefenseConfig, out_dir: str | Path, *, progress: bool = Fa
     if "dp" in cfg.methods and not cfg.lora:
         notes["dp_caveat"] = ("DP-SGD trains LoRA adapters (memprobe.defend.dp) while the baseline is a full "
                               "fine-tune: fewer trainable parameters, so part of any privacy gain is LoRA's")
-    ctx = _Context(cfg, members, splits, ft, baseline_prov["steps"]["total"], models, notes, progress)
+    ctx = _Context(cfg, members, splits, ft, baseline_prov["steps"]["total"], models, notes, progress,
+                   Path(artifacts) if artifacts is not None else None)
 
     references: dict[str, dict[str, float]] = {}  # the base model's ref-attack losses, read once per split
 
