@@ -25,6 +25,7 @@ from pathlib import Path
 from memprobe.studies.defenses import ALL_METHODS, DefenseConfig, run_defenses
 
 ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(Path(__file__).resolve().relative_to(ROOT))  # the figure's footer: the same from any checkout
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,13 +46,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--artifacts", default=None, help="edits and DP LoRA adapters, small enough to commit "
                    "(default experiments/results/defenses_<name>_artifacts; --quick: under --out)")
     p.add_argument("--table", metavar="RESULTS", help="print the markdown table of a saved results JSON and stop")
+    p.add_argument("--replot", metavar="RESULTS", help="redraw the Pareto figure (to --figure) of a saved results "
+                   "JSON and stop")
     args = p.parse_args(argv)
-    if args.table:
+    if args.table or args.replot:
         import json
 
         from memprobe.defend.evaluate import DefenseStudy
 
-        print(DefenseStudy.from_dict(json.loads(Path(args.table).read_text(encoding="utf-8"))).markdown_table())
+        saved = DefenseStudy.from_dict(json.loads(Path(args.table or args.replot).read_text(encoding="utf-8")))
+        if args.table:
+            print(saved.markdown_table())
+        else:
+            if not args.figure:
+                p.error("--replot needs --figure")
+            saved.plot(args.figure, script=SCRIPT)
         return
     if args.full_ft and not args.cpu:
         p.error("--full-ft goes with --cpu")
@@ -72,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     results = Path(args.results or ROOT / "experiments" / "results" / f"defenses_{name}.json")
     figure = Path(args.figure or ROOT / "figures" / f"defenses_{name}.png")
     study.save(results)
-    study.plot(figure, script=__file__)
+    study.plot(figure, script=SCRIPT)
     print(f"wrote {results}, {figure} and {artifacts}")
     print(study.markdown_table())
     for method, row in study.summary().items():

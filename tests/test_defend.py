@@ -297,6 +297,8 @@ def test_defend_cli_matches_steps_resumes_and_refuses_a_foreign_base(tmp_path: P
     assert len(table) == 4 and table[2].startswith("| undefended fine-tune") and "prune-wanda (0.3)" in table[3]
     assert DefenseStudy.from_dict(quick).summary() == quick["summary"]
     assert set(quick["summary"]) == {"prune-wanda"}
+    experiment["main"](["--replot", str(tmp_path / "quick.json"), "--figure", str(tmp_path / "again.png")])
+    assert (tmp_path / "again.png").stat().st_size > 10_000  # the figure, redrawn from the saved results
     bad = [*argv[:4], "tiny-gpt2", *argv[5:-1], str(tmp_path / "out2")]
     assert main(bad) == 2
     assert "not a fine-tune of base" in capsys.readouterr().err
