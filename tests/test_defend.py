@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -211,8 +212,6 @@ def test_dp_sgd_reports_epsilon_within_target_and_the_accountants_delta(tmp_path
 
 
 def test_knobs_outside_their_range_are_refused_before_training(tmp_path: Path):
-    from dataclasses import replace
-
     from memprobe.defend.posthoc import check_knob
     from memprobe.studies.defenses import DefenseConfig, run_defenses
 
@@ -339,6 +338,17 @@ def test_defend_keeps_the_edits_and_dp_adapters_that_reproduce_the_evaluated_mod
     assert not any(p.stat().st_size > 50e6 for p in (out / "artifacts").rglob("*") if p.is_file())
     for name, tensor in merged.state_dict().items():
         torch.testing.assert_close(tensor, evaluated[name], msg=name)
+    # a post-hoc edit is keyed by its weights, not its name: one built otherwise is measured again
+    from memprobe.studies.defenses import DefenseConfig, run_defenses
+
+    measured = lambda: sorted(p.name for p in out.glob("eval/*/edit-1.0-*-test.json"))  # noqa: E731
+    assert len(measured()) == 1
+    cfg = replace(DefenseConfig(), model="tiny-llama", methods=("edit",), edit_strengths=(1.0,),
+                  evaluation=DefenseConfig.quick().evaluation)
+    run_defenses(cfg, out, lab=tmp_path / "lab", finetuned=tmp_path / "ft")
+    assert len(measured()) == 1  # the same edit again: read back
+    run_defenses(replace(cfg, edit_steps=5), out, lab=tmp_path / "lab", finetuned=tmp_path / "ft")
+    assert len(measured()) == 2  # a different edit under the same name: a new measurement
 
 
 def test_posthoc_edits_are_built_from_the_build_split_and_suppress_memorized_tokens(tmp_path: Path):
@@ -356,8 +366,9 @@ def test_posthoc_edits_are_built_from_the_build_split_and_suppress_memorized_tok
     before, ids = memorized_targets(ft, build)
     assert ids and set(ids) <= {d["id"] for d in build}
     n_before = sum(int(t.positions.sum()) for t in before)
-    edit = build_posthoc(ft, "edit", build, controls)
+    edit = build_posthoc(ft, "edit", build, controls, edit_steps=8, edit_lr=1.25e-2)  # the CPU study's schedule
     assert set(edit.meta["built_from_ids"]) <= {d["id"] for d in build}
+    assert (edit.meta["steps"], edit.meta["lr"]) == (8, 1.25e-2)
     for method, knob, handle in (("edit", 2.0, edit), ("ablate", 0.02, None)):
         edited = LoadedModel("edited", with_knob(ft, method, handle, knob, build, controls), ft.tokenizer)
         after, _ = memorized_targets(edited, build)

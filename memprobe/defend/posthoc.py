@@ -47,8 +47,10 @@ def memorized_targets(loaded: LoadedModel, docs: Sequence[dict[str, Any]], *, mi
 
 
 def build_posthoc(loaded: LoadedModel, method: str, build_members: Sequence[dict[str, Any]],
-                  build_controls: Sequence[dict[str, Any]], *, seed: int = 0) -> Any:
-    """The edit of `method` ('ablate' or 'edit') at unit knob, built from the build split."""
+                  build_controls: Sequence[dict[str, Any]], *, seed: int = 0, edit_steps: int = 30,
+                  edit_lr: float = 3e-3) -> Any:
+    """The edit of `method` ('ablate' or 'edit') at unit knob, built from the build split
+    (edit_steps, edit_lr: the learned edit's Adam schedule)."""
     from memprobe.intervene.suppress import make_edit, targets_from_labels
 
     if method not in METHODS:
@@ -59,7 +61,8 @@ def build_posthoc(loaded: LoadedModel, method: str, build_members: Sequence[dict
                             "nothing to suppress (train longer, or use a model that memorizes)")
     controls = targets_from_labels([loaded.encode(d["text"])[:256] for d in build_controls])
     fraction = KNOBS["ablate"][0]
-    edit = make_edit(loaded.model, METHODS[method], memorized, controls, fraction=fraction, seed=seed)
+    edit = make_edit(loaded.model, METHODS[method], memorized, controls, fraction=fraction, seed=seed,
+                     steps=edit_steps, lr=edit_lr)
     edit.meta["built_from_ids"] = ids
     return edit
 

@@ -141,8 +141,10 @@ def probe_direction(loaded: Any, layer: int) -> torch.Tensor:
 
 def make_edit(model: nn.Module, method: str, memorized: Sequence[Target], controls: Sequence[Target], *,
               fraction: float = 0.005, strength: float = 1.0, seed: int = 0, layer: int | None = None,
-              loaded: Any = None, means: torch.Tensor | None = None) -> Edit:
+              loaded: Any = None, means: torch.Tensor | None = None, steps: int = 30, lr: float = 3e-3) -> Edit:
     """Build one suppression edit by `method` from memorized and control targets.
+
+    steps, lr: the learned edit's Adam schedule (`train_low_rank_edit`); other methods ignore them.
 
     `means`: the neurons' mean activations on the controls, when the caller already has them (neuron
     methods ablate toward them; computing them is a forward pass over every control text).
@@ -165,7 +167,7 @@ def make_edit(model: nn.Module, method: str, memorized: Sequence[Target], contro
     if method == "low-rank-edit":
         from memprobe.intervene.weight_edit import train_low_rank_edit
 
-        edit = train_low_rank_edit(model, memorized, controls, seed=seed)
+        edit = train_low_rank_edit(model, memorized, controls, seed=seed, steps=steps, lr=lr)
         return edit.with_strength(strength)
     if method == "mean-diff-direction":
         return DirectionEdit(mean_diff_direction(model, memorized, controls, layer), strength, {**meta, "layer": layer})

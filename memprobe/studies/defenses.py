@@ -54,6 +54,8 @@ class DefenseConfig:
     sparsities: tuple[float, ...] = (0.1, 0.3, 0.5)
     ablate_fractions: tuple[float, ...] = (0.001, 0.005, 0.02)
     edit_strengths: tuple[float, ...] = (0.5, 1.0, 2.0)
+    edit_steps: int = 30
+    edit_lr: float = 3e-3
     seed: int = 0
     evaluation: EvalConfig = field(default_factory=EvalConfig)
 
@@ -61,9 +63,11 @@ class DefenseConfig:
     def cpu(cls) -> DefenseConfig:
         """smollm2-135m on 2 CPU cores in one session: the `defense` lab (fewer people, values seen
         more often), LoRA at a rate that memorizes PII in 4 epochs, two or three knobs per method,
-        greedy + 4 samples per PII prompt."""
+        greedy + 4 samples per PII prompt. The learned edit trains 8 Adam steps at lr 1.25e-2, not 30 at
+        3e-3: the fewest steps that, on the validation split, suppress at least as much at no more
+        perplexity, so the build fits in 10% of the fine-tune (benchmarks/bench_edit_build.py)."""
         return cls(lab_preset="defense", epochs=4, lr=1e-3, dp_lr=5e-3, sparsities=(0.1, 0.3),
-                   ablate_fractions=(0.001, 0.005), edit_strengths=(0.5, 1.0),
+                   ablate_fractions=(0.001, 0.005), edit_strengths=(0.5, 1.0), edit_steps=8, edit_lr=1.25e-2,
                    evaluation=EvalConfig(extraction_samples=4))
 
     @classmethod
@@ -149,7 +153,7 @@ def defended_model(ctx: _Context, method: str, knob: Any) -> tuple[Any, list[str
     from memprobe.intervene.ablation import save_edit
     from memprobe.intervene.export import patched_model
     from memprobe.lab.finetune import finetune
-    from memprobe.models import LoadedModel, load_model
+    from memprobe.models import load_model
 
     cfg, ft, all_ids, name = ctx.cfg, ctx.finetuned, [d["id"] for d in ctx.members], f"{method}-{knob}"
     if method == "dedup":
@@ -169,19 +173,29 @@ def defended_model(ctx: _Context, method: str, knob: Any) -> tuple[Any, list[str
         return load_model(str(ctx.models / name / "model")), all_ids
     if method.startswith("prune-"):
         kind = method.removeprefix("prune-")
-        pruned = LoadedModel(f"{ft.name}+{name}", copy.deepcopy(ft.model), ft.tokenizer, ft.info)
+        pruned = copy.deepcopy(ft.model)
         calibration = [ft.encode(d["text"])[: cfg.seq_len] for d in ctx.splits["build"]["nonmembers"]]
-        ctx.notes[name] = prune_mlp(pruned.model, knob, method=kind, calibration=calibration)
-        return pruned, all_ids
+        ctx.notes[name] = prune_mlp(pruned, knob, method=kind, calibration=calibration)
+        return _derived(ft, name, pruned), all_ids
     if method in ("ablate", "edit"):
         build = (ctx.splits["build"]["members"], ctx.splits["build"]["nonmembers"])
         if method == "edit" and ctx._edit is None:
-            ctx._edit = build_posthoc(ft, method, *build, seed=cfg.seed)
+            ctx._edit = build_posthoc(ft, method, *build, seed=cfg.seed, edit_steps=cfg.edit_steps,
+                                      edit_lr=cfg.edit_lr)
         edit = edit_at_knob(ft, method, ctx._edit, knob, *build, seed=cfg.seed)
         if ctx.artifacts is not None:
             save_edit(edit, ctx.artifacts / f"{name}.safetensors")
-        return LoadedModel(f"{ft.name}+{name}", patched_model(ft.model, edit), ft.tokenizer, ft.info), all_ids
+        return _derived(ft, name, patched_model(ft.model, edit)), all_ids
     raise MemprobeError(f"unknown defense method {method!r}: choose from {', '.join(ALL_METHODS)}")
+
+
+def _derived(ft: Any, name: str, model: Any) -> Any:
+    """A post-hoc defense of `ft` as a LoadedModel with no file sha256 (it has no file): the
+    evaluation is then keyed by its weights, so an edit or pruning that changed is measured again."""
+    from memprobe.models import LoadedModel
+
+    return LoadedModel(f"{ft.name}+{name}", model, ft.tokenizer,
+                       {**ft.info, "sha256": None, "derived_from_sha256": ft.info.get("sha256")})
 
 
 def _keep_adapter(run_dir: Path, target: Path) -> None:
@@ -226,7 +240,7 @@ def run_defenses(cfg: DefenseConfig, out_dir: str | Path, *, progress: bool = Fa
     (`<method>-<knob>.safetensors`, `memprobe.intervene.ablation.load_edit`) and each DP-SGD
     LoRA adapter with its provenance (`dp-<eps>/`); full model copies stay under `out_dir`."""
     from memprobe.lab.corpus import build_lab, load_lab
-    from memprobe.lab.finetune import PROVENANCE_FILE, finetune
+    from memprobe.lab.finetune import PROVENANCE_FILE, finetune, weights_sha256
     from memprobe.models import load_model
 
     unknown = sorted(set(cfg.methods) - set(ALL_METHODS))
@@ -282,7 +296,8 @@ def run_defenses(cfg: DefenseConfig, out_dir: str | Path, *, progress: bool = Fa
 
     def evaluate(name: str, loaded: Any, seen: list[str]) -> dict[str, Any]:
         check_pair(base, loaded)
-        weights = (loaded.info.get("sha256") or "")[:12]  # a retrained defense is a new measurement
+        # keyed by the weights: a retrained or rebuilt defense is a new measurement
+        weights = (loaded.info.get("sha256") or weights_sha256(loaded.model))[:12]
         return {split: _cached(eval_dir / f"{name}-{weights}-{split}.json",
                                lambda split=split: measure(loaded, base, splits[split]["members"],
                                                            splits[split]["nonmembers"], hard, cfg.evaluation,
